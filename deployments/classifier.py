@@ -1,0 +1,98 @@
+"""Shared by the torchvision image classifiers (ResNet-50, ViT-B/16): the weights' own transforms
+(resize, centre crop, normalise), a forward pass, top-k with scores."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .base import ModelSpec, SpecConfigError, torch_dtype
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image
+
+
+def top_k(probabilities, k: int, categories: list[str] | None) -> list[list[dict]]:
+    """Per row, the k most likely classes, best first: [{"class_id", "score", "label"?}]."""
+    import torch
+
+    k = min(k, probabilities.shape[-1])
+    scores, indices = torch.topk(probabilities.float(), k, dim=-1)
+    rows = []
+    for score_row, index_row in zip(scores.tolist(), indices.tolist()):
+        row = []
+        for score, index in zip(score_row, index_row):
+            item = {"class_id": int(index), "score": float(score)}
+            if categories:
+                item["label"] = categories[index]
+            row.append(item)
+        rows.append(row)
+    return rows
+
+
+class TorchvisionClassifierSpec(ModelSpec):
+    library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision")
+    builder_name: ClassVar[str]  # torchvision.models.<builder_name>
+    weights_enum: ClassVar[str]  # torchvision.models.<weights_enum>, for transforms and categories
+    crop_size: ClassVar[int] = 224
+
+    def __init__(self, weights_path: str | None = None, top_k: int = 5,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **options: Any):
+        super().__init__(weights_path, **options)
+        if not 1 <= int(top_k) <= 1000:
+            raise SpecConfigError(f"top_k must be between 1 and 1000, got {top_k}")
+        self.top_k = int(top_k)
+        self.max_image_bytes = int(max_image_bytes)
+        self.max_image_pixels = int(max_image_pixels)
+        self._transform = None
+        self.categories: list[str] | None = None
+
+    def _weights_meta(self):
+        import torchvision.models as tvm
+
+        return getattr(tvm, self.weights_enum).DEFAULT
+
+    @property
+    def transform(self):
+        """The weights' own preprocessing; built on first use so naming a model stays cheap."""
+        if self._transform is None:
+            self._transform = self._weights_meta().transforms()
+            assert int(self._transform.crop_size[0]) == self.crop_size
+        return self._transform
+
+    def input_signature(self) -> dict:
+        return {"image": [3, self.crop_size, self.crop_size]}
+
+    def load(self, device: str, dtype: str):
+        import torch
+        import torchvision.models as tvm
+
+        model = getattr(tvm, self.builder_name)(weights=None)
+        if self.weights_path:
+            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+            # Category names only mean something when real (ImageNet) weights are loaded.
+            self.categories = list(self._weights_meta().meta["categories"])
+        self.device, self.dtype_name = device, dtype
+        self.model = model.eval().to(device=device, dtype=torch_dtype(dtype))
+        return self.model
+
+    def example_batch(self, n: int) -> list:
+        import torch
+
+        generator = torch.Generator().manual_seed(n)
+        return list(torch.randn(n, 3, self.crop_size, self.crop_size, generator=generator))
+
+    def decode(self, payload: bytes, content_type: str | None = None):
+        image = decode_image(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        return self.transform(image)
+
+    def predict(self, samples: list) -> list:
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.stack(samples).to(self.device, dtype=torch_dtype(self.dtype_name), non_blocking=True)
+            probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
+        return top_k(probabilities, self.top_k, self.categories)
+
+    def encode(self, output: list[dict]) -> dict:
+        return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", "top_k": output}

@@ -1,0 +1,66 @@
+"""Image payloads: bytes in, a validated RGB PIL image out, or a PayloadError that says what to send."""
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from .base import PayloadError
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def _describe(payload: bytes, content_type: str | None) -> str:
+    kind = content_type or "unknown content type"
+    return f"{len(payload)} bytes of {kind}"
+
+
+def decode_image(
+    payload: bytes,
+    content_type: str | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    if not payload:
+        raise PayloadError("empty request body; send the image as JPEG, PNG or WebP bytes", 400)
+    if len(payload) > max_bytes:
+        raise PayloadError(
+            f"image is {len(payload)} bytes, over the limit of {max_bytes} bytes; send a smaller image", 413
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload))
+            fmt = image.format
+            if fmt not in ACCEPTED_FORMATS:
+                raise PayloadError(
+                    f"image format {fmt} is not accepted ({_describe(payload, content_type)}); send JPEG, PNG or WebP bytes",
+                    415,
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadError(
+                    f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels; send a smaller image",
+                    413,
+                )
+            image.load()
+    except PayloadError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise PayloadError(
+                f"image could not be decoded (got {_describe(payload, content_type)}); send JPEG, PNG or WebP bytes",
+                415,
+            ) from None
+        raise PayloadError(f"image is too large to decode safely ({exc}); send a smaller image", 413) from None
+    except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError...
+        raise PayloadError(
+            f"image is truncated or corrupt ({type(exc).__name__}: {exc}; got {_describe(payload, content_type)}); "
+            f"send a complete JPEG, PNG or WebP file",
+            422,
+        ) from None
+    return image.convert("RGB")

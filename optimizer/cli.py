@@ -1,0 +1,191 @@
+"""`autobatch tune | show | plot | cache`: the optimizer from a shell, on a laptop CPU or a GPU box."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .cache import TuningCache
+from .devices import DeviceUnavailable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_tuning_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model name (resnet50, vit_b_16, yolo11n_pose, llama_int4)")
+    p.add_argument("--weights", default=None, help="local weights path (default: synthetic weights)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--memory-budget-mb", type=_positive_float, help="absolute memory budget in MiB")
+    budget.add_argument("--memory-fraction", type=_fraction, help="fraction of the device's memory (default 0.9 GPU, 0.5 CPU)")
+    p.add_argument("--latency-budget-ms", type=_positive_float, help="per-batch latency budget (default: the model's)")
+    p.add_argument("--max-batch", type=_positive_int, default=1024)
+    p.add_argument("--margin", type=float, default=0.10, help="predictive OOM guard headroom (default 0.10)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per probe (median)")
+    p.add_argument("--cache", default=None, help="cache file (default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json)")
+
+
+def settings_from_args(args):
+    from .tune import TuningSettings
+
+    return TuningSettings(
+        device=args.device,
+        dtype=args.dtype,
+        memory_budget_bytes=int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None,
+        memory_fraction=args.memory_fraction,
+        latency_budget_s=args.latency_budget_ms / 1e3 if args.latency_budget_ms else None,
+        max_batch=args.max_batch,
+        margin=args.margin,
+        repeats=args.repeats,
+    )
+
+
+def cmd_tune(args) -> int:
+    from deployments.registry import create_spec
+
+    from .tune import autobatch
+
+    spec = create_spec(args.model, args.weights)
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    result = autobatch(spec, settings_from_args(args), cache=TuningCache(args.cache), force=args.force, say=say)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def format_report(result: dict) -> str:
+    from .tune import describe_probe
+    from .probe import ProbeResult
+
+    dev = result["device"]
+    lines = [
+        f"{result['model']} on {dev['label']} ({dev['total_memory_bytes'] / 2**30:.1f} GiB), {result['dtype']}, "
+        f"weights: {result['weights']}",
+        f"budgets: memory {result['memory_budget_bytes'] / 2**30:.2f} GiB, latency {result['latency_budget_s'] * 1e3:.0f} ms per batch",
+        f"cache: {result['cache']} (key {result['key']})",
+        "probes (in the order run):",
+        *(describe_probe(ProbeResult.from_dict(p)) for p in result["probes"]),
+        f"max safe batch: {result['max_safe_batch']}",
+        f"batch to serve: {result['batch_size']}  (wait {result['batch_wait_timeout_s'] * 1e3:.1f} ms, "
+        f"{result['serve_throughput']:.1f} samples/s at {result['serve_latency_s'] * 1e3:.1f} ms per batch)",
+        f"why: {result['decision']}",
+        f"{result['probe_count']} probes, {result['oom_events']} OOMs, {result['predicted_skips']} predicted skips, "
+        f"tuned in {result['tuning_s']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_show(args) -> int:
+    entries = TuningCache(args.cache).entries()
+    if not entries:
+        print(f"no cached tunings in {TuningCache(args.cache).path}")
+        return 0
+    for key, entry in sorted(entries.items(), key=lambda kv: kv[1].get("saved_at", "")):
+        r = entry.get("result", {})
+        print(f"{key}  {r.get('model', '?'):<14} {r.get('device', {}).get('label', '?'):<40} {r.get('dtype', '?'):<9} "
+              f"budget {r.get('memory_budget_bytes', 0) / 2**30:6.2f} GiB / {r.get('latency_budget_s', 0) * 1e3:6.0f} ms  "
+              f"max safe {r.get('max_safe_batch')!s:>5}  serve {r.get('batch_size')!s:>5}  {entry.get('saved_at', '')}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    cache = TuningCache(args.cache)
+    if args.action == "path":
+        print(cache.path)
+    elif args.action == "clear":
+        print(f"removed {cache.delete(args.key)} entries from {cache.path}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_tuning
+
+    entries = TuningCache(args.cache).entries()
+    matches = [e for k, e in entries.items()
+               if e.get("result", {}).get("model") == args.model and (args.key is None or k.startswith(args.key))]
+    if not matches:
+        raise UsageError(f"no cached tuning for {args.model!r}; run `autobatch tune {args.model}` first (or check --cache)")
+    latest = max(matches, key=lambda e: e.get("saved_at", ""))
+    plot_tuning(latest["result"], args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autobatch", description="Measure the batch sizes a model should serve with here.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tune = sub.add_parser("tune", help="find the max safe batch and the batch to serve (cached)")
+    add_tuning_arguments(tune)
+    tune.add_argument("--force", action="store_true", help="re-tune even when the cache has an answer")
+    tune.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    tune.set_defaults(func=cmd_tune)
+    show = sub.add_parser("show", help="list the cached tunings, one line each")
+    show.add_argument("--cache", default=None)
+    show.set_defaults(func=cmd_show)
+    plot = sub.add_parser("plot", help="throughput, latency and memory against batch size from the cache")
+    plot.add_argument("model")
+    plot.add_argument("--out", required=True, help="PNG file to write")
+    plot.add_argument("--key", default=None, help="cache key (prefix) when several tunings exist")
+    plot.add_argument("--cache", default=None)
+    plot.set_defaults(func=cmd_plot)
+    cache = sub.add_parser("cache", help="cache file path, or clear entries")
+    cache.add_argument("action", choices=["path", "clear"])
+    cache.add_argument("--key", default=None, help="with clear: only this key (prefix)")
+    cache.add_argument("--cache", default=None)
+    cache.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deployments.base import SpecConfigError
+
+    from .search import BatchOneDoesNotFit
+    from .tune import SettingsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, SpecConfigError, SettingsError, DeviceUnavailable, BatchOneDoesNotFit) as exc:
+        print(f"autobatch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

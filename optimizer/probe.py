@@ -1,0 +1,99 @@
+"""Run one batch size and report what it cost: peak memory, latency, throughput, and an outcome.
+
+A probe never raises for an out-of-memory: it cleans up and reports `oom`, because an OOM is
+information for the search (an upper bound), not a reason for a replica to die.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .devices import MemoryMeter
+
+OK = "ok"
+OOM = "oom"
+OVER_MEMORY = "over_memory"  # ran, but its peak exceeded the memory budget
+OVER_LATENCY = "over_latency"  # ran, but one batch took longer than the latency budget
+PREDICTED = "predicted"  # not run: the memory fit predicted it over budget
+
+
+@dataclass
+class ProbeResult:
+    batch_size: int
+    outcome: str
+    peak_bytes: int | None = None
+    latency_s: float | None = None
+    throughput: float | None = None  # samples per second
+    predicted_bytes: int | None = None
+    repeats: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == OK
+
+    @property
+    def ran(self) -> bool:
+        return self.outcome != PREDICTED
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProbeResult":
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
+
+
+def probe(
+    run_batch: Callable[[int], None],
+    batch_size: int,
+    meter: MemoryMeter,
+    *,
+    memory_budget_bytes: int,
+    latency_budget_s: float | None,
+    warmup: int = 1,
+    repeats: int = 3,
+    predicted_bytes: int | None = None,
+) -> ProbeResult:
+    """Warm up, then time `repeats` runs (median), reading the peak over all of them.
+
+    The first timed run that is more than twice over the latency budget ends the probe early: the
+    size is too slow, and on a CPU a few more repeats of a too-large batch cost tens of seconds.
+    """
+    meter.cleanup()
+    meter.reset_peak()
+    latencies: list[float] = []
+    try:
+        for _ in range(warmup):
+            run_batch(batch_size)
+        meter.synchronize()
+        for _ in range(repeats):
+            start = meter.now()
+            run_batch(batch_size)
+            meter.synchronize()
+            latencies.append(meter.now() - start)
+            if latency_budget_s is not None and latencies[-1] > 2 * latency_budget_s:
+                break
+        peak = meter.peak_bytes()
+    except Exception as exc:  # noqa: BLE001 - OOMs come as several exception types
+        if not meter.is_oom(exc):
+            raise
+        del exc
+        meter.cleanup()
+        return ProbeResult(batch_size, OOM, peak_bytes=None, predicted_bytes=predicted_bytes)
+    meter.cleanup()
+    latency = statistics.median(latencies)
+    result = ProbeResult(
+        batch_size,
+        OK,
+        peak_bytes=int(peak),
+        latency_s=latency,
+        throughput=batch_size / latency if latency > 0 else float("inf"),
+        predicted_bytes=predicted_bytes,
+        repeats=len(latencies),
+    )
+    if peak > memory_budget_bytes:
+        result.outcome = OVER_MEMORY
+    elif latency_budget_s is not None and latency > latency_budget_s:
+        result.outcome = OVER_LATENCY
+    return result

@@ -1,0 +1,243 @@
+"""autobatch(): the whole decision in one function that logs every number it decided on.
+
+cache lookup -> (miss) load the model, measure the base, search the max safe batch, sharpen the
+throughput knee, select the batch to serve and its wait -> save -> return one result dict (the
+same fields as `autobatch tune --json` and the serve app's GET /<route>/tuning).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from filelock import FileLock
+
+from .cache import TuningCache, cache_key
+from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerprint, make_meter, package_version,
+                      resolve_device_kind)
+from .probe import PREDICTED, ProbeResult
+from .search import Prober, find_max_safe_batch
+from .select import batch_wait_timeout_s, next_knee_probe, select_serve_batch
+
+log = logging.getLogger("autobatch")
+
+DEFAULT_MEMORY_FRACTION = {"cuda": 0.90, "cpu": 0.50, "sim": 1.0}
+MAX_KNEE_PROBES = 4
+
+
+class SettingsError(ValueError):
+    """A tuning setting that cannot work; the message says what to change."""
+
+
+@dataclass
+class TuningSettings:
+    device: str = "auto"  # auto | cpu | cuda
+    device_index: int = 0
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (the spec may fix its own, e.g. NF4)
+    memory_budget_bytes: int | None = None  # absolute budget; wins over memory_fraction
+    memory_fraction: float | None = None  # of the device's total memory
+    latency_budget_s: float | None = None  # per batch; None: the model's default
+    max_batch: int = 1024
+    margin: float = 0.10  # the predictive guard's headroom while growing
+    warmup: int = 1
+    repeats: int = 3
+    knee_fraction: float = 0.95
+
+    def validate(self) -> None:
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise SettingsError(f"memory budget must be positive, got {self.memory_budget_bytes} bytes; give e.g. --memory-budget-mb 2048")
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise SettingsError(f"memory fraction must be in (0, 1], got {self.memory_fraction}; give e.g. --memory-fraction 0.8")
+        if self.latency_budget_s is not None and self.latency_budget_s <= 0:
+            raise SettingsError(f"latency budget must be positive, got {self.latency_budget_s} s; give e.g. --latency-budget-ms 200")
+        if self.max_batch < 1:
+            raise SettingsError(f"max batch must be at least 1, got {self.max_batch}")
+        if not 0 <= self.margin < 1:
+            raise SettingsError(f"margin must be in [0, 1), got {self.margin}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise SettingsError(f"unknown dtype {self.dtype!r}; use auto, float32, float16 or bfloat16")
+
+
+@dataclass
+class Resolved:
+    """Settings made concrete for one spec on one device: everything the cache key needs."""
+
+    kind: str
+    fingerprint: DeviceFingerprint
+    dtype: str
+    memory_budget_bytes: int
+    latency_budget_s: float
+    settings: TuningSettings
+
+    def key_fields(self, spec) -> dict:
+        return {
+            "autobatch": package_version("autobatch"),
+            "device": self.fingerprint.cache_fields(),
+            "libraries": {name: package_version(name) for name in spec.library_packages},
+            "model": spec.signature(),
+            "dtype": self.dtype,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "latency_budget_s": round(self.latency_budget_s, 6),
+            "max_batch": self.settings.max_batch,
+            "margin": self.settings.margin,
+            "knee_fraction": self.settings.knee_fraction,
+        }
+
+
+def resolve(spec, settings: TuningSettings, device_fingerprint: DeviceFingerprint | None = None) -> Resolved:
+    settings.validate()
+    if device_fingerprint is None:
+        kind = resolve_device_kind(settings.device)
+        device_fingerprint = fingerprint(kind, settings.device_index)
+    kind = device_fingerprint.kind
+    dtype = spec.default_dtype(kind) if settings.dtype == "auto" else settings.dtype
+    if settings.memory_budget_bytes is not None:
+        budget = int(settings.memory_budget_bytes)
+    else:
+        fraction = settings.memory_fraction if settings.memory_fraction is not None else DEFAULT_MEMORY_FRACTION[kind]
+        budget = int(fraction * device_fingerprint.total_memory_bytes)
+    if budget > device_fingerprint.total_memory_bytes:
+        raise SettingsError(
+            f"memory budget {budget / 2**20:.0f} MiB exceeds the device's {device_fingerprint.total_memory_bytes / 2**20:.0f} MiB; lower it"
+        )
+    latency = settings.latency_budget_s if settings.latency_budget_s is not None else spec.default_latency_budget_s
+    return Resolved(kind, device_fingerprint, dtype, budget, float(latency), settings)
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def describe_probe(p: ProbeResult) -> str:
+    if p.outcome == PREDICTED:
+        return f"  batch {p.batch_size:>5}  not run: predicted {_gib(p.predicted_bytes)}, over the guarded budget"
+    pred = f" (predicted {_gib(p.predicted_bytes)})" if p.predicted_bytes else ""
+    if p.latency_s is None:
+        return f"  batch {p.batch_size:>5}  {p.outcome.upper()}{pred}"
+    return (f"  batch {p.batch_size:>5}  peak {_gib(p.peak_bytes)}{pred}  latency {p.latency_s * 1e3:8.1f} ms  "
+            f"{p.throughput:9.1f} samples/s  {p.outcome}")
+
+
+def tuning_lock(fp: DeviceFingerprint) -> FileLock:
+    """One tuning at a time per physical device on this host, so probes never disturb each other."""
+    folder = os.path.join(tempfile.gettempdir(), "autobatch-locks")
+    os.makedirs(folder, exist_ok=True)
+    name = (fp.uuid or f"{fp.kind}-{fp.index}").replace("/", "_")
+    return FileLock(os.path.join(folder, f"{name}.lock"))
+
+
+def autobatch(
+    spec,
+    settings: TuningSettings | None = None,
+    *,
+    cache: TuningCache | None = None,
+    force: bool = False,
+    meter: MemoryMeter | None = None,
+    run_batch: Callable[[int], None] | None = None,
+    say: Callable[[str], None] | None = None,
+    loaded: bool = False,
+) -> dict:
+    """Find the max safe batch and the batch to serve for `spec` here, or take them from the cache.
+
+    `meter`/`run_batch` replace the real device and model (the simulated device in tests);
+    `loaded` says the caller already loaded the spec on the meter's device (a serve replica).
+    """
+    settings = settings or TuningSettings()
+    say = say or log.info
+    resolved = resolve(spec, settings, meter.fingerprint if meter is not None else None)
+    key_fields = resolved.key_fields(spec)
+    key = cache_key(key_fields)
+    fp = resolved.fingerprint
+    if cache is not None and not force:
+        hit = cache.get(key_fields)
+        if hit is not None:
+            say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}): max safe batch "
+                f"{hit['max_safe_batch']}, serving batch {hit['batch_size']}")
+            return {**hit, "cache": "hit", "key": key}
+
+    with tuning_lock(fp):
+        started = time.perf_counter()
+        if meter is None:
+            meter = make_meter(resolved.kind, settings.device_index)
+        if run_batch is None:
+            if not loaded:
+                say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
+                spec.load(meter.torch_device, resolved.dtype)
+            batches: dict[int, list] = {}
+
+            def run_batch(n: int) -> None:
+                if n not in batches:
+                    batches.clear()  # hold one example batch at a time: its memory is part of the probe
+                    batches[n] = spec.example_batch(n)
+                spec.predict(batches[n])
+
+        meter.cleanup()
+        base_bytes = meter.current_bytes()
+        say(f"autobatch: {spec.name} on {fp.label} ({_gib(fp.total_memory_bytes)}), {resolved.dtype}; "
+            f"memory budget {_gib(resolved.memory_budget_bytes)} (base with model loaded {_gib(base_bytes)}), "
+            f"latency budget {resolved.latency_budget_s * 1e3:.0f} ms per batch, max batch {settings.max_batch}, "
+            f"guard margin {settings.margin:.0%}")
+        prober = Prober(run_batch, meter, memory_budget_bytes=resolved.memory_budget_bytes,
+                        latency_budget_s=resolved.latency_budget_s, base_bytes=base_bytes,
+                        warmup=settings.warmup, repeats=settings.repeats,
+                        on_probe=lambda p: say(describe_probe(p)))
+        search = find_max_safe_batch(prober, max_batch=settings.max_batch, margin=settings.margin, model_name=spec.name)
+        search_probes = sum(p.ran for p in prober.probes)
+        for note in search.notes:
+            say(f"autobatch: {note}")
+
+        for _ in range(MAX_KNEE_PROBES):  # sharpen the knee between the sizes the search measured
+            size = next_knee_probe(prober.probes, search.max_safe_batch, resolved.latency_budget_s, settings.knee_fraction)
+            if size is None:
+                break
+            prober.run(size)
+        chosen = select_serve_batch(prober.probes, search.max_safe_batch, resolved.latency_budget_s, settings.knee_fraction)
+        wait_s = batch_wait_timeout_s(chosen.latency_s, resolved.latency_budget_s)
+        tuning_s = time.perf_counter() - started
+        first = prober.by_size(1)
+        fit = search.memory_fit
+        decision = (f"max safe batch {search.max_safe_batch} (bounded by {search.stopped_by}); serving batch "
+                    f"{chosen.batch_size}: {chosen.reason}; batch wait {wait_s * 1e3:.1f} ms "
+                    f"(half the latency budget left after {chosen.latency_s * 1e3:.1f} ms of compute, at most one batch's compute)")
+        say(f"autobatch: {decision}")
+        if fit is not None:
+            say(f"autobatch: memory fit {_gib(fit.intercept)} + {fit.slope / 2**20:.2f} MiB per sample")
+        say(f"autobatch: {sum(p.ran for p in prober.probes)} probes ({search_probes} in the search), "
+            f"{search.oom_events} OOMs, {search.predicted_skips} predicted skips, {tuning_s:.1f} s")
+
+    result = {
+        "model": spec.name,
+        "weights": spec.weights_description(),
+        "device": {"kind": fp.kind, "name": fp.name, "total_memory_bytes": fp.total_memory_bytes, "label": fp.label},
+        "dtype": resolved.dtype,
+        "memory_budget_bytes": resolved.memory_budget_bytes,
+        "latency_budget_s": resolved.latency_budget_s,
+        "max_batch": settings.max_batch,
+        "max_safe_batch": search.max_safe_batch,
+        "batch_size": chosen.batch_size,
+        "batch_wait_timeout_s": wait_s,
+        "serve_latency_s": chosen.latency_s,
+        "serve_throughput": chosen.throughput,
+        "batch1_throughput": first.throughput if first and first.throughput else None,
+        "stopped_by": search.stopped_by,
+        "decision": decision,
+        "notes": search.notes,
+        "base_bytes": base_bytes,
+        "memory_fit": {"intercept_bytes": fit.intercept, "per_sample_bytes": fit.slope} if fit else None,
+        "probes": [p.to_dict() for p in prober.probes],
+        "probe_count": sum(p.ran for p in prober.probes),
+        "search_probe_count": search_probes,
+        "oom_events": search.oom_events,
+        "predicted_skips": search.predicted_skips,
+        "tuning_s": tuning_s,
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if cache is not None:
+        cache.put(key_fields, result)
+    return {**result, "cache": "miss", "key": key}
+
+
+__all__ = ["autobatch", "TuningSettings", "SettingsError", "DeviceUnavailable", "resolve"]
