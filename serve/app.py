@@ -1,0 +1,115 @@
+"""`serve.app:build(args)`: the Ray Serve application builder for one model.
+
+In serve_config.yaml:
+
+    applications:
+      - name: resnet50
+        route_prefix: /resnet50
+        import_path: serve.app:build
+        args: {model: resnet50, latency_budget_ms: 500, max_batch: 64, num_cpus: 0.25, num_gpus: 0.25}
+
+or from a shell: `serve run serve.app:build model=resnet50 device=cpu`.
+
+With device auto the replica asks for `num_gpus` (a share of one card) when the cluster has GPUs
+and for CPUs only otherwise, so one config serves on both. max_ongoing_requests defaults to twice
+the largest batch the tuning may choose (one batch computing, the next filling): Ray's default of 5
+would silently cap every batch at 5.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deployments.registry import model_names
+
+from .deployment import AutobatchDeployment, parse_user_config
+
+
+class AppArgs(BaseModel):
+    """The builder's arguments; an unknown key is an error that lists the known ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="model name: " + ", ".join(model_names()))
+    weights: str | None = Field(None, description="local weights path; default: synthetic weights")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    memory_fraction: float | None = Field(None, gt=0, le=1, description="of the device; default 0.9 of the GPU share, 0.5 of CPU RAM")
+    latency_budget_ms: float | None = Field(None, gt=0, description="per batch; default: the model's")
+    max_batch: int = Field(256, ge=1, description="largest batch the tuning may try")
+    cache_path: str | None = Field(None, description="tuning cache file; default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 * max_batch")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (fractions allowed)")
+    num_gpus: float = Field(1.0, gt=0, le=1, description="share of one GPU per replica, used when it runs on a GPU")
+    repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
+    warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
+    options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
+    user_config: dict | None = Field(None, description="initial user_config (see serve/deployment.py)")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in model_names():
+            raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(model_names())}")
+        return value
+
+    @field_validator("user_config")
+    @classmethod
+    def _valid_user_config(cls, value):
+        parse_user_config(value)
+        return value
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster (0 when Ray is not running here)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    try:
+        return float(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def placement(args: AppArgs) -> dict:
+    """ray_actor_options for one replica: a GPU share where the replica will run on a GPU."""
+    gpus = cluster_gpus()
+    if args.device == "cuda" and gpus == 0 and __import__("ray").is_initialized():
+        raise ValueError(f"{args.model}: device cuda was asked for, but the Ray cluster has no GPUs; "
+                         f"use device auto or cpu")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    return {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus if on_gpu else 0}
+
+
+def build(args: AppArgs):
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(dict(args or {}))
+    actor_options = placement(args)
+    max_ongoing = args.max_ongoing_requests or max(8, 2 * args.max_batch)
+    cache_path = os.path.expanduser(args.cache_path) if args.cache_path else None
+    deployment = AutobatchDeployment.options(
+        name=args.model,
+        num_replicas=args.num_replicas,
+        max_ongoing_requests=max_ongoing,
+        ray_actor_options=actor_options,
+        user_config=args.user_config,
+    )
+    return deployment.bind(
+        model=args.model,
+        weights=args.weights,
+        device=args.device,
+        dtype=args.dtype,
+        memory_fraction=args.memory_fraction,
+        latency_budget_ms=args.latency_budget_ms,
+        max_batch=args.max_batch,
+        cache_path=cache_path,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        gpu_share=actor_options["num_gpus"] or 1.0,
+        max_ongoing_requests=max_ongoing,
+        options=args.options,
+    )

@@ -1,0 +1,456 @@
+"""The batched Ray Serve deployment that serves every model family (any ModelSpec).
+
+A replica's life:
+  __init__      build the spec, pick the device (a GPU share when Ray gave this replica a GPU, else
+                the CPU), load the model, take the tuning from the cache or tune (under the
+                optimizer's per-device lock, within this replica's share of the memory), then hand
+                the batch size and wait to @serve.batch.
+  __call__      POST: decode in a thread (a bad payload is answered 4xx here and never reaches a
+                batch) -> @serve.batch -> one forward pass per batch in a worker thread, so the event
+                loop keeps queueing the next batch. GET /tuning: the tuning in use and what the
+                batches did.
+  a batch       raises -> retried item by item, so only the item that fails fails; out of memory ->
+                split in halves and retried, the replica's max batch lowered to what fit, counted.
+  reconfigure   user_config: latency_budget_ms, memory_fraction, max_batch (re-tune, cache first),
+                batch_size / batch_wait_timeout_ms (pin; null or absent: the tuned value),
+                retune (a new truthy value re-tunes, skipping the cache), faults (test hooks).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+from ray import serve  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+
+from deployments.base import PayloadError  # noqa: E402
+from deployments.registry import create_spec  # noqa: E402
+from optimizer.cache import TuningCache  # noqa: E402
+from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
+from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings, autobatch, resolve  # noqa: E402
+
+from .faults import Faults  # noqa: E402
+from .metrics import ReplicaMetrics  # noqa: E402
+
+log = logging.getLogger("ray.serve")
+
+# Keys a deployment's user_config may carry (see reconfigure).
+TUNING_KEYS = ("latency_budget_ms", "memory_fraction", "max_batch")
+USER_CONFIG_KEYS = TUNING_KEYS + ("batch_size", "batch_wait_timeout_ms", "retune", "faults")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def parse_user_config(user_config: dict | None) -> dict:
+    """Validate a user_config; the message of any error says what to change."""
+    if user_config is None:
+        return {}
+    if not isinstance(user_config, dict):
+        raise ValueError(f"user_config must be a mapping with keys among {', '.join(USER_CONFIG_KEYS)}; got {user_config!r}")
+    unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown user_config key(s) {unknown}; use: {', '.join(USER_CONFIG_KEYS)}")
+    cfg = dict(user_config)
+
+    def positive(key, kind=float, upper=None):
+        value = cfg.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and int(value) != value):
+            raise ValueError(f"user_config {key} must be a positive {'whole number' if kind is int else 'number'}, got {value!r}")
+        if upper is not None and value > upper:
+            raise ValueError(f"user_config {key} must be at most {upper}, got {value!r}")
+        cfg[key] = kind(value)
+
+    positive("latency_budget_ms")
+    positive("memory_fraction", upper=1.0)
+    positive("max_batch", int)
+    positive("batch_size", int)
+    positive("batch_wait_timeout_ms")
+    Faults.from_config(cfg.get("faults"))  # validates
+    return cfg
+
+
+@dataclass
+class _Item:
+    """One decoded request waiting in a batch."""
+
+    sample: object
+    poisoned: bool = False
+
+
+@dataclass
+class _Outcome:
+    """One request's answer: an HTTP status and a JSON body."""
+
+    status: int
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @classmethod
+    def error(cls, status: int, message: str) -> "_Outcome":
+        return cls(status, json.dumps({"error": message}).encode())
+
+
+@serve.deployment
+class AutobatchDeployment:
+    async def __init__(
+        self,
+        model: str,
+        weights: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        memory_fraction: float | None = None,
+        latency_budget_ms: float | None = None,
+        max_batch: int = 256,
+        cache_path: str | None = None,
+        repeats: int = 3,
+        warmup: int = 1,
+        gpu_share: float = 1.0,
+        max_ongoing_requests: int | None = None,
+        options: dict | None = None,
+    ):
+        self.model_name = model
+        self._defaults = {"latency_budget_ms": latency_budget_ms, "memory_fraction": memory_fraction,
+                          "max_batch": int(max_batch)}
+        self._dtype = dtype
+        self._repeats, self._warmup = int(repeats), int(warmup)
+        self._gpu_share = float(gpu_share)
+        self._max_ongoing_fallback = max_ongoing_requests
+        self.cache = TuningCache(cache_path) if cache_path else TuningCache()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
+        self._model_lock = asyncio.Lock()
+        self._started_at = time.time()
+        self._stats = {"batches": 0, "samples_served": 0, "batch_sizes": Counter(), "largest_batch": 0,
+                       "serving_ooms": 0, "batch_item_retries": 0, "errors": Counter()}
+        self._oom_cap: int | None = None
+        self._tunings = 0
+        self.tuning: dict | None = None
+
+        # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
+        # so a replica tunes once, with the settings it will serve under.
+        initial = parse_user_config(self._initial_user_config())
+        self._live = self._effective(initial)
+
+        self.spec = create_spec(model, weights, **(options or {}))
+        gpu_ids = self._gpu_ids()
+        if device == "auto":
+            kind = "cuda" if gpu_ids else "cpu"
+        else:
+            kind = resolve_device_kind(device)  # raises with a clear message when cuda is absent
+        loop = asyncio.get_running_loop()
+        self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
+        self.device_label = self.meter.fingerprint.label
+        self.metrics = ReplicaMetrics(model, self.device_label)
+        resolved = resolve(self.spec, self._settings())
+        log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", model,
+                 self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
+        await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
+        await self._tune(force=bool(initial.get("retune")))
+        self._last_retune = initial.get("retune")
+        self._apply_batch_settings()
+
+    # ----- configuration -----
+    @staticmethod
+    def _initial_user_config():
+        try:
+            return serve.get_replica_context()._deployment_config.user_config
+        except Exception:  # noqa: BLE001 - private field; without it the first reconfigure tunes again
+            return None
+
+    @staticmethod
+    def _gpu_ids() -> list:
+        import ray
+
+        try:
+            return list(ray.get_gpu_ids())
+        except Exception:  # noqa: BLE001 - outside a Ray worker
+            return []
+
+    def _max_ongoing_requests(self) -> int | None:
+        try:
+            return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+        except Exception:  # noqa: BLE001
+            return self._max_ongoing_fallback
+
+    def _effective(self, cfg: dict) -> dict:
+        live = {key: cfg.get(key, self._defaults[key]) for key in TUNING_KEYS}
+        live["max_batch"] = int(live["max_batch"])
+        live["batch_size"] = cfg.get("batch_size")
+        live["batch_wait_timeout_ms"] = cfg.get("batch_wait_timeout_ms")
+        live["faults"] = Faults.from_config(cfg.get("faults"))
+        return live
+
+    def _memory_fraction(self, kind: str) -> float | None:
+        """Of the whole device. A replica holding a fraction of a GPU (num_gpus < 1) gets by default
+        the usual fraction of its share, so replicas packed on one card each tune within their own."""
+        fraction = self._live["memory_fraction"]
+        if kind == "cuda" and self._gpu_share < 1:
+            share_default = DEFAULT_MEMORY_FRACTION["cuda"] * self._gpu_share
+            if fraction is None:
+                return share_default
+            if fraction > self._gpu_share:
+                log.warning("autobatch: memory_fraction %.2f is more than this replica's GPU share %.2f; "
+                            "neighbours on the card may run out of memory", fraction, self._gpu_share)
+        return fraction
+
+    def _settings(self) -> TuningSettings:
+        kind = self.meter.fingerprint.kind
+        latency = self._live["latency_budget_ms"]
+        return TuningSettings(
+            device=kind,
+            device_index=0,
+            dtype=self._dtype,
+            memory_fraction=self._memory_fraction(kind),
+            latency_budget_s=latency / 1e3 if latency else None,
+            max_batch=self._live["max_batch"],
+            warmup=self._warmup,
+            repeats=self._repeats,
+        )
+
+    async def _tune(self, force: bool) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self._settings()
+        async with self._model_lock:  # no batch runs while the model is measured
+            started = time.perf_counter()
+            result = await loop.run_in_executor(
+                self._executor,
+                lambda: autobatch(self.spec, settings, cache=self.cache, force=force, meter=self.meter,
+                                  loaded=True, say=log.info),
+            )
+            wall_s = time.perf_counter() - started
+        self._tunings += 1
+        self._tuning_wall_s = wall_s
+        self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
+        self.tuning = result
+        self.metrics.tuning(result, wall_s)
+        self._update_memory_gauge()
+        log.info("autobatch: %s on %s: %s in %.1f s (cache %s, key %s)", self.model_name, self.device_label,
+                 result["decision"], wall_s, result["cache"], result["key"])
+
+    def _apply_batch_settings(self) -> None:
+        """Hand the batch size and wait to @serve.batch: pinned > tuned, never above what an OOM
+        taught, never above max_ongoing_requests (a batch can never be larger than that)."""
+        notes = []
+        size = self._live["batch_size"] or self.tuning["batch_size"]
+        if self._live["batch_size"]:
+            notes.append(f"pinned by user_config batch_size={size}")
+        if self._oom_cap is not None and size > self._oom_cap:
+            size = self._oom_cap
+            notes.append(f"lowered to {size} after an out-of-memory while serving")
+        limit = self._max_ongoing_requests()
+        if limit and size > limit:
+            notes.append(f"capped at max_ongoing_requests={limit} (a batch cannot be larger); raise it to serve {size}")
+            size = limit
+        wait_ms = self._live["batch_wait_timeout_ms"]
+        wait_s = wait_ms / 1e3 if wait_ms else float(self.tuning["batch_wait_timeout_s"])
+        if wait_ms:
+            notes.append(f"wait pinned by user_config batch_wait_timeout_ms={wait_ms}")
+        self._infer.set_max_batch_size(int(size))
+        self._infer.set_batch_wait_timeout_s(float(wait_s))
+        self._serving = {"max_batch_size": int(size), "batch_wait_timeout_s": float(wait_s),
+                         "pinned_batch_size": self._live["batch_size"], "oom_cap": self._oom_cap,
+                         "max_ongoing_requests": limit, "notes": notes}
+        self.metrics.batch_settings(size, wait_s)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        cfg = parse_user_config(user_config)
+        live = self._effective(cfg)
+        retune = cfg.get("retune")
+        changed = [k for k in TUNING_KEYS if live[k] != self._live[k]]
+        new_retune = bool(retune) and retune != self._last_retune
+        self._last_retune = retune
+        if live["batch_size"] != self._live["batch_size"]:
+            self._oom_cap = None  # an operator's new pin replaces what serving OOMs taught
+        self._live = live
+        if new_retune or changed:
+            log.info("autobatch: reconfigure %s: %s", self.model_name,
+                     "retune requested" if new_retune else f"tuning settings changed ({', '.join(changed)})")
+            await self._tune(force=new_retune)
+        self._apply_batch_settings()
+
+    def check_health(self) -> None:
+        if self.spec.model is None or self.tuning is None:
+            raise RuntimeError("model not loaded or not tuned")
+
+    # ----- HTTP -----
+    def _subpath(self, request: Request) -> str:
+        path = request.url.path
+        root = request.scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):]
+        return "/" + path.strip("/")
+
+    def _count_error(self, status: int) -> None:
+        self._stats["errors"][str(status)] += 1
+        self.metrics.inc("autobatch_request_errors", status=str(status))
+
+    def _reply_error(self, status: int, message: str) -> JSONResponse:
+        self._count_error(status)
+        return _error(status, message)
+
+    async def __call__(self, request: Request):
+        path = self._subpath(request)
+        if request.method in ("GET", "HEAD"):
+            if path == "/tuning":
+                return JSONResponse(self.tuning_report())
+            if path == "/":
+                return JSONResponse(self.describe())
+            return _error(404, f"no such path {path!r}; use POST / for predictions, GET /tuning for the tuning in use")
+        if request.method != "POST":
+            return _error(405, f"method {request.method} is not served; use POST / with the payload, or GET /tuning")
+        if path != "/":
+            return _error(404, f"no such path {path!r}; POST the payload to the route itself")
+        try:
+            body = await request.body()
+        except Exception as exc:  # noqa: BLE001 - client went away / broken stream
+            return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
+        content_type = request.headers.get("content-type")
+        try:
+            sample = await asyncio.to_thread(self.spec.decode, body, content_type)
+        except PayloadError as exc:
+            return self._reply_error(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must still not become a 500 for the client's payload
+            log.exception("autobatch: %s decode raised outside PayloadError", self.model_name)
+            return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
+                                          f"check it is what GET / describes")
+        item = _Item(sample, poisoned=self._live["faults"].is_poisoned(request.headers))
+        try:
+            outcome: _Outcome = await self._infer(item)
+        except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
+            log.exception("autobatch: batch handler failed")
+            return self._reply_error(500, f"internal error while serving ({type(exc).__name__}: {exc})")
+        if not outcome.ok:
+            self._count_error(outcome.status)
+        return Response(content=outcome.body, status_code=outcome.status, media_type="application/json")
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model_name,
+            "weights": self.spec.weights_description(),
+            "device": self.device_label,
+            "usage": "POST the payload (image bytes: JPEG, PNG or WebP; for an LLM, JSON "
+                     "{\"prompt\": ..., \"max_new_tokens\": ...}) to this route; GET <route>/tuning for the tuning",
+            "max_batch_size": self._serving["max_batch_size"],
+        }
+
+    def tuning_report(self) -> dict:
+        stats = self._stats
+        return {
+            **self.tuning,
+            "from_cache": self.tuning.get("cache") == "hit",
+            "replica": {"pid": os.getpid(), "device": self.device_label, "tunings": self._tunings,
+                        "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at},
+            "serving": dict(self._serving),
+            "stats": {
+                "batches": stats["batches"],
+                "samples_served": stats["samples_served"],
+                "batch_sizes": {str(k): v for k, v in sorted(stats["batch_sizes"].items())},
+                "largest_batch": stats["largest_batch"],
+                "serving_ooms": stats["serving_ooms"],
+                "batch_item_retries": stats["batch_item_retries"],
+                "errors": dict(stats["errors"]),
+            },
+        }
+
+    # ----- batching -----
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
+    async def _infer(self, items: list[_Item]) -> list[_Outcome]:
+        n = len(items)
+        self._stats["batches"] += 1
+        self._stats["batch_sizes"][n] += 1
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], n)
+        async with self._model_lock:
+            outcomes = await self._run(items)
+        served = sum(o.ok for o in outcomes)
+        self._stats["samples_served"] += served
+        self.metrics.inc("autobatch_samples_served", served)
+        self._update_memory_gauge()
+        return outcomes
+
+    def _forward(self, items: list[_Item]) -> list[_Outcome]:
+        """In the worker thread: one forward pass over the batch, then each output encoded alone."""
+        self._live["faults"].before_predict(items)
+        outputs = self.spec.predict([item.sample for item in items])
+        if len(outputs) != len(items):
+            raise RuntimeError(f"{self.model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
+        outcomes = []
+        for output in outputs:
+            try:
+                outcomes.append(_Outcome(200, json.dumps(self.spec.encode(output)).encode()))
+            except Exception as exc:  # noqa: BLE001 - one output that cannot be encoded fails alone
+                log.exception("autobatch: encoding an output failed")
+                outcomes.append(_Outcome.error(500, f"internal error encoding the answer ({type(exc).__name__}: {exc})"))
+        return outcomes
+
+    async def _run(self, items: list[_Item]) -> list[_Outcome]:
+        """Forward `items`; on OOM split and retry the halves; on another error retry item by item."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        failure = None
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._forward, items)
+        except Exception as exc:  # noqa: BLE001
+            oom = self.meter.is_oom(exc)
+            failure = (oom, type(exc).__name__, str(exc), isinstance(exc, PayloadError) and exc.status)
+            if not oom:
+                log.warning("autobatch: a batch of %d raised %s: %s", len(items), type(exc).__name__, exc)
+            # leave the except block before retrying: its traceback holds the failed batch's tensors
+        if failure is None:
+            self.metrics.observe("autobatch_batch_inference_seconds", time.perf_counter() - started)
+            return outcomes
+        oom, exc_type, message, payload_status = failure
+        n = len(items)
+        if oom:
+            await loop.run_in_executor(self._executor, self.meter.cleanup)
+            self._on_serving_oom(n, message)
+            if n == 1:
+                return [_Outcome.error(413, f"this input needs more memory than the replica has "
+                                            f"({message}); send a smaller input")]
+            half = n // 2
+            return await self._run(items[:half]) + await self._run(items[half:])
+        if n == 1:
+            if payload_status:
+                return [_Outcome.error(payload_status, message)]
+            if exc_type in ("ValueError", "TypeError", "KeyError", "IndexError", "InjectedFault"):
+                return [_Outcome.error(422, f"the model could not process this input ({exc_type}: {message}); "
+                                            f"its batch-mates were answered, so check this payload")]
+            return [_Outcome.error(500, f"internal error in the model ({exc_type}: {message})")]
+        self._stats["batch_item_retries"] += 1
+        self.metrics.inc("autobatch_batch_item_retries")
+        outcomes = []
+        for item in items:
+            outcomes += await self._run([item])
+        return outcomes
+
+    def _on_serving_oom(self, batch_size: int, message: str) -> None:
+        self._stats["serving_ooms"] += 1
+        self.metrics.inc("autobatch_oom_events", phase="serving", kind="real")
+        cap = max(1, batch_size // 2)
+        current = self._serving["max_batch_size"]
+        log.warning("autobatch: out of memory serving a batch of %d (%s); splitting it%s", batch_size, message,
+                    f" and lowering the max batch size {current} -> {cap}" if cap < current else "")
+        if cap < current:
+            self._oom_cap = cap
+            self._apply_batch_settings()
+
+    def _update_memory_gauge(self) -> None:
+        try:
+            self.metrics.set("autobatch_device_memory_bytes", self.meter.current_bytes())
+        except Exception:  # noqa: BLE001 - a meter read must never fail a request
+            pass

@@ -1,0 +1,170 @@
+"""Prometheus metrics that only autobatch knows, recorded inside replicas through `ray.serve.metrics`.
+
+Every name is listed once, in METRICS below; dashboards and tests should take names from here
+(`exported_names()` gives the names as Prometheus shows them). Ray exports them on each node's
+metrics port with a `ray_` prefix; counters get a `_total` suffix, histograms `_bucket`, `_sum`
+and `_count`. Every series carries the tags `model` and `device` (the device fingerprint label,
+e.g. "cuda:NVIDIA H100 80GB HBM3" or "cpu:<cpu model>"), plus Ray Serve's own `deployment`,
+`replica` and `application`.
+
+Ray Serve already exports what the batch queue does (ray_serve_actual_batch_size,
+ray_serve_batch_wait_time_ms, ray_serve_batch_execution_time_ms, ray_serve_batch_queue_length,
+ray_serve_batch_utilization_percent, ray_serve_batches_processed); these are not duplicated here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger("ray.serve")
+
+GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
+BASE_TAGS = ("model", "device")
+
+INFERENCE_SECONDS_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str  # as recorded; Prometheus shows "ray_" + name (+ "_total" for counters)
+    kind: str
+    description: str
+    extra_tags: tuple[str, ...] = ()
+
+    @property
+    def tag_keys(self) -> tuple[str, ...]:
+        return BASE_TAGS + self.extra_tags
+
+    @property
+    def exported_name(self) -> str:
+        """The metric family name in Prometheus (what a PromQL query names, less _bucket/_sum/_count)."""
+        return "ray_" + self.name + ("_total" if self.kind == COUNTER else "")
+
+
+# The one list of autobatch metric names. Keep names stable: dashboards and alerts depend on them.
+METRICS: tuple[MetricDef, ...] = (
+    # --- the tuning in use ---
+    MetricDef("autobatch_tuned_max_safe_batch", GAUGE,
+              "Largest batch the tuning found safe in memory (and within the latency budget)."),
+    MetricDef("autobatch_tuned_batch_size", GAUGE,
+              "Batch size the tuning selected to serve (throughput knee within the latency budget)."),
+    MetricDef("autobatch_max_batch_size", GAUGE,
+              "max_batch_size in effect on @serve.batch now: the tuned size unless pinned by reconfigure "
+              "or lowered after an out-of-memory while serving."),
+    MetricDef("autobatch_batch_wait_timeout_seconds", GAUGE,
+              "batch_wait_timeout_s in effect on @serve.batch now."),
+    MetricDef("autobatch_memory_budget_bytes", GAUGE, "Memory budget the tuning worked within."),
+    MetricDef("autobatch_latency_budget_seconds", GAUGE, "Per-batch latency budget the tuning worked within."),
+    MetricDef("autobatch_tuning_seconds", GAUGE,
+              "Seconds this replica last spent obtaining its tuning: the search on a cache miss, "
+              "the lookup on a hit."),
+    MetricDef("autobatch_tuning_probes", COUNTER,
+              "Probe runs (batch sizes measured) by this replica's tunings; a cache hit adds none."),
+    MetricDef("autobatch_cache_hits", COUNTER, "Tunings served from the tuning cache."),
+    MetricDef("autobatch_cache_misses", COUNTER, "Tunings that had to measure (no cache entry, or a retune)."),
+    MetricDef("autobatch_oom_events", COUNTER,
+              "Out-of-memory events. phase=search|serving; kind=real (an OOM happened and was caught) or "
+              "predicted (the search's memory model skipped a size predicted over budget).",
+              ("phase", "kind")),
+    # --- serving ---
+    MetricDef("autobatch_samples_served", COUNTER,
+              "Samples answered successfully; rate() of it is the throughput."),
+    MetricDef("autobatch_request_errors", COUNTER,
+              "Requests answered with an error, by HTTP status.", ("status",)),
+    MetricDef("autobatch_batch_item_retries", COUNTER,
+              "Batches that raised (not an OOM) and were retried item by item so batch-mates still answer."),
+    MetricDef("autobatch_batch_inference_seconds", HISTOGRAM,
+              "Seconds of one forward pass (predict + encode) of one batch, in the worker thread."),
+    MetricDef("autobatch_device_memory_bytes", GAUGE,
+              "Device memory this replica holds now (CUDA: allocator reserved + context; CPU: resident set)."),
+)
+
+METRICS_BY_NAME = {m.name: m for m in METRICS}
+
+
+def exported_names() -> dict[str, str]:
+    """{recorded name: name as Prometheus shows it}."""
+    return {m.name: m.exported_name for m in METRICS}
+
+
+class ReplicaMetrics:
+    """The metrics of one replica, tagged with its model and device. Failing to record a metric
+    never fails a request: errors are logged once and ignored."""
+
+    def __init__(self, model: str, device_label: str):
+        from ray.serve import metrics as serve_metrics
+
+        self.tags = {"model": model, "device": device_label}
+        self._m = {}
+        self._warned = False
+        for d in METRICS:
+            if d.kind == GAUGE:
+                metric = serve_metrics.Gauge(d.name, description=d.description, tag_keys=d.tag_keys)
+            elif d.kind == COUNTER:
+                metric = serve_metrics.Counter(d.name, description=d.description, tag_keys=d.tag_keys)
+            else:
+                metric = serve_metrics.Histogram(d.name, description=d.description, tag_keys=d.tag_keys,
+                                                 boundaries=INFERENCE_SECONDS_BOUNDARIES)
+            metric.set_default_tags(dict(self.tags))
+            self._m[d.name] = metric
+        # Counters appear in Prometheus only once recorded: record a zero for the series a dashboard
+        # always shows, so a healthy replica exports e.g. a serving-OOM count of 0, not nothing.
+        for name, tags in (("autobatch_tuning_probes", {}), ("autobatch_cache_hits", {}),
+                           ("autobatch_cache_misses", {}), ("autobatch_samples_served", {}),
+                           ("autobatch_batch_item_retries", {}),
+                           ("autobatch_oom_events", {"phase": "search", "kind": "real"}),
+                           ("autobatch_oom_events", {"phase": "search", "kind": "predicted"}),
+                           ("autobatch_oom_events", {"phase": "serving", "kind": "real"})):
+            self._zero(name, tags)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("autobatch: recording a metric failed (%s); metrics may be incomplete", exc)
+
+    def _zero(self, name: str, tags: dict) -> None:
+        try:  # Counter.inc refuses 0; the base class's _record takes it and exports the series at 0.
+            from ray.util.metrics import Metric
+
+            Metric._record(self._m[name], 0.0, tags={**self.tags, **tags})
+        except Exception as exc:  # noqa: BLE001 - private API; a missing zero only hides a series
+            log.debug("autobatch: could not export %s at 0: %s", name, exc)
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        try:
+            self._m[name].set(float(value), tags={**self.tags, **tags})
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        if value <= 0:
+            return
+        try:
+            self._m[name].inc(float(value), tags={**self.tags, **tags})
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        try:
+            self._m[name].observe(float(value), tags={**self.tags, **tags})
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    # --- what the deployment reports ---
+    def tuning(self, result: dict, wall_s: float) -> None:
+        self.set("autobatch_tuned_max_safe_batch", result["max_safe_batch"])
+        self.set("autobatch_tuned_batch_size", result["batch_size"])
+        self.set("autobatch_memory_budget_bytes", result["memory_budget_bytes"])
+        self.set("autobatch_latency_budget_seconds", result["latency_budget_s"])
+        self.set("autobatch_tuning_seconds", wall_s)
+        if result.get("cache") == "hit":
+            self.inc("autobatch_cache_hits")
+            return
+        self.inc("autobatch_cache_misses")
+        self.inc("autobatch_tuning_probes", result.get("probe_count") or 0)
+        self.inc("autobatch_oom_events", result.get("oom_events") or 0, phase="search", kind="real")
+        self.inc("autobatch_oom_events", result.get("predicted_skips") or 0, phase="search", kind="predicted")
+
+    def batch_settings(self, max_batch_size: int, wait_s: float) -> None:
+        self.set("autobatch_max_batch_size", max_batch_size)
+        self.set("autobatch_batch_wait_timeout_seconds", wait_s)
