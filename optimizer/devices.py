@@ -272,6 +272,17 @@ class CpuMeter(MemoryMeter):
     def current_bytes(self) -> int:
         return int(self._process.memory_info().rss)
 
+    def cleanup(self) -> None:
+        """Free memory must leave the resident set, or the next probe's peak starts from the
+        last (larger) probe's high-water mark: glibc keeps freed heap unless asked to trim."""
+        gc.collect()
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
 
 class CudaMeter(MemoryMeter):
     """torch's allocator peak (reserved: what the caching allocator really holds from the driver)

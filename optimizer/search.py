@@ -49,10 +49,12 @@ def fit_affine(points: list[tuple[int, float]]) -> AffineFit | None:
     points = sorted(set(points))
     if len(points) < 2:
         return None
+    # Take sizes from the top down until they span at least half the top size: a short lever arm
+    # (two probes at 631 and 645, say) turns a few percent of noise into a wild slope.
     top = points[-1][0]
     upper = [p for p in points if p[0] >= top / 4]
-    if len(upper) < 2:
-        upper = points[-2:]
+    while len(upper) < len(points) and (len(upper) < 2 or top - upper[0][0] < top / 2):
+        upper = points[len(points) - len(upper) - 1:]
     n = len(upper)
     mean_b = sum(b for b, _ in upper) / n
     mean_y = sum(y for _, y in upper) / n
@@ -60,6 +62,8 @@ def fit_affine(points: list[tuple[int, float]]) -> AffineFit | None:
     if var_b == 0:
         return None
     slope = sum((b - mean_b) * (y - mean_y) for b, y in upper) / var_b
+    if slope <= 0:  # noise between nearby sizes, not a real trend: predict nothing rather than nonsense
+        return None
     return AffineFit(intercept=mean_y - slope * mean_b, slope=slope)
 
 
@@ -118,6 +122,12 @@ class Prober:
         if len(points) == 1:  # only batch 1 so far: the line from the base through it
             points.append((0, float(self.base_bytes)))
         return fit_affine(points)
+
+    def prediction_error_bytes(self) -> float:
+        """The largest miss of the memory prediction over the probes run so far (past batch 1)."""
+        misses = [abs(p.peak_bytes - p.predicted_bytes) for p in self.probes
+                  if p.peak_bytes is not None and p.predicted_bytes is not None and p.batch_size > 1]
+        return max(misses, default=0.0)
 
     def latency_fit(self) -> AffineFit | None:
         return fit_affine([(p.batch_size, p.latency_s) for p in self.probes if p.latency_s is not None])
@@ -221,11 +231,15 @@ def find_max_safe_batch(
 
     # Refine between the last good and the first bad size, now against the budget itself: the
     # margin kept the jumps safe; here the measurements on both sides keep the steps small.
+    last_guess_was_slow = False
     while good < max_batch:
         upper = hard_bad if hard_bad is not None else max_batch + 1
         fit = prober.memory_fit()
         if fit is not None:
-            predicted_upper = fit.max_batch_within(budget) + 1
+            # A size is ruled out unrun only when predicted over the budget by more than the fit
+            # has been wrong so far: step-shaped memory (CPU workspaces) is then measured, while an
+            # affine model (no error) skips it and so never goes near an OOM.
+            predicted_upper = fit.max_batch_within(budget + prober.prediction_error_bytes()) + 1
             if predicted_upper < upper:
                 upper = max(predicted_upper, good + 1)
                 if prober.by_size(upper) is None:
@@ -235,7 +249,13 @@ def find_max_safe_batch(
         if upper - good <= max(1, tolerance * upper):
             break
         guess = predicted_limit(budget)
-        size = guess if good < guess < upper and prober.by_size(guess) is None else (good + upper) // 2
+        # A fit's guess may crawl towards a curved limit one step at a time; when the last guess did
+        # not halve the bracket, bisect instead, so refinement never takes more than log2 steps.
+        use_guess = good < guess < upper and prober.by_size(guess) is None and not last_guess_was_slow
+        size = guess if use_guess else (good + upper) // 2
+        gap = upper - good
         run(size)
+        new_upper = hard_bad if hard_bad is not None else max_batch + 1
+        last_guess_was_slow = use_guess and (min(new_upper, upper) - good) > gap / 2
 
     return SearchResult(good, prober.probes, prober.base_bytes, bad_reason, prober.memory_fit())

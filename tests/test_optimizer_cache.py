@@ -1,0 +1,145 @@
+"""The tuning cache: hits, misses on any changed key field, corrupt and foreign files, and
+several processes writing at once."""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+
+from optimizer.cache import TuningCache, cache_key
+from optimizer.devices import DeviceFingerprint
+from optimizer.tune import Resolved, TuningSettings
+
+KEY = {"device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "total_memory_bytes": 85 * 2**30},
+       "model": {"model": "resnet50"}, "dtype": "float16", "memory_budget_bytes": 2**31}
+RESULT = {"model": "resnet50", "max_safe_batch": 256, "batch_size": 64}
+
+
+def test_hit_after_put_and_miss_on_any_changed_field(tmp_path):
+    cache = TuningCache(tmp_path / "c.json")
+    assert cache.get(KEY) is None
+    cache.put(KEY, RESULT)
+    assert cache.get(KEY) == RESULT
+    assert TuningCache(tmp_path / "c.json").get(json.loads(json.dumps(KEY))) == RESULT  # survives a restart
+    for field, value in [("dtype", "float32"), ("memory_budget_bytes", 2**30)]:
+        assert cache.get({**KEY, field: value}) is None
+    other_card = {**KEY, "device": {**KEY["device"], "name": "NVIDIA H200"}}
+    assert cache.get(other_card) is None
+
+
+def test_key_fields_change_with_device_dtype_budget_and_library_versions():
+    class Spec:
+        name = "resnet50"
+        library_packages = ("torch",)
+        default_latency_budget_s = 0.5
+
+        def signature(self):
+            return {"model": "resnet50"}
+
+        def default_dtype(self, kind):
+            return "float16"
+
+    h100 = DeviceFingerprint("cuda", "NVIDIA H100 80GB HBM3", 80 * 2**30, driver_version="580", torch_version="2.9")
+    h200 = DeviceFingerprint("cuda", "NVIDIA H200", 141 * 2**30, driver_version="580", torch_version="2.9")
+    base = Resolved("cuda", h100, "float16", 2**31, 0.1, TuningSettings())
+    keys = {
+        "base": base.key_fields(Spec()),
+        "gpu": Resolved("cuda", h200, "float16", 2**31, 0.1, TuningSettings()).key_fields(Spec()),
+        "dtype": Resolved("cuda", h100, "bfloat16", 2**31, 0.1, TuningSettings()).key_fields(Spec()),
+        "budget": Resolved("cuda", h100, "float16", 2**30, 0.1, TuningSettings()).key_fields(Spec()),
+        "latency": Resolved("cuda", h100, "float16", 2**31, 0.2, TuningSettings()).key_fields(Spec()),
+        "torch": Resolved("cuda", DeviceFingerprint("cuda", h100.name, h100.total_memory_bytes, driver_version="580",
+                                                    torch_version="2.10"), "float16", 2**31, 0.1,
+                          TuningSettings()).key_fields(Spec()),
+    }
+    assert len({cache_key(k) for k in keys.values()}) == len(keys)
+    # The same model of card in another slot or host is the same key: its answer transfers.
+    same_model = DeviceFingerprint("cuda", h100.name, h100.total_memory_bytes, index=3, uuid="GPU-other",
+                                   driver_version="580", torch_version="2.9")
+    assert cache_key(Resolved("cuda", same_model, "float16", 2**31, 0.1, TuningSettings()).key_fields(Spec())) == cache_key(keys["base"])
+
+
+def test_corrupt_file_is_ignored_with_a_warning_and_rewritten(tmp_path, caplog):
+    path = tmp_path / "c.json"
+    path.write_text('{"format": "autobatch-tuning-cache", "version": 1, "entries": {tru')
+    cache = TuningCache(path)
+    with caplog.at_level(logging.WARNING, logger="autobatch.cache"):
+        assert cache.get(KEY) is None
+    assert "corrupt" in caplog.text
+    cache.put(KEY, RESULT)
+    assert json.loads(path.read_text())["format"] == "autobatch-tuning-cache"
+    assert cache.get(KEY) == RESULT
+
+
+def test_foreign_format_is_ignored_and_rewritten(tmp_path, caplog):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"resnet50": 64}))  # somebody else's JSON
+    cache = TuningCache(path)
+    with caplog.at_level(logging.WARNING, logger="autobatch.cache"):
+        assert cache.get(KEY) is None
+    assert "not an autobatch cache" in caplog.text
+    cache.put(KEY, RESULT)
+    assert cache.get(KEY) == RESULT and "resnet50" not in json.loads(path.read_text())
+
+
+def test_an_entry_whose_stored_fields_differ_is_never_returned(tmp_path):
+    """Even under the right hash, an entry written for another device is not handed out."""
+    path = tmp_path / "c.json"
+    cache = TuningCache(path)
+    cache.put(KEY, RESULT)
+    data = json.loads(path.read_text())
+    entry = data["entries"][cache_key(KEY)]
+    entry["key_fields"]["device"]["name"] = "NVIDIA A10G"
+    path.write_text(json.dumps(data))
+    assert cache.get(KEY) is None
+
+
+def _writer(path: str, worker: int, count: int) -> None:
+    cache = TuningCache(path)
+    for i in range(count):
+        cache.put({**KEY, "worker": worker, "i": i}, {**RESULT, "worker": worker, "i": i})
+
+
+def test_processes_writing_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "c.json")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_writer, args=(path, w, 15)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    cache = TuningCache(path)
+    assert len(cache.entries()) == 60
+    for w in range(4):
+        for i in range(15):
+            assert cache.get({**KEY, "worker": w, "i": i})["i"] == i
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tuning-")]  # no temporary files left
+
+
+def test_cache_hit_from_the_cli_imports_no_torch(tmp_path):
+    """A second identical `autobatch tune` answers from the cache without loading anything heavy."""
+    from optimizer.devices import cpu_fingerprint
+    from optimizer.tune import resolve
+    from deployments.registry import create_spec
+
+    spec = create_spec("resnet50")
+    settings = TuningSettings(device="cpu", memory_budget_bytes=3 * 2**30, latency_budget_s=0.5, max_batch=8)
+    resolved = resolve(spec, settings, cpu_fingerprint())
+    TuningCache(tmp_path / "c.json").put(resolved.key_fields(spec), {**RESULT, "max_safe_batch": 8, "batch_size": 2})
+    script = (
+        "import sys, json\n"
+        "from optimizer.cli import main\n"
+        f"rc = main(['tune', 'resnet50', '--device', 'cpu', '--memory-budget-mb', '3072', '--latency-budget-ms', '500',"
+        f" '--max-batch', '8', '--cache', {str(tmp_path / 'c.json')!r}, '--json'])\n"
+        "print('TORCH_IMPORTED', 'torch' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["cache"] == "hit" and answer["batch_size"] == 2
+    assert "TORCH_IMPORTED False" in done.stderr

@@ -1,0 +1,224 @@
+"""Search + selection on the simulated device: property-based over memory curves, budgets and
+latency curves. The simulated device raises an OOM past its capacity, like a real card."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from optimizer.devices import SimulatedDevice
+from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine
+from optimizer.select import batch_wait_timeout_s, next_knee_probe, select_serve_batch
+from optimizer.tune import TuningSettings, autobatch
+
+MiB = 2**20
+MAX_BATCH = 4096
+
+
+def search(device, memory_budget, latency_budget=None, max_batch=MAX_BATCH, margin=0.10, knee=True):
+    prober = Prober(device.run, device, memory_budget_bytes=memory_budget, latency_budget_s=latency_budget,
+                    base_bytes=device.base_bytes, warmup=1, repeats=2)
+    result = find_max_safe_batch(prober, max_batch=max_batch, margin=margin)
+    if knee:
+        for _ in range(4):
+            size = next_knee_probe(prober.probes, result.max_safe_batch, latency_budget)
+            if size is None:
+                break
+            prober.run(size)
+    return result, prober
+
+
+def true_max(memory, latency, memory_budget, latency_budget, capacity, max_batch=MAX_BATCH, slack=0.0):
+    """Brute force: the largest size within every bound (memory curves here are monotone).
+    A size exactly at the latency budget may read a hair either side of it through the simulated
+    clock's float sums: `slack` widens (+) or narrows (-) the latency bound by that relative amount."""
+    limit = min(memory_budget, capacity)
+    ok = lambda b: memory(b) <= limit and (latency_budget is None or latency(b) <= latency_budget * (1 + slack))
+    if not ok(1):
+        return 0
+    lo, hi = 1, max_batch + 1
+    while hi - lo > 1:  # monotone: binary search is exact
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+affine_case = st.fixed_dictionaries({
+    "base": st.integers(50 * MiB, 4000 * MiB),
+    "per_sample": st.integers(64 * 1024, 200 * MiB),
+    "budget_over_base": st.floats(0.01, 50.0),  # budget = base * (1 + this)
+    "capacity_over_budget": st.floats(0.0, 0.5),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(affine_case)
+def test_affine_memory_finds_at_least_95_percent_without_oom_in_few_probes(case):
+    base, per_sample = case["base"], case["per_sample"]
+    budget = int(base * (1 + case["budget_over_base"]))
+    assume(base + per_sample <= budget)
+    memory = lambda b: base + per_sample * b
+    capacity = int(budget * (1 + case["capacity_over_budget"]))
+    device = SimulatedDevice(memory, lambda b: 0.001 + 0.0001 * b, capacity)
+    result, prober = search(device, budget, knee=False)
+    expected = true_max(memory, None, budget, None, capacity)
+    assert memory(result.max_safe_batch) <= budget
+    assert result.max_safe_batch <= expected
+    assert result.max_safe_batch >= 0.95 * expected
+    assert device.oom_count == 0 and result.oom_events == 0
+    assert sum(p.ran for p in result.probes) <= 6, [(p.batch_size, p.outcome) for p in result.probes]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.integers(100 * MiB, 2000 * MiB),
+    per_sample=st.integers(1 * MiB, 50 * MiB),
+    quadratic=st.floats(0.0, 0.02),  # MiB per b^2: attention-like growth
+    budget_over_base=st.floats(0.1, 20.0),
+    fixed_latency_s=st.floats(0.0005, 0.05),
+    per_sample_latency_s=st.floats(1e-5, 5e-3),
+    latency_budget_s=st.one_of(st.none(), st.floats(0.01, 2.0)),
+)
+def test_nonlinear_memory_and_latency_curves_stay_within_budgets(base, per_sample, quadratic, budget_over_base,
+                                                                  fixed_latency_s, per_sample_latency_s, latency_budget_s):
+    budget = int(base * (1 + budget_over_base))
+    memory = lambda b: base + per_sample * b + quadratic * MiB * b * b
+    # GPU-like latency: flat while the device is not yet full, then linear in the batch.
+    latency = lambda b: max(fixed_latency_s, per_sample_latency_s * b)
+    assume(memory(1) <= budget and (latency_budget_s is None or latency(1) <= latency_budget_s * (1 - 1e-6)))
+    device = SimulatedDevice(memory, latency, budget)
+    result, prober = search(device, budget, latency_budget_s)
+    chosen = result.max_safe_batch
+    assert memory(chosen) <= budget
+    assert latency_budget_s is None or latency(chosen) <= latency_budget_s * (1 + 1e-9)
+    assert true_max(memory, latency, budget, latency_budget_s, budget, slack=1e-9) >= chosen
+    assert chosen >= 0.95 * true_max(memory, latency, budget, latency_budget_s, budget, slack=-1e-9)
+    selection = select_serve_batch(prober.probes, chosen, latency_budget_s)
+    assert 1 <= selection.batch_size <= chosen
+    measured = [p for p in prober.probes if p.ok and p.batch_size <= chosen]
+    assert selection.throughput >= 0.95 * max(p.throughput for p in measured) - 1e-9
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.integers(100 * MiB, 2000 * MiB),
+    per_sample=st.integers(1 * MiB, 50 * MiB),
+    noise=st.floats(0.0, 0.05),
+    budget_over_base=st.floats(0.2, 20.0),
+    seed=st.integers(0, 2**31),
+)
+def test_noisy_memory_never_returns_a_size_measured_over_budget(base, per_sample, noise, budget_over_base, seed):
+    """Peaks vary from run to run (allocator fragmentation, workspaces): the answer is a size whose
+    measured peaks stayed within the budget, and still close to the noise-free maximum."""
+    rng = random.Random(seed)
+    budget = int(base * (1 + budget_over_base))
+    clean = lambda b: base + per_sample * b
+    memory = lambda b: clean(b) * (1 + rng.uniform(0, noise))
+    assume(clean(1) * (1 + noise) <= budget)
+    device = SimulatedDevice(memory, lambda b: 0.01 * b, capacity_bytes=budget * 2, base_bytes=base)
+    result, _ = search(device, budget)
+    probe = next(p for p in result.probes if p.batch_size == result.max_safe_batch and p.ran)
+    assert probe.ok and probe.peak_bytes <= budget
+    # The largest size that fits even at the worst noise: what a careful human would call safe.
+    always_fits = true_max(lambda b: clean(b) * (1 + noise), None, budget, None, budget * 2)
+    assert result.max_safe_batch >= min(0.95 * always_fits, always_fits - 1)  # one step of noise at tiny sizes
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    base=st.integers(100 * MiB, 2000 * MiB),
+    per_sample=st.integers(1 * MiB, 50 * MiB),
+    capacity_fraction=st.floats(0.3, 0.95),
+)
+def test_a_budget_larger_than_the_device_meets_real_ooms_and_survives(base, per_sample, capacity_fraction):
+    """The budget says 'all of it', the card has less (another tenant, fragmentation): real OOMs
+    happen, are counted, bound the search, and never escape it."""
+    budget = base + per_sample * 2000
+    capacity = int(budget * capacity_fraction)
+    memory = lambda b: base + per_sample * b + (per_sample * b * b / 200)  # bends upward: the fit is optimistic
+    assume(memory(2) <= capacity)
+    device = SimulatedDevice(memory, lambda b: 0.001 * b, capacity)
+    result, _ = search(device, budget)
+    assert memory(result.max_safe_batch) <= capacity
+    assert result.oom_events == device.oom_count
+    assert result.max_safe_batch >= 0.9 * true_max(memory, None, budget, None, capacity)
+
+
+def test_a_real_oom_is_counted_and_treated_as_an_upper_bound():
+    memory = lambda b: 1000 * MiB + 10 * MiB * b
+    device = SimulatedDevice(memory, lambda b: 0.01, capacity_bytes=1000 * MiB + 10 * MiB * 300)
+    result, _ = search(device, memory_budget=10_000 * MiB, knee=False)  # budget says 900, card holds 300
+    assert result.oom_events >= 1 and result.stopped_by in ("oom", "memory")
+    assert 285 <= result.max_safe_batch <= 300
+
+
+def test_batch_one_that_does_not_fit_is_a_clear_error():
+    device = SimulatedDevice(lambda b: 900 * MiB + 200 * MiB * b, lambda b: 0.01, capacity_bytes=8000 * MiB)
+    prober = Prober(device.run, device, memory_budget_bytes=1000 * MiB, latency_budget_s=None, base_bytes=900 * MiB)
+    with pytest.raises(BatchOneDoesNotFit) as err:
+        find_max_safe_batch(prober, model_name="resnet50")
+    text = str(err.value)
+    assert "resnet50" in text and "1000 MiB" in text and "1100 MiB" in text
+
+
+def test_latency_over_budget_at_batch_one_serves_unbatched_and_says_so():
+    device = SimulatedDevice(lambda b: 100 * MiB + MiB * b, lambda b: 0.2 * b, capacity_bytes=8000 * MiB)
+    result, _ = search(device, 4000 * MiB, latency_budget=0.1)
+    assert result.max_safe_batch == 1 and result.stopped_by == "latency"
+    assert "latency budget" in result.notes[0]
+
+
+def test_knee_selection_prefers_the_smallest_size_near_the_best_throughput():
+    # CPU-like: throughput peaks at 8 and falls off beyond; memory is no limit.
+    latency = lambda b: 0.01 * b / min(b, 8) * (1 + max(0, b - 8) / 64)
+    device = SimulatedDevice(lambda b: 100 * MiB + MiB * b, latency, capacity_bytes=64000 * MiB)
+    result, prober = search(device, 32000 * MiB, latency_budget=1.0, max_batch=256)
+    selection = select_serve_batch(prober.probes, result.max_safe_batch, 1.0)
+    assert result.max_safe_batch >= 150  # the budgets allow far more than is worth serving...
+    assert 6 <= selection.batch_size <= 11  # ...but the knee is at 8
+    assert "smallest within 95%" in selection.reason or "best measured" in selection.reason
+
+
+def test_wait_is_derived_from_the_budget_left_after_compute():
+    assert batch_wait_timeout_s(0.040, 0.100) == pytest.approx(0.030)  # half of the 60 ms left
+    assert batch_wait_timeout_s(0.010, 1.000) == pytest.approx(0.010)  # never more than one batch's compute
+    assert batch_wait_timeout_s(0.100, 0.100) == pytest.approx(0.001)  # no headroom: 1 ms floor
+
+
+def test_affine_fit_recovers_a_line_and_inverts_it():
+    fit = fit_affine([(1, 110.0), (2, 120.0), (8, 180.0)])
+    assert fit.slope == pytest.approx(10.0) and fit.intercept == pytest.approx(100.0)
+    assert fit.max_batch_within(1000.0) == 90
+
+
+def test_autobatch_on_the_simulated_device_reports_every_probe(tmp_path):
+    from optimizer.cache import TuningCache
+
+    class FakeSpec:  # the tuner only needs a name, a signature and library versions from a spec
+        name = "sim-model"
+        library_packages = ()
+        default_latency_budget_s = 0.5
+
+        def signature(self):
+            return {"model": "sim-model"}
+
+        def default_dtype(self, kind):
+            return "float32"
+
+        def weights_description(self):
+            return "simulated"
+
+    device = SimulatedDevice(lambda b: 1000 * MiB + 4 * MiB * b, lambda b: 0.004 + 0.001 * b, capacity_bytes=16000 * MiB)
+    lines = []
+    cache = TuningCache(tmp_path / "cache.json")
+    settings = TuningSettings(memory_budget_bytes=2000 * MiB, latency_budget_s=0.2)
+    result = autobatch(FakeSpec(), settings, cache=cache, meter=device, run_batch=device.run, say=lines.append)
+    assert result["cache"] == "miss"
+    assert result["max_safe_batch"] == 196  # latency: 0.004 + 0.001 b <= 0.2
+    assert 1 <= result["batch_size"] <= result["max_safe_batch"]
+    assert result["probes"] and all({"batch_size", "peak_bytes", "latency_s", "throughput", "outcome"} <= set(p) for p in result["probes"])
+    assert any("max safe batch 196" in line for line in lines)
+    again = autobatch(FakeSpec(), settings, cache=cache, meter=device, run_batch=device.run, say=lines.append)
+    assert again["cache"] == "hit" and again["batch_size"] == result["batch_size"]
