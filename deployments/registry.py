@@ -8,6 +8,9 @@ from .base import ModelSpec, SpecConfigError
 # name -> "module:Class", imported on demand so naming a model never imports every family's libraries
 SPECS = {
     "resnet50": "deployments.resnet50:ResNet50Spec",
+    "vit_b_16": "deployments.vit_b_16:ViTB16Spec",
+    "yolo11n_pose": "deployments.yolo11n_pose:YOLO11nPoseSpec",
+    "llama_int4": "deployments.llama_int4:LlamaInt4Spec",
 }
 
 

@@ -1,0 +1,381 @@
+"""Llama with 4-bit NF4 weights (transformers + bitsandbytes): batched greedy generation.
+
+Request: JSON `{"prompt": str, "max_new_tokens": int (optional, 1..max_new_tokens)}`.
+Response: the generated text, `prompt_tokens`, `completion_tokens`, `finish_reason` ("stop" at the
+end-of-text token, "length" at the token limit) and whether the prompt was truncated.
+
+Weights: a local Hugging Face folder when configured (e.g. a real Llama 3 8B), else a Llama
+config with random weights, written once to a local folder and loaded from it through
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, so the 4-bit path is the
+real one. The synthetic folder carries a byte-level tokenizer built in code (256 byte tokens +
+<|begin_of_text|>, <|end_of_text|>, <|pad|>; no merges), so nothing is downloaded. Two synthetic
+shapes: "small" (CPU-friendly, the default) and "llama3-8b" (Llama-3-8B's shape, for a GPU);
+choose with the `config` option or AUTOBATCH_LLAMA_CONFIG. The folder lives under the
+`model_cache_dir` option, else $AUTOBATCH_MODEL_CACHE, else $XDG_CACHE_HOME/autobatch/models,
+else ~/.cache/autobatch/models, named by the config's hash.
+
+Memory grows with sequence length, so tuning runs the worst case the deployment admits:
+`max_prompt_tokens` prompt tokens and `max_new_tokens` generated tokens (end-of-text suppressed).
+Longer prompts are rejected with 413, or cut to their last tokens when `truncate_prompt` is set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .base import ModelSpec, PayloadError, SpecConfigError, file_identity, torch_dtype
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+TOKENIZER_LAYOUT = "bytes256+bos+eos+pad/v1"  # part of the synthetic folder's hash
+
+# Every Linear dimension a multiple of 64: bitsandbytes' CPU 4-bit kernels work in blocks of 64.
+SYNTHETIC_CONFIGS: dict[str, dict] = {
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
+COMMON_CONFIG = dict(rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu", tie_word_embeddings=False,
+                     bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+CONFIG_ENV = "AUTOBATCH_LLAMA_CONFIG"
+CACHE_ENV = "AUTOBATCH_MODEL_CACHE"
+MARKER = "autobatch-synthetic.json"
+ALLOWED_KEYS = ("prompt", "max_new_tokens")
+
+
+@dataclass
+class Prompt:
+    """One decoded request: token ids (with BOS) and how many tokens to generate at most."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    truncated: bool = False
+    min_new_tokens: int = 0  # > 0 only in tuning batches: forces the full length (no early end-of-text)
+    text: str = field(default="", repr=False)
+
+
+def default_model_cache_dir() -> str:
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "autobatch", "models")
+
+
+def build_byte_tokenizer():
+    """A byte-level tokenizer made in code: ids 0-255 are the bytes, then BOS, EOS, PAD. Lossless for
+    any UTF-8 text; ids the model may emit beyond these decode to nothing."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_to_char, extra = {}, 0
+    for b in range(256):  # GPT-2's byte -> printable character map, as ByteLevel expects
+        if b in printable:
+            byte_to_char[b] = chr(b)
+        else:
+            byte_to_char[b] = chr(256 + extra)
+            extra += 1
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    vocab.update({BOS: BOS_ID, EOS: EOS_ID, PAD: PAD_ID})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, PAD)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                       special_tokens=[(BOS, BOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   padding_side="left", model_max_length=10**9)
+
+
+def _count_linear4bit(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+class LlamaInt4Spec(ModelSpec):
+    name: ClassVar[str] = "llama_int4"
+    library_packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers")
+    # A batch is a whole generation (prefill + up to max_new_tokens steps): seconds, not milliseconds.
+    default_latency_budget_s: ClassVar[float] = 10.0
+
+    def __init__(self, weights_path: str | None = None, config: str | None = None, max_prompt_tokens: int = 512,
+                 max_new_tokens: int = 128, default_new_tokens: int = 64, truncate_prompt: bool = False,
+                 max_request_bytes: int | None = None, model_cache_dir: str | None = None, **options: Any):
+        super().__init__(weights_path, **options)
+        self.config_name = config or os.environ.get(CONFIG_ENV) or "small"
+        if self.weights_path is None and self.config_name not in SYNTHETIC_CONFIGS:
+            raise SpecConfigError(f"unknown Llama config {self.config_name!r}; use one of {', '.join(SYNTHETIC_CONFIGS)} "
+                                  f"(option `config` or ${CONFIG_ENV}), or give a local Hugging Face folder as weights")
+        if self.weights_path is not None and not os.path.isdir(self.weights_path):
+            raise SpecConfigError(f"weights path {self.weights_path!r} is not a folder; give a local Hugging Face model "
+                                  f"folder (config.json, *.safetensors, tokenizer files), or omit it for synthetic weights")
+        try:
+            self.max_prompt_tokens = int(max_prompt_tokens)
+            self.max_new_tokens = int(max_new_tokens)
+            self.default_new_tokens = int(default_new_tokens)
+        except (TypeError, ValueError):
+            raise SpecConfigError("max_prompt_tokens, max_new_tokens and default_new_tokens must be whole numbers") from None
+        if self.max_prompt_tokens < 2:
+            raise SpecConfigError(f"max_prompt_tokens must be at least 2 (BOS + one token), got {max_prompt_tokens}")
+        if self.max_new_tokens < 1:
+            raise SpecConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not 1 <= self.default_new_tokens <= self.max_new_tokens:
+            raise SpecConfigError(f"default_new_tokens must be between 1 and max_new_tokens ({self.max_new_tokens}), got {default_new_tokens}")
+        if self.weights_path is None:
+            limit = SYNTHETIC_CONFIGS[self.config_name]["max_position_embeddings"]
+            if self.max_prompt_tokens + self.max_new_tokens > limit:
+                raise SpecConfigError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens} "
+                                      f"exceeds the {self.config_name} config's {limit} positions; lower them")
+        self.truncate_prompt = bool(truncate_prompt)
+        # Bytes of JSON we are willing to parse and tokenize; generous for UTF-8 text and JSON escapes.
+        default_bytes = max(65536, 32 * self.max_prompt_tokens) if not self.truncate_prompt else 4 * 2**20
+        self.max_request_bytes = int(max_request_bytes) if max_request_bytes else default_bytes
+        self.model_cache_dir = model_cache_dir
+        self.tokenizer = None
+        self.eos_ids: list[int] = [EOS_ID]
+        self.pad_id = PAD_ID
+
+    # --- identity (cheap)
+    def default_dtype(self, device_kind: str) -> str:
+        # The compute dtype around the NF4 weights (activations, norms, embeddings, lm_head).
+        return "float16" if device_kind == "cuda" else "float32"
+
+    def architecture(self) -> dict:
+        if self.weights_path:
+            return {"folder": file_identity(self.weights_path)}
+        return {"config": self.config_name, **SYNTHETIC_CONFIGS[self.config_name], **COMMON_CONFIG,
+                "tokenizer": TOKENIZER_LAYOUT}
+
+    def input_signature(self) -> dict:
+        return {"quantization": "bnb-nf4", "architecture": self.architecture(),
+                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+
+    def weights_description(self) -> str:
+        if self.weights_path:
+            return f"{self.weights_path} (NF4 4-bit)"
+        return f"synthetic: Llama '{self.config_name}' config with random weights, NF4 4-bit (nothing downloaded)"
+
+    # --- weights
+    def synthetic_folder(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode()).hexdigest()[:12]
+        root = self.model_cache_dir or default_model_cache_dir()
+        return os.path.join(root, f"llama_int4-{self.config_name}-{digest}")
+
+    def ensure_synthetic_folder(self, build_device: str = "cpu") -> str:
+        """Write the synthetic model (random bf16 weights + tokenizer) once; later calls reuse it.
+
+        Concurrent replicas wait on a file lock; the folder appears atomically (built aside, renamed)."""
+        from filelock import FileLock
+
+        folder = self.synthetic_folder()
+        if os.path.exists(os.path.join(folder, MARKER)):
+            return folder
+        root = os.path.dirname(folder)
+        os.makedirs(root, exist_ok=True)
+        with FileLock(folder + ".lock"):
+            if os.path.exists(os.path.join(folder, MARKER)):
+                return folder
+            import torch
+            from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+            work = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".building-", dir=root)
+            try:
+                config = LlamaConfig(**SYNTHETIC_CONFIGS[self.config_name], **COMMON_CONFIG)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    with torch.device(build_device):
+                        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+                model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                                                           pad_token_id=PAD_ID, do_sample=False)
+                model.save_pretrained(work, max_shard_size="2GB")
+                del model
+                build_byte_tokenizer().save_pretrained(work)
+                with open(os.path.join(work, MARKER), "w") as f:
+                    json.dump({"architecture": self.architecture(), "weights": "random (seed 0), bfloat16"}, f, indent=1)
+                if os.path.exists(folder):  # an incomplete leftover (no marker): replace it
+                    shutil.rmtree(folder)
+                os.rename(work, folder)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            finally:
+                if build_device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        return folder
+
+    def get_tokenizer(self):
+        """The tokenizer; available before `load` so `decode` can count tokens."""
+        if self.tokenizer is None:
+            if self.weights_path:
+                from transformers import AutoTokenizer
+
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(self.weights_path, local_files_only=True)
+                except Exception as exc:  # noqa: BLE001 - many failure types; all mean "fix the folder"
+                    raise SpecConfigError(f"cannot load a tokenizer from {self.weights_path!r}: {exc}") from exc
+            else:
+                tokenizer = build_byte_tokenizer()
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token_id is None:  # Llama 3 ships without one
+                tokenizer.pad_token = tokenizer.eos_token
+            self.tokenizer = tokenizer
+            self.pad_id = int(tokenizer.pad_token_id)
+        return self.tokenizer
+
+    def load(self, device: str, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        compute_dtype = torch_dtype(dtype)
+        folder = self.weights_path or self.ensure_synthetic_folder("cuda" if device.startswith("cuda") else "cpu")
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=compute_dtype)
+        device_map = {"": device if device != "cuda" else "cuda:0"}
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=compute_dtype,
+                                                     device_map=device_map, local_files_only=True)
+        if _count_linear4bit(model) == 0:
+            raise SpecConfigError(f"loading {folder!r} produced no bitsandbytes Linear4bit layers; the NF4 path did not run")
+        model.eval()
+        tokenizer = self.get_tokenizer()
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > vocab:
+            raise SpecConfigError(f"tokenizer has {len(tokenizer)} tokens but the model only {vocab}; they do not belong together")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and self.max_prompt_tokens + self.max_new_tokens > positions:
+            raise SpecConfigError(f"max_prompt_tokens + max_new_tokens = {self.max_prompt_tokens + self.max_new_tokens} "
+                                  f"exceeds the model's {positions} positions; lower them")
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        self.device, self.dtype_name = device, dtype
+        self.model = model
+        return model
+
+    # --- samples
+    def example_batch(self, n: int) -> list[Prompt]:
+        """n prompts of the longest admitted length, each forced to generate max_new_tokens tokens."""
+        import random
+
+        rng = random.Random(n)
+        bos = self.get_tokenizer().bos_token_id
+        prompts = []
+        for _ in range(n):
+            ids = [rng.randrange(32, 127) for _ in range(self.max_prompt_tokens)]  # printable ASCII bytes
+            if bos is not None:
+                ids[0] = int(bos)
+            prompts.append(Prompt(ids, self.max_new_tokens, min_new_tokens=self.max_new_tokens))
+        return prompts
+
+    def decode(self, payload: bytes, content_type: str | None = None) -> Prompt:
+        try:
+            return self._decode(payload)
+        except PayloadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nothing a payload holds may escape as anything else
+            raise PayloadError(f"request could not be read ({type(exc).__name__}); send JSON "
+                               f'{{"prompt": "...", "max_new_tokens": 1..{self.max_new_tokens}}}', 400) from None
+
+    def _decode(self, payload) -> Prompt:
+        shape = f'{{"prompt": "<text>", "max_new_tokens": <1..{self.max_new_tokens}, optional, default {self.default_new_tokens}>}}'
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise PayloadError(f"request body must be bytes of JSON, got {type(payload).__name__}; send {shape}", 400)
+        payload = bytes(payload)
+        if not payload.strip():
+            raise PayloadError(f"empty request body; send JSON {shape}", 400)
+        if len(payload) > self.max_request_bytes:
+            raise PayloadError(f"request is {len(payload)} bytes, over the limit of {self.max_request_bytes} bytes; "
+                               f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 JSON {shape}", 400) from None
+        try:
+            body = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            raise PayloadError(f"request body is not valid JSON ({detail}); send {shape}", 400) from None
+        if not isinstance(body, dict):
+            raise PayloadError(f"request JSON must be an object, got {type(body).__name__}; send {shape}", 400)
+        unknown = sorted(str(k) for k in body if k not in ALLOWED_KEYS)
+        if unknown:
+            raise PayloadError(f"unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; this deployment does "
+                               f"greedy generation and accepts only {shape}", 422)
+        if "prompt" not in body:
+            raise PayloadError(f'missing "prompt"; send {shape}', 422)
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise PayloadError(f'"prompt" must be a string, got {type(prompt).__name__}; send {shape}', 422)
+        if not prompt:
+            raise PayloadError(f'"prompt" is empty; send some text to continue, as {shape}', 422)
+        new_tokens = body.get("max_new_tokens", self.default_new_tokens)
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int):
+            raise PayloadError(f'"max_new_tokens" must be a whole number, got {type(new_tokens).__name__}; '
+                               f"send 1..{self.max_new_tokens} or leave it out", 422)
+        if not 1 <= new_tokens <= self.max_new_tokens:
+            raise PayloadError(f'"max_new_tokens" is {new_tokens}, out of range; send 1..{self.max_new_tokens} '
+                               f"or leave it out (default {self.default_new_tokens})", 422)
+        tokenizer = self.get_tokenizer()
+        # Control tokens typed into a prompt stay text: a client cannot inject <|end_of_text|> etc.
+        ids = list(tokenizer(prompt, split_special_tokens=True)["input_ids"])
+        truncated = False
+        if len(ids) > self.max_prompt_tokens:
+            if not self.truncate_prompt:
+                raise PayloadError(f"prompt is {len(ids)} tokens, over the limit of {self.max_prompt_tokens}; "
+                                   f"shorten it", 413)
+            keep = self.max_prompt_tokens
+            head = [ids[0]] if ids and ids[0] == tokenizer.bos_token_id else []
+            ids = head + ids[len(ids) - (keep - len(head)):]  # keep BOS and the end of the prompt
+            truncated = True
+        return Prompt(ids, int(new_tokens), truncated=truncated, text=prompt)
+
+    # --- batch
+    def predict(self, samples: list[Prompt]) -> list[dict]:
+        import torch
+        from transformers import GenerationConfig
+
+        tokenizer = self.get_tokenizer()
+        length = max(len(s.input_ids) for s in samples)
+        input_ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, sample in enumerate(samples):  # left padding: every prompt ends where generation starts
+            n = len(sample.input_ids)
+            input_ids[row, length - n:] = torch.tensor(sample.input_ids, dtype=torch.long)
+            attention_mask[row, length - n:] = 1
+        max_new = max(s.max_new_tokens for s in samples)
+        min_new = max(s.min_new_tokens for s in samples)
+        generation = GenerationConfig(max_new_tokens=max_new, min_new_tokens=min_new or None, do_sample=False,
+                                      num_beams=1, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                      generation_config=generation)
+        generated = out[:, length:].cpu().tolist()
+        results = []
+        for sample, tokens in zip(samples, generated):
+            tokens = tokens[:sample.max_new_tokens]
+            finish = "length"
+            for i, token in enumerate(tokens):
+                if token in self.eos_ids:
+                    tokens, finish = tokens[:i], "stop"
+                    break
+            results.append({
+                "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                "prompt_tokens": len(sample.input_ids),
+                "completion_tokens": len(tokens),
+                "finish_reason": finish,
+                "prompt_truncated": sample.truncated,
+            })
+        return results
+
+    def encode(self, output: dict) -> dict:
+        return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", **output}

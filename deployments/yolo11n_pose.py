@@ -1,0 +1,250 @@
+"""YOLO11n-pose (ultralytics): person boxes with 17 COCO keypoints (x, y, confidence).
+
+decode: image bytes -> letterbox (aspect kept, grey 114 padding) to a square `imgsz` input,
+remembering the original size, the scale and the padding. predict: one forward pass for the
+batch, confidence filter + NMS per image, then boxes and keypoints mapped back to the original
+image's pixels. The post-processing (`letterbox`, `nms_pose`, `scale_boxes`, `scale_keypoints`)
+is plain tensor code so it can be checked on hand-made tensors.
+
+Weights: a local `.pt` checkpoint when configured, else the real architecture built from
+`yolo11n-pose.yaml` with random weights. Nothing here can make ultralytics download: the offline
+environment is set before ultralytics is imported, only the packaged YAML or an existing local
+file is ever named, and the checkpoint is read with torch.load, not ultralytics' downloader.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .base import ModelSpec, PayloadError, SpecConfigError, torch_dtype
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image
+
+ARCHITECTURE_YAML = "yolo11n-pose.yaml"  # packaged with ultralytics; the 'n' scale comes from the name
+NUM_KEYPOINTS = 17
+PAD_VALUE = 114
+MAX_STRIDE = 32
+
+
+def ultralytics_offline() -> None:
+    """Make ultralytics unable to reach the network: no online check, no auto-install, no hub.
+
+    Must run before `import ultralytics` (it checks connectivity at import unless YOLO_OFFLINE is set)."""
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_AUTOINSTALL"] = "False"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class PoseSample:
+    """One decoded request: the letterboxed image and what is needed to map results back."""
+
+    image: Any  # torch.uint8 tensor [3, imgsz, imgsz], RGB, letterboxed
+    orig_size: tuple[int, int]  # (height, width) of the image as sent
+    gain: float  # letterboxed pixels per original pixel
+    pad: tuple[float, float]  # (left, top) padding in letterboxed pixels
+
+
+# ---------------------------------------------------------------- pre- and post-processing
+def letterbox(image, size: int):
+    """Resize an HxWx3 uint8 array to fit a size x size square, aspect kept, centred on grey 114.
+
+    Returns (square array, gain, (left, top)). Same arithmetic as ultralytics' LetterBox
+    (center=True, auto=False, scaleup=True), so a checkpoint sees what it was trained on."""
+    import cv2
+    import numpy as np
+
+    h, w = image.shape[:2]
+    gain = min(size / h, size / w)
+    new_w, new_h = int(round(w * gain)), int(round(h * gain))
+    new_w, new_h = min(max(new_w, 1), size), min(max(new_h, 1), size)
+    if (new_w, new_h) != (w, h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    assert out.shape[:2] == (size, size), out.shape
+    return np.ascontiguousarray(out), gain, (float(left), float(top))
+
+
+def xywh_to_xyxy(boxes):
+    out = boxes.clone()
+    out[..., 0] = boxes[..., 0] - boxes[..., 2] / 2
+    out[..., 1] = boxes[..., 1] - boxes[..., 3] / 2
+    out[..., 2] = boxes[..., 0] + boxes[..., 2] / 2
+    out[..., 3] = boxes[..., 1] + boxes[..., 3] / 2
+    return out
+
+
+def nms_pose(prediction, num_classes: int, *, conf_threshold: float = 0.25, iou_threshold: float = 0.7,
+             max_det: int = 300, max_candidates: int = 30000):
+    """NMS for one image's raw pose-head output.
+
+    prediction: [4 + num_classes + 3*K, anchors]: xywh box (input pixels), class scores (already
+    sigmoid), then K keypoints as (x, y, conf). Returns (boxes xyxy [N,4], scores [N],
+    class ids [N], keypoints [N,K,3]), best score first, at most `max_det`. Class-aware: boxes of
+    different classes never suppress each other."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    p = prediction.float().transpose(0, 1)  # [anchors, channels]
+    scores, class_ids = p[:, 4:4 + num_classes].max(dim=1)
+    keep = scores > conf_threshold
+    p, scores, class_ids = p[keep], scores[keep], class_ids[keep]
+    if p.shape[0] > max_candidates:
+        top = scores.topk(max_candidates).indices
+        p, scores, class_ids = p[top], scores[top], class_ids[top]
+    boxes = xywh_to_xyxy(p[:, :4])
+    keypoints = p[:, 4 + num_classes:]
+    keypoints = keypoints.reshape(keypoints.shape[0], keypoints.shape[1] // 3, 3)
+    kept = batched_nms(boxes, scores, class_ids, iou_threshold)[:max_det]  # sorted by score, descending
+    if kept.numel() == 0:
+        kept = torch.zeros(0, dtype=torch.long, device=p.device)
+    return boxes[kept], scores[kept], class_ids[kept], keypoints[kept]
+
+
+def scale_boxes(boxes, gain: float, pad: tuple[float, float], orig_size: tuple[int, int]):
+    """xyxy boxes in letterboxed pixels -> original image pixels, clipped to the image."""
+    height, width = orig_size
+    out = boxes.clone().float()
+    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / gain).clamp(0, width)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / gain).clamp(0, height)
+    return out
+
+
+def scale_keypoints(keypoints, gain: float, pad: tuple[float, float], orig_size: tuple[int, int]):
+    """[N, K, 3] keypoints (x, y, conf) in letterboxed pixels -> original pixels (clipped); conf unchanged."""
+    height, width = orig_size
+    out = keypoints.clone().float()
+    out[..., 0] = ((out[..., 0] - pad[0]) / gain).clamp(0, width)
+    out[..., 1] = ((out[..., 1] - pad[1]) / gain).clamp(0, height)
+    return out
+
+
+# ---------------------------------------------------------------- the spec
+class YOLO11nPoseSpec(ModelSpec):
+    name: ClassVar[str] = "yolo11n_pose"
+    library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision", "ultralytics", "opencv-python")
+    default_latency_budget_s: ClassVar[float] = 0.5
+
+    def __init__(self, weights_path: str | None = None, imgsz: int = 640, conf_threshold: float = 0.25,
+                 iou_threshold: float = 0.7, max_det: int = 300,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **options: Any):
+        super().__init__(weights_path, **options)
+        try:
+            imgsz = int(imgsz)
+        except (TypeError, ValueError):
+            raise SpecConfigError(f"imgsz must be a whole number of pixels, got {imgsz!r}") from None
+        if imgsz < MAX_STRIDE or imgsz > 4096 or imgsz % MAX_STRIDE:
+            raise SpecConfigError(f"imgsz must be a multiple of {MAX_STRIDE} between {MAX_STRIDE} and 4096, got {imgsz}; e.g. 640")
+        if not 0 <= float(conf_threshold) <= 1 or not 0 <= float(iou_threshold) <= 1:
+            raise SpecConfigError(f"conf_threshold and iou_threshold must be in [0, 1], got {conf_threshold}, {iou_threshold}")
+        if int(max_det) < 1:
+            raise SpecConfigError(f"max_det must be at least 1, got {max_det}")
+        if self.weights_path and not self.weights_path.endswith(".pt"):
+            raise SpecConfigError(f"weights path {self.weights_path!r} is not a .pt checkpoint; give a local ultralytics .pt file, or omit it")
+        self.imgsz = imgsz
+        self.conf_threshold = float(conf_threshold)
+        self.iou_threshold = float(iou_threshold)
+        self.max_det = int(max_det)
+        self.max_image_bytes = int(max_image_bytes)
+        self.max_image_pixels = int(max_image_pixels)
+        self.names: dict[int, str] = {0: "person"}
+        self.num_classes = 1
+
+    def input_signature(self) -> dict:
+        return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det}
+
+    # --- load
+    def _build(self):
+        ultralytics_offline()
+        import torch
+        from ultralytics.nn.modules.head import Pose
+        from ultralytics.nn.tasks import PoseModel
+
+        if self.weights_path:
+            if not os.path.isfile(self.weights_path):
+                raise SpecConfigError(f"weights file {self.weights_path!r} does not exist; give a local .pt file, or omit it")
+            # A local file the operator configured; ultralytics checkpoints pickle their module classes.
+            checkpoint = torch.load(self.weights_path, map_location="cpu", weights_only=False)
+            model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else checkpoint
+            if not isinstance(model, torch.nn.Module):
+                raise SpecConfigError(f"{self.weights_path!r} holds no model (expected an ultralytics checkpoint with 'model')")
+        else:
+            model = PoseModel(ARCHITECTURE_YAML, nc=1, verbose=False)  # the person-only head of yolo11n-pose.pt
+            model.names = {0: "person"}
+        head = model.model[-1] if hasattr(model, "model") else None
+        if not isinstance(head, Pose) or tuple(head.kpt_shape) != (NUM_KEYPOINTS, 3):
+            raise SpecConfigError(f"{self.weights_path!r} is not a {NUM_KEYPOINTS}-keypoint (x, y, conf) pose model")
+        if getattr(head, "end2end", False):
+            raise SpecConfigError(f"{self.weights_path!r} has an end-to-end (NMS-free) head; this spec serves YOLO11-pose checkpoints")
+        names = getattr(model, "names", None) or {}
+        self.names = {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+        self.num_classes = int(head.nc)
+        model = model.float().eval()
+        return model.fuse(verbose=False) if hasattr(model, "fuse") else model
+
+    def load(self, device: str, dtype: str):
+        import torch
+
+        model = self._build()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.device, self.dtype_name = device, dtype
+        self.model = model.to(device=device, dtype=torch_dtype(dtype))
+        with torch.inference_mode():  # builds the head's anchors once, outside any probe
+            self.model(torch.zeros(1, 3, self.imgsz, self.imgsz, device=device, dtype=torch_dtype(dtype)))
+        return self.model
+
+    # --- samples
+    def example_batch(self, n: int) -> list:
+        import torch
+
+        generator = torch.Generator().manual_seed(n)
+        images = torch.randint(0, 256, (n, 3, self.imgsz, self.imgsz), generator=generator, dtype=torch.uint8)
+        return [PoseSample(image, (self.imgsz, self.imgsz), 1.0, (0.0, 0.0)) for image in images]
+
+    def decode(self, payload: bytes, content_type: str | None = None) -> PoseSample:
+        import numpy as np
+        import torch
+
+        image = decode_image(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        array = np.asarray(image)
+        if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+            raise PayloadError(f"image has shape {array.shape}, expected height x width x 3; send an RGB image", 422)
+        boxed, gain, pad = letterbox(array, self.imgsz)
+        tensor = torch.from_numpy(boxed).permute(2, 0, 1).contiguous()
+        return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), float(gain), pad)
+
+    # --- batch
+    def predict(self, samples: list[PoseSample]) -> list[dict]:
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.stack([s.image for s in samples]).to(self.device, non_blocking=True)
+            batch = batch.to(torch_dtype(self.dtype_name)).div_(255.0)
+            raw = self.model(batch)
+            raw = raw[0] if isinstance(raw, (tuple, list)) else raw
+            outputs = []
+            for prediction, sample in zip(raw, samples):
+                boxes, scores, class_ids, keypoints = nms_pose(
+                    prediction, self.num_classes, conf_threshold=self.conf_threshold,
+                    iou_threshold=self.iou_threshold, max_det=self.max_det)
+                boxes = scale_boxes(boxes.cpu(), sample.gain, sample.pad, sample.orig_size)
+                keypoints = scale_keypoints(keypoints.cpu(), sample.gain, sample.pad, sample.orig_size)
+                class_list = class_ids.cpu().tolist()
+                outputs.append({
+                    "image_size": [sample.orig_size[1], sample.orig_size[0]],  # width, height
+                    "boxes": boxes.tolist(),  # [x1, y1, x2, y2] in original pixels
+                    "scores": scores.cpu().tolist(),
+                    "class_ids": class_list,
+                    "labels": [self.names.get(c, str(c)) for c in class_list],
+                    "keypoints": keypoints.tolist(),  # per detection: 17 x [x, y, confidence]
+                })
+        assert len(outputs) == len(samples)
+        return outputs
+
+    def encode(self, output: dict) -> dict:
+        return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", **output}
