@@ -83,6 +83,20 @@ def parse_user_config(user_config: dict | None) -> dict:
     return cfg
 
 
+def memory_fraction_for(kind: str, fraction: float | None, gpu_share: float) -> float | None:
+    """The memory fraction (of the whole device) a replica tunes within. A replica holding a share
+    of a GPU (num_gpus < 1) gets by default the usual fraction of its share, so replicas packed on
+    one card each tune within their own part of it; None: the optimizer's default for the device."""
+    if kind != "cuda" or gpu_share >= 1:
+        return fraction
+    if fraction is None:
+        return DEFAULT_MEMORY_FRACTION["cuda"] * gpu_share
+    if fraction > gpu_share:
+        log.warning("autobatch: memory_fraction %.2f is more than this replica's GPU share %.2f; "
+                    "its neighbours on the card may run out of memory", fraction, gpu_share)
+    return fraction
+
+
 @dataclass
 class _Item:
     """One decoded request waiting in a batch."""
@@ -196,19 +210,6 @@ class AutobatchDeployment:
         live["faults"] = Faults.from_config(cfg.get("faults"))
         return live
 
-    def _memory_fraction(self, kind: str) -> float | None:
-        """Of the whole device. A replica holding a fraction of a GPU (num_gpus < 1) gets by default
-        the usual fraction of its share, so replicas packed on one card each tune within their own."""
-        fraction = self._live["memory_fraction"]
-        if kind == "cuda" and self._gpu_share < 1:
-            share_default = DEFAULT_MEMORY_FRACTION["cuda"] * self._gpu_share
-            if fraction is None:
-                return share_default
-            if fraction > self._gpu_share:
-                log.warning("autobatch: memory_fraction %.2f is more than this replica's GPU share %.2f; "
-                            "neighbours on the card may run out of memory", fraction, self._gpu_share)
-        return fraction
-
     def _settings(self) -> TuningSettings:
         kind = self.meter.fingerprint.kind
         latency = self._live["latency_budget_ms"]
@@ -216,7 +217,7 @@ class AutobatchDeployment:
             device=kind,
             device_index=0,
             dtype=self._dtype,
-            memory_fraction=self._memory_fraction(kind),
+            memory_fraction=memory_fraction_for(kind, self._live["memory_fraction"], self._gpu_share),
             latency_budget_s=latency / 1e3 if latency else None,
             max_batch=self._live["max_batch"],
             warmup=self._warmup,
@@ -265,7 +266,8 @@ class AutobatchDeployment:
         self._infer.set_batch_wait_timeout_s(float(wait_s))
         self._serving = {"max_batch_size": int(size), "batch_wait_timeout_s": float(wait_s),
                          "pinned_batch_size": self._live["batch_size"], "oom_cap": self._oom_cap,
-                         "max_ongoing_requests": limit, "notes": notes}
+                         "max_ongoing_requests": limit, "notes": notes,
+                         "faults": self._live["faults"].describe()}
         self.metrics.batch_settings(size, wait_s)
 
     async def reconfigure(self, user_config: dict) -> None:

@@ -44,6 +44,12 @@ class Faults:
     def active(self) -> bool:
         return self.oom_above is not None or self.poison_header is not None
 
+    def describe(self) -> dict | None:
+        """The active faults (None when off), for GET /tuning."""
+        if not self.active:
+            return None
+        return {k: v for k, v in (("oom_above", self.oom_above), ("poison_header", self.poison_header)) if v is not None}
+
     def is_poisoned(self, headers) -> bool:
         return bool(self.poison_header) and self.poison_header in headers
 

@@ -1,0 +1,240 @@
+"""The Ray Serve integration, for real: a local Ray with 2 CPUs, ResNet-50 replicas tuned at
+start-up on this CPU, HTTP over 127.0.0.1. Tunings are kept small (max_batch 4, one timed run per
+probe) so the module runs in about two minutes on 2 cores."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from serve_helpers import ServeCluster, image_bytes, stats_delta
+
+pytestmark = pytest.mark.timeout(600)
+
+ROUTE = "/r50"
+MAX_BATCH = 4
+
+
+def r50_app(name: str, route: str, cache_path: str, user_config: dict | None = None) -> dict:
+    app = {
+        "name": name,
+        "route_prefix": route,
+        "import_path": "serve.app:build",
+        "args": {
+            "model": "resnet50", "device": "auto", "latency_budget_ms": 400, "max_batch": MAX_BATCH,
+            "repeats": 1, "cache_path": cache_path, "num_cpus": 0.25,
+            "options": {"max_image_bytes": 300_000},
+        },
+    }
+    if user_config is not None:
+        app["deployments"] = [{"name": "resnet50", "user_config": user_config}]
+    return app
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = ServeCluster(num_cpus=2)
+    c.cache_path = str(tmp_path_factory.mktemp("serve-cache") / "tuning.json")
+    c.deploy([r50_app("r50", ROUTE, c.cache_path)])
+    c.wait_running(["r50"])
+    c.first_tuning = c.tuning(ROUTE)
+    yield c
+    c.shutdown()
+
+
+def reconfigure(cluster, user_config: dict, predicate, timeout: float = 120) -> dict:
+    """Apply a user_config to the running r50 app (a live reconfigure) and wait until it shows."""
+    cluster.deploy([r50_app("r50", ROUTE, cluster.cache_path, user_config)])
+    return cluster.wait_tuning(ROUTE, predicate, timeout)
+
+
+def pinned(size, wait_ms=250, **extra):
+    return {"batch_size": size, "batch_wait_timeout_ms": wait_ms, **extra}
+
+
+def test_startup_tunes_and_reports_the_tuning(cluster):
+    t = cluster.first_tuning
+    assert t["cache"] == "miss" and t["from_cache"] is False
+    assert t["model"] == "resnet50" and t["device"]["kind"] == "cpu"
+    assert t["replica"]["tunings"] == 1 and t["probe_count"] >= 2
+    assert [p["batch_size"] for p in t["probes"]][:2] == [1, 2]  # the search really ran here
+    assert 1 <= t["batch_size"] <= t["max_safe_batch"] <= MAX_BATCH
+    assert 0 < t["batch_wait_timeout_s"] <= 0.4
+    # what @serve.batch was given, and room for the batch to fill
+    assert t["serving"]["max_batch_size"] == t["batch_size"]
+    assert t["serving"]["batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
+    assert t["serving"]["max_ongoing_requests"] == 2 * MAX_BATCH
+
+
+@pytest.mark.parametrize("fmt,content_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_answers_real_images(cluster, fmt, content_type):
+    r = cluster.post(ROUTE, image_bytes(fmt, seed=3), content_type)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "resnet50" and len(body["top_k"]) == 5
+    assert all(0 <= item["class_id"] < 1000 for item in body["top_k"])
+
+
+def test_bad_payloads_get_4xx_and_leave_the_replica_healthy(cluster):
+    pid = cluster.tuning(ROUTE)["replica"]["pid"]
+    jpeg = image_bytes("JPEG")
+    cases = [
+        (b"", "image/jpeg", 400),
+        (b"this is not an image", "text/plain", 415),
+        (json.dumps({"prompt": "hi"}).encode(), "application/json", 415),
+        (image_bytes("GIF"), "image/gif", 415),
+        (jpeg[: len(jpeg) // 2], "image/jpeg", 422),
+        (image_bytes("PNG", size=(400, 400), noise=True), "image/png", 413),  # over max_image_bytes
+    ]
+    for body, content_type, status in cases:
+        r = cluster.post(ROUTE, body, content_type)
+        assert r.status_code == status, (status, r.status_code, r.text)
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
+    r = cluster.http.put(ROUTE, content=jpeg)
+    assert r.status_code == 405 and "error" in r.json()
+    r = cluster.http.get(f"{ROUTE}/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    # still the same replica, still answering
+    assert cluster.post(ROUTE, jpeg).status_code == 200
+    t = cluster.tuning(ROUTE)
+    assert t["replica"]["pid"] == pid
+    assert {"400", "413", "415", "422"} <= set(t["stats"]["errors"])
+
+
+def test_concurrent_requests_form_batches(cluster):
+    t = reconfigure(cluster, pinned(MAX_BATCH), lambda t: t["serving"]["pinned_batch_size"] == MAX_BATCH)
+    before = cluster.tuning(ROUTE)
+    n = 3 * MAX_BATCH
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)])
+    assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses if r.status_code != 200]
+    delta = stats_delta(before, cluster.tuning(ROUTE))
+    assert delta["samples_served"] == n
+    assert max(delta["batch_sizes"]) > 1, delta  # the replica's own record of the batches formed
+    assert max(delta["batch_sizes"]) <= MAX_BATCH
+    assert t["replica"]["pid"] == before["replica"]["pid"]
+
+
+def test_a_poisoned_item_in_a_concurrent_batch_fails_alone(cluster):
+    reconfigure(cluster, pinned(MAX_BATCH, faults={"poison_header": "x-poison"}),
+                lambda t: t["serving"]["faults"] == {"poison_header": "x-poison"})
+    before = cluster.tuning(ROUTE)
+    requests = [(image_bytes("JPEG", seed=i), "image/jpeg", {"x-poison": "1"} if i == 1 else {}) for i in range(MAX_BATCH)]
+    responses = cluster.post_concurrently(ROUTE, requests)
+    statuses = [r.status_code for r in responses]
+    assert statuses[1] == 422 and "poisoned" in responses[1].json()["error"], responses[1].text
+    assert statuses[:1] + statuses[2:] == [200] * (MAX_BATCH - 1), [r.text for r in responses]
+    delta = stats_delta(before, cluster.tuning(ROUTE))
+    assert delta["batch_item_retries"] >= 1 and max(delta["batch_sizes"]) > 1, delta
+    assert delta["samples_served"] == MAX_BATCH - 1
+
+
+def test_an_oom_while_serving_splits_the_batch_and_every_request_answers(cluster):
+    reconfigure(cluster, pinned(MAX_BATCH, faults={"oom_above": 1}),
+                lambda t: t["serving"]["faults"] == {"oom_above": 1} and t["serving"]["max_batch_size"] == MAX_BATCH)
+    before = cluster.tuning(ROUTE)
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("PNG", seed=i), "image/png", {}) for i in range(MAX_BATCH)])
+    assert [r.status_code for r in responses] == [200] * MAX_BATCH, [r.text for r in responses]
+    after = cluster.tuning(ROUTE)
+    delta = stats_delta(before, after)
+    assert max(delta["batch_sizes"]) > 1 and delta["serving_ooms"] >= 1, delta
+    assert delta["samples_served"] == MAX_BATCH
+    # the replica learnt: its max batch is lowered below the batch that ran out of memory
+    assert after["serving"]["oom_cap"] is not None and after["serving"]["max_batch_size"] < max(delta["batch_sizes"])
+    assert after["replica"]["pid"] == before["replica"]["pid"]
+
+
+def test_reconfigure_changes_the_batch_size_live(cluster):
+    pid = cluster.tuning(ROUTE)["replica"]["pid"]
+    t = reconfigure(cluster, pinned(3), lambda t: t["serving"]["max_batch_size"] == 3)
+    assert t["replica"]["pid"] == pid and t["serving"]["pinned_batch_size"] == 3
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)])
+    assert [r.status_code for r in responses] == [200] * 6
+    t = reconfigure(cluster, pinned(2), lambda t: t["serving"]["max_batch_size"] == 2)
+    before = t
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)])
+    assert [r.status_code for r in responses] == [200] * 6
+    delta = stats_delta(before, cluster.tuning(ROUTE))
+    assert max(delta["batch_sizes"]) == 2, delta
+    # unpinned: back to the tuned size, still the same replica
+    t = reconfigure(cluster, {}, lambda t: t["serving"]["pinned_batch_size"] is None)
+    assert t["serving"]["max_batch_size"] == t["batch_size"] and t["replica"]["pid"] == pid
+
+
+def test_reconfigure_retunes_live_from_the_cache_or_by_measuring(cluster):
+    start = cluster.tuning(ROUTE)
+    pid, tunings = start["replica"]["pid"], start["replica"]["tunings"]
+    # a new latency budget is a new cache key: measured
+    t = reconfigure(cluster, {"latency_budget_ms": 250}, lambda t: t["latency_budget_s"] == 0.25)
+    assert t["cache"] == "miss" and t["replica"]["tunings"] == tunings + 1 and t["replica"]["pid"] == pid
+    assert t["serve_latency_s"] <= 0.25
+    # back to the start-up budget: the cache answers, nothing is measured
+    t = reconfigure(cluster, {}, lambda t: t["latency_budget_s"] == 0.4)
+    assert t["cache"] == "hit" and t["key"] == start["key"] and t["replica"]["tunings"] == tunings + 2
+    # {"retune": true}: measured again although the cache has it
+    t = reconfigure(cluster, {"retune": True}, lambda t: t["replica"]["tunings"] == tunings + 3)
+    assert t["cache"] == "miss" and t["key"] == start["key"] and t["tuned_at"] >= start["tuned_at"]
+    assert t["replica"]["pid"] == pid
+    assert cluster.post(ROUTE, image_bytes("JPEG")).status_code == 200
+
+
+def test_metrics_are_exported_with_model_and_device_tags(cluster):
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serve.metrics import METRICS
+
+    wanted = {m.exported_name for m in METRICS}
+    deadline, found = time.time() + 60, {}
+    while time.time() < deadline:
+        found = {}
+        for family in text_string_to_metric_families(cluster.metrics_text()):
+            for sample in family.samples:
+                base = sample.name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+                if base in wanted and sample.labels.get("model") == "resnet50":
+                    found.setdefault(base, []).append(sample)
+        if set(found) == wanted:
+            break
+        time.sleep(1)
+    assert set(found) == wanted, f"not exported: {sorted(wanted - set(found))}"
+    for samples in found.values():
+        assert all(s.labels["device"].startswith("cpu:") and s.labels["application"] for s in samples)
+    served = sum(s.value for s in found["ray_autobatch_samples_served_total"])
+    assert served >= 10
+    # Ray's own batch metrics are there too (the dashboard uses them; we do not duplicate them)
+    names = {f.name for f in text_string_to_metric_families(cluster.metrics_text())}
+    assert "ray_serve_actual_batch_size" in names
+
+
+def test_a_second_start_is_a_cache_hit_and_skips_tuning(cluster):
+    entries_before = json.load(open(cluster.cache_path))["entries"]
+    cluster.deploy([r50_app("r50", ROUTE, cluster.cache_path), r50_app("r50-again", "/r50-again", cluster.cache_path)])
+    cluster.wait_running(["r50", "r50-again"])
+    t = cluster.tuning("/r50-again")
+    assert t["cache"] == "hit" and t["from_cache"] is True and t["key"] == cluster.first_tuning["key"]
+    assert t["replica"]["pid"] != cluster.tuning(ROUTE)["replica"]["pid"]
+    assert t["replica"]["tuning_wall_s"] < 1.0  # a lookup, not a search (the search took seconds)
+    assert t["tuned_at"] == entries_before[t["key"]]["result"]["tuned_at"]  # nothing re-measured or re-saved
+    assert json.load(open(cluster.cache_path))["entries"] == entries_before
+    assert cluster.post("/r50-again", image_bytes("JPEG")).status_code == 200
+
+
+def test_another_device_fingerprint_in_the_cache_means_a_new_tuning(cluster, tmp_path):
+    """A cache that holds this model's tuning for another device (another CPU/GPU model) is a miss."""
+    from optimizer.cache import TuningCache
+
+    source = json.load(open(cluster.cache_path))["entries"][cluster.first_tuning["key"]]
+    foreign_path = str(tmp_path / "foreign.json")
+    foreign = TuningCache(foreign_path)
+    key_fields = json.loads(json.dumps(source["key_fields"]))
+    key_fields["device"]["name"] = "Some Other Device 9000"
+    foreign_key = foreign.put(key_fields, {**source["result"], "batch_size": 1, "max_safe_batch": 1})
+    assert foreign_key != cluster.first_tuning["key"]
+
+    cluster.deploy([r50_app("r50-other", "/r50-other", foreign_path)])
+    cluster.wait_running(["r50-other"])
+    t = cluster.tuning("/r50-other")
+    assert t["cache"] == "miss" and t["key"] == cluster.first_tuning["key"]
+    assert t["replica"]["tuning_wall_s"] > 0.5 and t["probe_count"] >= 2
+    entries = json.load(open(foreign_path))["entries"]
+    assert set(entries) == {foreign_key, t["key"]}  # the other device's entry is kept, ours added
+    assert cluster.post("/r50-other", image_bytes("JPEG")).status_code == 200
