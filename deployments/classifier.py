@@ -2,6 +2,7 @@
 (resize, centre crop, normalise), a forward pass, top-k with scores."""
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 from .base import ModelSpec, SpecConfigError, torch_dtype
@@ -38,6 +39,9 @@ class TorchvisionClassifierSpec(ModelSpec):
         super().__init__(weights_path, **options)
         if not 1 <= int(top_k) <= 1000:
             raise SpecConfigError(f"top_k must be between 1 and 1000, got {top_k}")
+        if self.weights_path and not os.path.isfile(self.weights_path):
+            raise SpecConfigError(f"weights file {self.weights_path!r} does not exist; give a local state_dict "
+                                  f"(.pth) of {self.builder_name}, or omit it for synthetic weights")
         self.top_k = int(top_k)
         self.max_image_bytes = int(max_image_bytes)
         self.max_image_pixels = int(max_image_pixels)

@@ -95,6 +95,18 @@ def build_byte_tokenizer():
                                    padding_side="left", model_max_length=10**9)
 
 
+def trim_completion(tokens: list[int], max_new_tokens: int, eos_ids) -> tuple[list[int], str]:
+    """One row of a batched generation -> this request's tokens and why it ended.
+
+    The batch runs to its longest request (and pads rows that ended early), so each row is cut to
+    its own limit and at its first end-of-text token (not counted, not shown)."""
+    tokens = tokens[:max_new_tokens]
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:i], "stop"
+    return tokens, "length"
+
+
 def _count_linear4bit(model) -> int:
     import bitsandbytes as bnb
 
@@ -362,12 +374,7 @@ class LlamaInt4Spec(ModelSpec):
         generated = out[:, length:].cpu().tolist()
         results = []
         for sample, tokens in zip(samples, generated):
-            tokens = tokens[:sample.max_new_tokens]
-            finish = "length"
-            for i, token in enumerate(tokens):
-                if token in self.eos_ids:
-                    tokens, finish = tokens[:i], "stop"
-                    break
+            tokens, finish = trim_completion(tokens, sample.max_new_tokens, self.eos_ids)
             results.append({
                 "text": tokenizer.decode(tokens, skip_special_tokens=True),
                 "prompt_tokens": len(sample.input_ids),

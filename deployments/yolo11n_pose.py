@@ -41,7 +41,7 @@ class PoseSample:
 
     image: Any  # torch.uint8 tensor [3, imgsz, imgsz], RGB, letterboxed
     orig_size: tuple[int, int]  # (height, width) of the image as sent
-    gain: float  # letterboxed pixels per original pixel
+    gain: tuple[float, float]  # (x, y) letterboxed pixels per original pixel (each side is rounded)
     pad: tuple[float, float]  # (left, top) padding in letterboxed pixels
 
 
@@ -49,15 +49,16 @@ class PoseSample:
 def letterbox(image, size: int):
     """Resize an HxWx3 uint8 array to fit a size x size square, aspect kept, centred on grey 114.
 
-    Returns (square array, gain, (left, top)). Same arithmetic as ultralytics' LetterBox
-    (center=True, auto=False, scaleup=True), so a checkpoint sees what it was trained on."""
+    Returns (square array, (gain_x, gain_y), (left, top)). Same arithmetic as ultralytics' LetterBox
+    (center=True, auto=False, scaleup=True), so a checkpoint sees what it was trained on; the two
+    gains differ slightly because each side is rounded to whole pixels (as ultralytics' scale_boxes
+    accounts for)."""
     import cv2
     import numpy as np
 
     h, w = image.shape[:2]
     gain = min(size / h, size / w)
-    new_w, new_h = int(round(w * gain)), int(round(h * gain))
-    new_w, new_h = min(max(new_w, 1), size), min(max(new_h, 1), size)
+    new_w, new_h = min(max(int(round(w * gain)), 1), size), min(max(int(round(h * gain)), 1), size)
     if (new_w, new_h) != (w, h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     dw, dh = (size - new_w) / 2, (size - new_h) / 2
@@ -65,7 +66,7 @@ def letterbox(image, size: int):
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
     out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     assert out.shape[:2] == (size, size), out.shape
-    return np.ascontiguousarray(out), gain, (float(left), float(top))
+    return np.ascontiguousarray(out), (new_w / w, new_h / h), (float(left), float(top))
 
 
 def xywh_to_xyxy(boxes):
@@ -104,21 +105,21 @@ def nms_pose(prediction, num_classes: int, *, conf_threshold: float = 0.25, iou_
     return boxes[kept], scores[kept], class_ids[kept], keypoints[kept]
 
 
-def scale_boxes(boxes, gain: float, pad: tuple[float, float], orig_size: tuple[int, int]):
+def scale_boxes(boxes, gain: tuple[float, float], pad: tuple[float, float], orig_size: tuple[int, int]):
     """xyxy boxes in letterboxed pixels -> original image pixels, clipped to the image."""
     height, width = orig_size
     out = boxes.clone().float()
-    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / gain).clamp(0, width)
-    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / gain).clamp(0, height)
+    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / gain[0]).clamp(0, width)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / gain[1]).clamp(0, height)
     return out
 
 
-def scale_keypoints(keypoints, gain: float, pad: tuple[float, float], orig_size: tuple[int, int]):
+def scale_keypoints(keypoints, gain: tuple[float, float], pad: tuple[float, float], orig_size: tuple[int, int]):
     """[N, K, 3] keypoints (x, y, conf) in letterboxed pixels -> original pixels (clipped); conf unchanged."""
     height, width = orig_size
     out = keypoints.clone().float()
-    out[..., 0] = ((out[..., 0] - pad[0]) / gain).clamp(0, width)
-    out[..., 1] = ((out[..., 1] - pad[1]) / gain).clamp(0, height)
+    out[..., 0] = ((out[..., 0] - pad[0]) / gain[0]).clamp(0, width)
+    out[..., 1] = ((out[..., 1] - pad[1]) / gain[1]).clamp(0, height)
     return out
 
 
@@ -162,7 +163,7 @@ class YOLO11nPoseSpec(ModelSpec):
         ultralytics_offline()
         import torch
         from ultralytics.nn.modules.head import Pose
-        from ultralytics.nn.tasks import PoseModel
+        from ultralytics.nn.tasks import PoseModel, yaml_model_load
 
         if self.weights_path:
             if not os.path.isfile(self.weights_path):
@@ -173,7 +174,9 @@ class YOLO11nPoseSpec(ModelSpec):
             if not isinstance(model, torch.nn.Module):
                 raise SpecConfigError(f"{self.weights_path!r} holds no model (expected an ultralytics checkpoint with 'model')")
         else:
-            model = PoseModel(ARCHITECTURE_YAML, nc=1, verbose=False)  # the person-only head of yolo11n-pose.pt
+            architecture = yaml_model_load(ARCHITECTURE_YAML)  # packaged file; the name picks scale 'n'
+            architecture["nc"] = 1  # the person-only head of yolo11n-pose.pt (set here: no override notice on stdout)
+            model = PoseModel(architecture, verbose=False)
             model.names = {0: "person"}
         head = model.model[-1] if hasattr(model, "model") else None
         if not isinstance(head, Pose) or tuple(head.kpt_shape) != (NUM_KEYPOINTS, 3):
@@ -204,7 +207,7 @@ class YOLO11nPoseSpec(ModelSpec):
 
         generator = torch.Generator().manual_seed(n)
         images = torch.randint(0, 256, (n, 3, self.imgsz, self.imgsz), generator=generator, dtype=torch.uint8)
-        return [PoseSample(image, (self.imgsz, self.imgsz), 1.0, (0.0, 0.0)) for image in images]
+        return [PoseSample(image, (self.imgsz, self.imgsz), (1.0, 1.0), (0.0, 0.0)) for image in images]
 
     def decode(self, payload: bytes, content_type: str | None = None) -> PoseSample:
         import numpy as np
@@ -216,7 +219,7 @@ class YOLO11nPoseSpec(ModelSpec):
             raise PayloadError(f"image has shape {array.shape}, expected height x width x 3; send an RGB image", 422)
         boxed, gain, pad = letterbox(array, self.imgsz)
         tensor = torch.from_numpy(boxed).permute(2, 0, 1).contiguous()
-        return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), float(gain), pad)
+        return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), gain, pad)
 
     # --- batch
     def predict(self, samples: list[PoseSample]) -> list[dict]:

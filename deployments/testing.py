@@ -1,0 +1,92 @@
+"""Test support for model specs (used by tests/test_models_*.py; no test framework imported here).
+
+- `image_bytes`: real JPEG/PNG/WebP/GIF files made with Pillow, with a pattern so images differ.
+- `run_tune`: `autobatch tune MODEL --device cpu --json` in a fresh process, with a network guard:
+  a sitecustomize that records (and refuses) every DNS lookup and internet socket connection, so
+  a test can assert that loading, tuning and predicting never reached for the network.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+NETWORK_GUARD = textwrap.dedent('''
+    """Installed by deployments.testing.run_tune: refuse and record any network access."""
+    import os
+    import socket
+
+    _LOG = os.environ["AUTOBATCH_NETWORK_LOG"]
+    _LOCAL = {None, "localhost", "127.0.0.1", "::1", b"localhost"}
+
+    def _refuse(what, detail):
+        with open(_LOG, "a") as f:
+            f.write(f"{what} {detail!r}\\n")
+        raise OSError(f"network access refused by the test guard: {what} {detail!r}")
+
+    _getaddrinfo = socket.getaddrinfo
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in _LOCAL:
+            _refuse("getaddrinfo", host)
+        return _getaddrinfo(host, *args, **kwargs)
+    socket.getaddrinfo = getaddrinfo
+
+    _connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOCAL:
+            _refuse("connect", address)
+        return _connect(self, address)
+    def connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOCAL:
+            _refuse("connect_ex", address)
+        return _connect_ex(self, address)
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+''')
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (320, 240), seed: int = 0, mode: str = "RGB") -> bytes:
+    """A real encoded image (width, height) with a seed-dependent pattern."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = rng.integers(0, 256, size=3)
+    yy, xx = np.mgrid[0:height, 0:width]
+    array = np.stack([(base[c] + (c + 1) * (xx + 2 * yy) * (seed + 1)) % 256 for c in range(3)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(array, "RGB").convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
+    return buffer.getvalue()
+
+
+def autobatch_executable() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "autobatch")
+
+
+def run_tune(model: str, tmp_path, *args: str, env: dict | None = None, timeout: float = 300) -> tuple[dict, str, list[str]]:
+    """Run `autobatch tune MODEL --device cpu --json` under the network guard.
+
+    Returns (result JSON, stderr, network attempts). Raises AssertionError with stderr on failure."""
+    guard_dir = os.path.join(str(tmp_path), "network-guard")
+    os.makedirs(guard_dir, exist_ok=True)
+    with open(os.path.join(guard_dir, "sitecustomize.py"), "w") as f:
+        f.write(NETWORK_GUARD)
+    log = os.path.join(str(tmp_path), "network-attempts.log")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", **(env or {}),
+                "AUTOBATCH_NETWORK_LOG": log,
+                "PYTHONPATH": os.pathsep.join([guard_dir, root, os.environ.get("PYTHONPATH", "")])}
+    command = [autobatch_executable(), "tune", model, "--device", "cpu", "--cache", os.path.join(str(tmp_path), "tuning.json"),
+               "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=root)
+    attempts = open(log).read().splitlines() if os.path.exists(log) else []
+    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    try:
+        result = json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(f"stdout is not one JSON object:\n{done.stdout[:2000]}\nstderr:\n{done.stderr[-2000:]}") from None
+    return result, done.stderr, attempts
