@@ -171,7 +171,7 @@ def find_max_safe_batch(
     *,
     max_batch: int = 1024,
     margin: float = 0.10,
-    tolerance: float = 0.04,
+    tolerance: float = 0.02,
     model_name: str = "model",
 ) -> SearchResult:
     budget = prober.memory_budget_bytes
@@ -218,7 +218,10 @@ def find_max_safe_batch(
     # Grow: double until the fit is trusted, then jump to the largest size predicted to fit
     # budget / (1 + margin). A size predicted over that is recorded as skipped, never run.
     while hard_bad is None and good < max_batch:
-        size = predicted_limit(guarded_budget) if _fit_is_trusted(prober.probes) else 2 * good
+        # No fit yet (sizes so small that the allocator rounds them to the same peak) means no
+        # prediction at all: keep doubling rather than leap to max_batch unguarded.
+        trusted = prober.memory_fit() is not None and _fit_is_trusted(prober.probes)
+        size = predicted_limit(guarded_budget) if trusted else 2 * good
         size = min(size, max_batch)
         fit = prober.memory_fit()
         if fit is not None and fit.predict(size) > guarded_budget:

@@ -222,3 +222,16 @@ def test_autobatch_on_the_simulated_device_reports_every_probe(tmp_path):
     assert any("max safe batch 196" in line for line in lines)
     again = autobatch(FakeSpec(), settings, cache=cache, meter=device, run_batch=device.run, say=lines.append)
     assert again["cache"] == "hit" and again["batch_size"] == result["batch_size"]
+
+
+def test_flat_memory_at_small_sizes_never_leaps_unguarded_to_max_batch():
+    """Seen on an H200: batches 1 and 2 read the same peak (the allocator rounds to 2 MiB blocks and
+    more), so there is no slope yet; the search must keep doubling, not jump to max_batch."""
+    block = 64 * MiB
+    memory = lambda b: 700 * MiB + block * math.ceil(6.5 * MiB * b / block)
+    device = SimulatedDevice(memory, lambda b: 0.005 + 0.0003 * b, capacity_bytes=4000 * MiB)
+    result, _ = search(device, 2048 * MiB, knee=False)
+    expected = true_max(memory, None, 2048 * MiB, None, 4000 * MiB)
+    assert max(device.runs) <= 2 * expected
+    assert device.oom_count == 0
+    assert result.max_safe_batch >= 0.95 * expected
