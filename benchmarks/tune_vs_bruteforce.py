@@ -26,9 +26,11 @@ from optimizer.probe import probe  # noqa: E402
 from optimizer.tune import TuningSettings, autobatch  # noqa: E402
 
 
-def brute_force(spec, meter, budget_bytes: int, start: int, limit: int, step: int = 1) -> tuple[int, int, float]:
+def brute_force(spec, meter, budget_bytes: int, start: int, limit: int, repeats: int, step: int = 1) -> tuple[int, int, float]:
     """Largest size with every size from 1 to it within the budget (scanned upward from `start`,
-    which must be known to fit). Returns (true max, sizes scanned, seconds)."""
+    which must be known to fit), each size measured exactly as the tuner measures a probe (one
+    warm-up, then `repeats` runs: the caching allocator's peak grows over repeated runs, so fewer
+    runs would read lower peaks). Returns (true max, sizes scanned, seconds)."""
     started = time.perf_counter()
     scanned = 0
     best = start
@@ -36,7 +38,7 @@ def brute_force(spec, meter, budget_bytes: int, start: int, limit: int, step: in
     while size <= limit:
         batch = spec.example_batch(size)
         result = probe(lambda n: spec.predict(batch), size, meter, memory_budget_bytes=budget_bytes,
-                       latency_budget_s=None, warmup=1, repeats=1)
+                       latency_budget_s=None, warmup=1, repeats=repeats)
         del batch
         scanned += 1
         if not result.ok:
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         # Scan upward from a size comfortably below the answer (each size below it was either
         # probed or lies under a probed good size), one size at a time, to the first failure.
         scan_from = max(1, int(found * 0.8))
-        true_max, scanned, scan_s = brute_force(spec, meter, budget, scan_from, args.max_batch)
+        true_max, scanned, scan_s = brute_force(spec, meter, budget, scan_from, args.max_batch, settings.repeats)
         rows.append({
             "model": args.model, "device": meter.fingerprint.label, "dtype": dtype, "budget_mb": budget_mb,
             "found": found, "true_max": true_max, "ratio": found / true_max if true_max else None,

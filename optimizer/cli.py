@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -169,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--key", default=None, help="with clear: only this key (prefix)")
     cache.add_argument("--cache", default=None)
     cache.set_defaults(func=cmd_cache)
+    # Other packages add commands (serve adds `client` and `bench`) through the entry-point group
+    # "autobatch.commands": each is a function register(subparsers). This keeps the optimizer free
+    # of any import of serve or ray, as the design requires.
+    for entry_point in importlib.metadata.entry_points(group="autobatch.commands"):
+        entry_point.load()(sub)
     return parser
 
 
