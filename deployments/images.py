@@ -2,11 +2,28 @@
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 
 from PIL import Image, UnidentifiedImageError
 
 from .base import PayloadError
+
+
+def _pillow_open():
+    """Pillow's own Image.open, even when a library has replaced it.
+
+    Importing ultralytics monkey-patches PIL.Image.open process-wide: on bytes Pillow cannot
+    identify it calls check_requirements("pi-heif"), which pip-installs a package (network, seconds)
+    unless YOLO_AUTOINSTALL=False, and otherwise raises ModuleNotFoundError. A request body must
+    never trigger either, so decoding uses the original function."""
+    opener = Image.open
+    if getattr(opener, "__module__", None) != Image.__name__:
+        opener = getattr(sys.modules.get(opener.__module__), "_image_open", opener)
+    return opener
+
+
+_PIL_OPEN = _pillow_open()
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
@@ -34,7 +51,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload))
+            image = _PIL_OPEN(io.BytesIO(payload))
             fmt = image.format
             if fmt not in ACCEPTED_FORMATS:
                 raise PayloadError(

@@ -1,7 +1,8 @@
 """Test support for model specs (used by tests/test_models_*.py; no test framework imported here).
 
 - `image_bytes`: real JPEG/PNG/WebP/GIF files made with Pillow, with a pattern so images differ.
-- `run_tune`: `autobatch tune MODEL --device cpu --json` in a fresh process, with a network guard:
+- `run_tune`: `autobatch tune MODEL --device cpu --json` in a fresh process (own temp dir, so its
+  device lock is private), with a network guard:
   a sitecustomize that records (and refuses) every DNS lookup and internet socket connection, so
   a test can assert that loading, tuning and predicting never reached for the network.
 """
@@ -79,6 +80,9 @@ def run_tune(model: str, tmp_path, *args: str, env: dict | None = None, timeout:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", **(env or {}),
                 "AUTOBATCH_NETWORK_LOG": log,
+                # the tuner's per-device lock lives in the temp dir: a private one keeps this test from
+                # queueing behind other tunings on the same machine
+                "TMPDIR": str(tmp_path),
                 "PYTHONPATH": os.pathsep.join([guard_dir, root, os.environ.get("PYTHONPATH", "")])}
     command = [autobatch_executable(), "tune", model, "--device", "cpu", "--cache", os.path.join(str(tmp_path), "tuning.json"),
                "--json", *args]

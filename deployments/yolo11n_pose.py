@@ -144,8 +144,10 @@ class YOLO11nPoseSpec(ModelSpec):
             raise SpecConfigError(f"conf_threshold and iou_threshold must be in [0, 1], got {conf_threshold}, {iou_threshold}")
         if int(max_det) < 1:
             raise SpecConfigError(f"max_det must be at least 1, got {max_det}")
-        if self.weights_path and not self.weights_path.endswith(".pt"):
-            raise SpecConfigError(f"weights path {self.weights_path!r} is not a .pt checkpoint; give a local ultralytics .pt file, or omit it")
+        if self.weights_path and not (self.weights_path.endswith(".pt") and os.path.isfile(self.weights_path)):
+            # A bare name such as 'yolo11n-pose.pt' is never handed to ultralytics: it would download it.
+            raise SpecConfigError(f"weights path {self.weights_path!r} is not an existing local .pt file; give the path of "
+                                  f"an ultralytics pose checkpoint on this machine, or omit it for synthetic weights")
         self.imgsz = imgsz
         self.conf_threshold = float(conf_threshold)
         self.iou_threshold = float(iou_threshold)
