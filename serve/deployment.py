@@ -279,11 +279,15 @@ class AutobatchDeployment:
         self._last_retune = retune
         if live["batch_size"] != self._live["batch_size"]:
             self._oom_cap = None  # an operator's new pin replaces what serving OOMs taught
-        self._live = live
+        previous, self._live = self._live, live
         if new_retune or changed:
             log.info("autobatch: reconfigure %s: %s", self.model_name,
                      "retune requested" if new_retune else f"tuning settings changed ({', '.join(changed)})")
-            await self._tune(force=new_retune)
+            try:
+                await self._tune(force=new_retune)
+            except Exception:
+                self._live = previous  # keep serving with the tuning and settings that worked
+                raise
         self._apply_batch_settings()
 
     def check_health(self) -> None:

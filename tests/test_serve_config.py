@@ -1,0 +1,146 @@
+"""serve_config.yaml and the app builder: the file's shape, the builder's arguments and placement,
+and the file's four applications started for real (as `serve run serve_config.yaml` starts them)
+and answering real images and a prompt over HTTP."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from serve_helpers import ServeCluster, image_bytes
+
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+ROUTES = {"resnet50": "/resnet50", "vit_b_16": "/vit_b_16", "yolo11n_pose": "/yolo11n_pose", "llama_int4": "/llama_int4"}
+
+
+def load_config() -> dict:
+    return yaml.safe_load(CONFIG_PATH.read_text())
+
+
+# ---------------------------------------------------------------- the file, without Ray
+def test_config_file_has_the_four_applications_and_starts_on_two_cores():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+
+    config = load_config()
+    ServeDeploySchema.model_validate(config)  # what `serve run` does first
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    apps = {app["name"]: app for app in config["applications"]}
+    assert {name: app["route_prefix"] for name, app in apps.items()} == ROUTES
+    total_cpus = 0.0
+    for name, app in apps.items():
+        assert app["import_path"] == "serve.app:build"
+        args = AppArgs.model_validate(app["args"])  # every model is registered, every key known
+        assert args.model == name and args.device == "auto"
+        assert 0 < args.num_cpus < 1 and 0 < args.num_gpus <= 1
+        total_cpus += args.num_cpus
+    assert total_cpus <= 1.5  # leaves room on a 2-core machine for Serve's own actors
+
+
+# ---------------------------------------------------------------- the builder, without Ray
+def test_builder_rejects_unknown_arguments_and_models_with_a_useful_message():
+    from pydantic import ValidationError
+
+    from serve.app import build
+
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        build({"model": "resnet50", "max_batch_size": 8})
+    with pytest.raises(ValidationError, match="choose one of: .*resnet50"):
+        build({"model": "resnet5"})
+    with pytest.raises(ValidationError, match="unknown user_config key"):
+        build({"model": "resnet50", "user_config": {"batchsize": 8}})
+    with pytest.raises(ValidationError, match="memory_fraction"):
+        build({"model": "resnet50", "memory_fraction": 1.5})
+
+
+def _deployment_of(app):
+    return app._bound_deployment
+
+
+def test_builder_places_replicas_on_a_gpu_share_when_the_cluster_has_gpus(monkeypatch):
+    import serve.app as app_module
+
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 4.0)
+    d = _deployment_of(app_module.build({"model": "resnet50", "num_gpus": 0.25, "num_cpus": 0.5, "max_batch": 64}))
+    assert d.ray_actor_options["num_gpus"] == 0.25 and d.ray_actor_options["num_cpus"] == 0.5
+    assert d.max_ongoing_requests == 128  # twice the largest batch, not Ray's default of 5
+    assert _deployment_of(app_module.build({"model": "resnet50", "max_batch": 64, "max_ongoing_requests": 300})).max_ongoing_requests == 300
+    # device cpu never asks for a GPU
+    d = _deployment_of(app_module.build({"model": "resnet50", "device": "cpu"}))
+    assert d.ray_actor_options["num_gpus"] == 0
+
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 0.0)
+    d = _deployment_of(app_module.build({"model": "resnet50", "num_gpus": 0.25, "num_cpus": 0.25}))
+    assert d.ray_actor_options["num_gpus"] == 0 and d.ray_actor_options["num_cpus"] == 0.25
+
+
+def test_a_gpu_share_tunes_within_its_share_of_the_memory():
+    from serve.deployment import memory_fraction_for
+
+    assert memory_fraction_for("cuda", None, 0.25) == pytest.approx(0.9 * 0.25)
+    assert memory_fraction_for("cuda", None, 1.0) is None  # the optimizer's default (0.9 of the card)
+    assert memory_fraction_for("cuda", 0.2, 0.25) == 0.2
+    assert memory_fraction_for("cpu", None, 0.25) is None
+
+
+def test_user_config_is_validated():
+    from serve.deployment import parse_user_config
+
+    assert parse_user_config({"batch_size": 8.0, "latency_budget_ms": 50})["batch_size"] == 8
+    for bad in ({"batch_size": 0}, {"batch_size": 2.5}, {"memory_fraction": 2}, {"faults": {"oom_above": -1}},
+                {"faults": {"explode": 1}}, {"retune_now": True}, ["batch_size", 4]):
+        with pytest.raises(ValueError):
+            parse_user_config(bad)
+
+
+# ---------------------------------------------------------------- the file's applications, for real
+def fast_apps(cache_path: str) -> list[dict]:
+    """The file's applications as they are (names, routes, import path, device, CPU/GPU requests),
+    with the tuning made small enough for a 2-core test: a temporary cache, max_batch 4, one timed
+    run per probe, and a short worst-case prompt for the LLM."""
+    apps = copy.deepcopy(load_config()["applications"])
+    for app in apps:
+        app["args"].update(cache_path=cache_path, max_batch=4, repeats=1)
+        if app["args"]["model"] == "llama_int4":
+            app["args"]["options"] = {**app["args"].get("options", {}), "max_prompt_tokens": 16,
+                                      "max_new_tokens": 4, "default_new_tokens": 4}
+    return apps
+
+
+@pytest.fixture(scope="module")
+def config_cluster(tmp_path_factory):
+    c = ServeCluster(num_cpus=2)
+    c.cache_path = str(tmp_path_factory.mktemp("serve-config-cache") / "tuning.json")
+    apps = fast_apps(c.cache_path)
+    c.deploy(apps)
+    c.wait_running([app["name"] for app in apps], timeout=420)
+    yield c
+    c.shutdown()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("model", list(ROUTES))
+def test_every_route_of_the_config_answers(config_cluster, model):
+    route = ROUTES[model]
+    if model == "llama_int4":
+        r = config_cluster.post(route, json.dumps({"prompt": "Hello, batch", "max_new_tokens": 3}).encode(), "application/json")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert isinstance(body["text"], str) and 1 <= body["completion_tokens"] <= 3
+        bad = config_cluster.post(route, b"{not json", "application/json")
+        assert bad.status_code == 400 and "error" in bad.json()
+    else:
+        r = config_cluster.post(route, image_bytes("JPEG", size=(320, 240), seed=7))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == model
+        assert ("top_k" in body) if model != "yolo11n_pose" else ("keypoints" in body and body["image_size"] == [320, 240])
+        bad = config_cluster.post(route, b"GIF89a not really", "image/gif")
+        assert 400 <= bad.status_code < 500 and "error" in bad.json()
+    t = config_cluster.tuning(route)
+    assert t["model"] == model and t["cache"] == "miss" and t["probe_count"] >= 1
+    assert 1 <= t["serving"]["max_batch_size"] <= 4 and t["serving"]["max_ongoing_requests"] == 8
+    assert t["stats"]["samples_served"] >= 1
