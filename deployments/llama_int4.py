@@ -120,7 +120,7 @@ class LlamaInt4Spec(ModelSpec):
     default_latency_budget_s: ClassVar[float] = 10.0
 
     def __init__(self, weights_path: str | None = None, config: str | None = None, max_prompt_tokens: int = 512,
-                 max_new_tokens: int = 128, default_new_tokens: int = 64, truncate_prompt: bool = False,
+                 max_new_tokens: int = 128, default_new_tokens: int | None = None, truncate_prompt: bool = False,
                  max_request_bytes: int | None = None, model_cache_dir: str | None = None, **options: Any):
         super().__init__(weights_path, **options)
         self.config_name = config or os.environ.get(CONFIG_ENV) or "small"
@@ -133,7 +133,7 @@ class LlamaInt4Spec(ModelSpec):
         try:
             self.max_prompt_tokens = int(max_prompt_tokens)
             self.max_new_tokens = int(max_new_tokens)
-            self.default_new_tokens = int(default_new_tokens)
+            self.default_new_tokens = min(64, self.max_new_tokens) if default_new_tokens is None else int(default_new_tokens)
         except (TypeError, ValueError):
             raise SpecConfigError("max_prompt_tokens, max_new_tokens and default_new_tokens must be whole numbers") from None
         if self.max_prompt_tokens < 2:
@@ -322,7 +322,7 @@ class LlamaInt4Spec(ModelSpec):
         unknown = sorted(str(k) for k in body if k not in ALLOWED_KEYS)
         if unknown:
             raise PayloadError(f"unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; this deployment does "
-                               f"greedy generation and accepts only {shape}", 422)
+                               f"greedy generation; send only {shape}", 422)
         if "prompt" not in body:
             raise PayloadError(f'missing "prompt"; send {shape}', 422)
         prompt = body["prompt"]
