@@ -55,8 +55,8 @@ def test_startup_tunes_and_reports_the_tuning(cluster):
     t = cluster.first_tuning
     assert t["cache"] == "miss" and t["from_cache"] is False
     assert t["model"] == "resnet50" and t["device"]["kind"] == "cpu"
-    assert t["replica"]["tunings"] == 1 and t["probe_count"] >= 2
-    assert [p["batch_size"] for p in t["probes"]][:2] == [1, 2]  # the search really ran here
+    assert t["replica"]["tunings"] == 1 and t["probe_count"] >= 1 and t["replica"]["tuning_wall_s"] > 0.1
+    assert t["probes"][0]["batch_size"] == 1 and t["probes"][0]["latency_s"] > 0  # the search really ran here
     assert 1 <= t["batch_size"] <= t["max_safe_batch"] <= MAX_BATCH
     assert 0 < t["batch_wait_timeout_s"] <= 0.4
     # what @serve.batch was given, and room for the batch to fill
@@ -234,7 +234,9 @@ def test_another_device_fingerprint_in_the_cache_means_a_new_tuning(cluster, tmp
     cluster.wait_running(["r50-other"])
     t = cluster.tuning("/r50-other")
     assert t["cache"] == "miss" and t["key"] == cluster.first_tuning["key"]
-    assert t["replica"]["tuning_wall_s"] > 0.5 and t["probe_count"] >= 2
+    assert t["replica"]["tuning_wall_s"] > 0.1 and t["probe_count"] >= 1
+    assert t["tuned_at"] != source["result"]["tuned_at"]  # measured now, not copied from the other device's entry
+    assert t["probes"][0]["latency_s"] > 0
     entries = json.load(open(foreign_path))["entries"]
     assert set(entries) == {foreign_key, t["key"]}  # the other device's entry is kept, ours added
     assert cluster.post("/r50-other", image_bytes("JPEG")).status_code == 200
