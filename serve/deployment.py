@@ -13,7 +13,8 @@ A replica's life:
                 split in halves and retried, the replica's max batch lowered to what fit, counted.
   reconfigure   user_config: latency_budget_ms, memory_fraction, max_batch (re-tune, cache first),
                 batch_size / batch_wait_timeout_ms (pin; null or absent: the tuned value),
-                retune (a new truthy value re-tunes, skipping the cache), faults (test hooks).
+                retune (a new truthy value re-tunes the running replicas, skipping the cache;
+                replicas started later take the cache), faults (test hooks, see faults.py).
 """
 from __future__ import annotations
 
@@ -175,7 +176,9 @@ class AutobatchDeployment:
         log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", model,
                  self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
         await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
-        await self._tune(force=bool(initial.get("retune")))
+        # A new replica takes the cache even when the config carries a retune value: retune means
+        # "measure again now" to the replicas running when it changes, not to every later start.
+        await self._tune(force=False)
         self._last_retune = initial.get("retune")
         self._apply_batch_settings()
 
