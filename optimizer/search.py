@@ -158,11 +158,15 @@ class Prober:
         return result
 
 
-def _fit_is_trusted(probes: list[ProbeResult], within: float = 0.10) -> bool:
-    """The last measured probe landed within 10% of what the fit predicted for it."""
+def _fit_is_trusted(probes: list[ProbeResult], base_bytes: int, within: float = 0.10) -> bool:
+    """The last measured probe landed within 10% of what the fit predicted for the part of its
+    memory that the batch adds (peak - base). Measured against the whole peak instead, a GPU's
+    batches 1 and 2 (a few MiB over a GiB of weights) would always look "predicted" while saying
+    nothing about the slope, and the search would leap 500x on a guess (seen on an H200)."""
     for p in reversed(probes):
         if p.peak_bytes is not None:
-            return p.predicted_bytes is not None and abs(p.peak_bytes - p.predicted_bytes) <= within * p.peak_bytes
+            added = max(p.peak_bytes - base_bytes, 1)
+            return p.predicted_bytes is not None and abs(p.peak_bytes - p.predicted_bytes) <= within * added
     return False
 
 
@@ -172,6 +176,7 @@ def find_max_safe_batch(
     max_batch: int = 1024,
     margin: float = 0.10,
     tolerance: float = 0.02,
+    max_jump: int = 64,
     model_name: str = "model",
 ) -> SearchResult:
     budget = prober.memory_budget_bytes
@@ -220,8 +225,9 @@ def find_max_safe_batch(
     while hard_bad is None and good < max_batch:
         # No fit yet (sizes so small that the allocator rounds them to the same peak) means no
         # prediction at all: keep doubling rather than leap to max_batch unguarded.
-        trusted = prober.memory_fit() is not None and _fit_is_trusted(prober.probes)
-        size = predicted_limit(guarded_budget) if trusted else 2 * good
+        trusted = prober.memory_fit() is not None and _fit_is_trusted(prober.probes, prober.base_bytes)
+        # Even a trusted fit is not extrapolated more than max_jump x past what was measured.
+        size = min(predicted_limit(guarded_budget), max_jump * good) if trusted else 2 * good
         size = min(size, max_batch)
         fit = prober.memory_fit()
         if fit is not None and fit.predict(size) > guarded_budget:
