@@ -1,0 +1,329 @@
+"""Generate grafana/autobatch-dashboard.json with grafana-foundation-sdk (Grafana v11.6 schema).
+
+    python grafana/generate_dashboard.py           # (re)write the dashboard next to this file
+    python grafana/generate_dashboard.py --check   # exit 1 if the committed file is not what this makes
+
+Edit this file, not the JSON. Metric names come from serve.metrics (autobatch's own, recorded in
+replicas and exported by Ray with a `ray_` prefix) and from Ray Serve's batching metrics.
+
+Label conventions the queries rely on:
+- autobatch metrics carry `model` and `device` (plus Ray's `application`, `deployment`, `replica`);
+- Ray Serve's batch/latency metrics carry `deployment` (and `application`), not `model`. The app
+  builder (serve/app.py) names each deployment after its model, so `deployment=~"$model"` selects
+  the same replicas, and `label_replace(..., "model", "$1", "deployment", "(.*)")` gives those
+  series a `model` label so that legends and joins agree;
+- the HTTP latency histogram has only `application` (and route): serve_config.yaml names each
+  application after its model, so the panel filters `application=~"$model"`.
+
+Ray's histograms are exported with approximate `_sum`s (Ray records bucket midpoints), so means
+here are computed from counters (samples served / batches processed), and percentiles from
+buckets with histogram_quantile.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as cb
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import heatmap, stat, table, timeseries
+from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: serve.metrics is the one list of names
+    sys.path.insert(0, str(ROOT))
+
+from serve.metrics import METRICS_BY_NAME  # noqa: E402
+
+OUTPUT = Path(__file__).resolve().parent / "autobatch-dashboard.json"
+UID = "autobatch-batching"
+DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Grafana variables the expressions use (tests substitute these before sending a query to Prometheus).
+RATE = "$__rate_interval"
+M = 'model=~"$model"'  # autobatch's own metrics
+D = 'deployment=~"$model"'  # Ray Serve's per-deployment metrics (deployment name == model name)
+A = 'application=~"$model"'  # Ray Serve's proxy metrics (application name == model name in serve_config.yaml)
+
+
+def ab(name: str) -> str:
+    """The Prometheus name of an autobatch metric, checked against serve.metrics."""
+    return METRICS_BY_NAME[name].exported_name
+
+
+def by_model(expr: str) -> str:
+    """Give a series that has `deployment` a `model` label with the same value."""
+    return f'label_replace({expr}, "model", "$1", "deployment", "(.*)")'
+
+
+def ray_quantile(q: float, metric: str) -> str:
+    """Percentile per model of a Ray Serve per-deployment histogram."""
+    return (f"histogram_quantile({q}, sum by (model, le) "
+            f"({by_model(f'rate({metric}_bucket{{{D}}}[{RATE}])')}))")
+
+
+SAMPLES_RATE = f"sum by (model) (rate({ab('autobatch_samples_served')}{{{M}}}[{RATE}]))"
+BATCHES_RATE = f"sum by (model) ({by_model(f'rate(ray_serve_batches_processed_total{{{D}}}[{RATE}])')})"
+MEAN_BATCH = f"{SAMPLES_RATE} / {BATCHES_RATE}"
+
+
+def q(expr: str, legend: str, ref: str, fmt: PromQueryFormat | None = None, instant: bool = False) -> Dataquery:
+    query = Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(DATASOURCE)
+    if fmt is not None:
+        query = query.format(fmt)
+    if instant:
+        query = query.instant()
+    return query
+
+
+def targets(panel, *queries: tuple[str, str]):
+    for i, (expr, legend) in enumerate(queries):
+        panel = panel.with_target(q(expr, legend, chr(ord("A") + i)))
+    return panel
+
+
+def ts(pid: int, title: str, description: str, unit: str, *queries: tuple[str, str], w: int = 12, h: int = 8,
+       bars: bool = False):
+    panel = (timeseries.Panel().id(pid).title(title).description(description).datasource(DATASOURCE)
+             .unit(unit).span(w).height(h).fill_opacity(10).line_width(1).show_points(cm.VisibilityMode.NEVER)
+             .legend(cb.VizLegendOptions().show_legend(True).display_mode(cm.LegendDisplayMode.TABLE)
+                     .placement(cm.LegendPlacement.BOTTOM).calcs(["lastNotNull", "max"]))
+             .tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING)))
+    if bars:
+        panel = panel.draw_style(cm.GraphDrawStyle.BARS).fill_opacity(60)
+    return targets(panel, *queries)
+
+
+def stat_panel(pid: int, title: str, description: str, unit: str, *queries: tuple[str, str], w: int = 6, h: int = 8):
+    panel = (stat.Panel().id(pid).title(title).description(description).datasource(DATASOURCE).unit(unit)
+             .span(w).height(h).graph_mode(cm.BigValueGraphMode.NONE).color_mode(cm.BigValueColorMode.NONE)
+             .text_mode(cm.BigValueTextMode.VALUE_AND_NAME)
+             .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
+    for i, (expr, legend) in enumerate(queries):
+        panel = panel.with_target(q(expr, legend, chr(ord("A") + i), instant=True))
+    return panel
+
+
+# ----------------------------------------------------------------------------------------- panels
+def serving_panels() -> list:
+    return [
+        ts(1, "Throughput per model",
+           "Samples answered successfully per second (rate of ray_autobatch_samples_served_total).", "reqps",
+           (SAMPLES_RATE, "{{model}}")),
+        ts(2, "Batch size: formed vs tuned",
+           "What the batches really hold against what the tuning chose. Formed (mean) = samples served / "
+           "batches Ray Serve processed; formed p95 from Ray's ray_serve_actual_batch_size histogram "
+           "(interpolated within power-of-two buckets). Tuned = the size the tuning selected; max safe = "
+           "the largest size that fit memory and the latency budget; in effect = max_batch_size on "
+           "@serve.batch now (pinned by reconfigure or lowered after an OOM while serving).", "none",
+           (MEAN_BATCH, "{{model}} formed (mean)"),
+           (ray_quantile(0.95, "ray_serve_actual_batch_size"), "{{model}} formed p95"),
+           (f"max by (model) ({ab('autobatch_tuned_batch_size')}{{{M}}})", "{{model}} tuned"),
+           (f"max by (model) ({ab('autobatch_tuned_max_safe_batch')}{{{M}}})", "{{model}} max safe"),
+           (f"max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})", "{{model}} in effect")),
+        ts(3, "Batch utilisation",
+           "How full the batches are: Ray Serve's ray_serve_batch_utilization_percent (batch size / "
+           "max_batch_size, p50), and the mean formed batch over the max_batch_size in effect.", "percent",
+           (ray_quantile(0.5, "ray_serve_batch_utilization_percent"), "{{model}} p50 (Ray)"),
+           (f"100 * ({MEAN_BATCH}) / max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})",
+            "{{model}} mean / in effect")),
+        heatmap.Panel().id(4).title("Batch sizes formed").description(
+            "Batches per bucket of Ray Serve's ray_serve_actual_batch_size histogram (upper bound of the "
+            "bucket, powers of two).").datasource(DATASOURCE).span(12).height(8).calculate(False)
+        .color(heatmap.HeatmapColorOptions().mode(heatmap_color_mode()).scheme("Oranges").steps(64))
+        .y_axis(heatmap.YAxisConfig().unit("none").decimals(0))
+        .with_target(q(f"sum by (le) (increase(ray_serve_actual_batch_size_bucket{{{D}}}[{RATE}]))", "{{le}}", "A",
+                       fmt=PromQueryFormat.HEATMAP)),
+        ts(5, "Batch queue length",
+           "Requests waiting in the @serve.batch queue (ray_serve_batch_queue_length), per model.", "none",
+           (f"sum by (model) ({by_model(f'ray_serve_batch_queue_length{{{D}}}')})", "{{model}}")),
+        ts(6, "Batch wait",
+           "How long a batch waited to fill (Ray Serve's ray_serve_batch_wait_time_ms, p50/p95) against "
+           "the batch_wait_timeout the tuning derived.", "ms",
+           (ray_quantile(0.5, "ray_serve_batch_wait_time_ms"), "{{model}} p50"),
+           (ray_quantile(0.95, "ray_serve_batch_wait_time_ms"), "{{model}} p95"),
+           (f"1000 * max by (model) ({ab('autobatch_batch_wait_timeout_seconds')}{{{M}}})", "{{model}} timeout")),
+    ]
+
+
+def latency_panels() -> list:
+    http = [(f"histogram_quantile({p}, sum by (application, le) "
+             f"(rate(ray_serve_http_request_latency_ms_bucket{{{A}}}[{RATE}])))", f"{{{{application}}}} p{label}")
+            for p, label in ((0.5, "50"), (0.95, "95"), (0.99, "99"))]
+    return [
+        ts(7, "Request latency (HTTP proxy)",
+           "End-to-end request latency at Ray Serve's HTTP proxy (ray_serve_http_request_latency_ms), "
+           "per application.", "ms", *http, w=8),
+        ts(8, "Replica processing latency",
+           "Time a request spends in the replica, batch wait included (Ray Serve's "
+           "ray_serve_deployment_processing_latency_ms).", "ms",
+           (ray_quantile(0.5, "ray_serve_deployment_processing_latency_ms"), "{{model}} p50"),
+           (ray_quantile(0.99, "ray_serve_deployment_processing_latency_ms"), "{{model}} p99"), w=8),
+        ts(9, "Batch compute vs latency budget",
+           "Seconds of one forward pass of one batch (autobatch's ray_autobatch_batch_inference_seconds, "
+           "and Ray Serve's ray_serve_batch_execution_time_ms) against the per-batch latency budget the "
+           "tuning worked within.", "s",
+           (f"histogram_quantile(0.5, sum by (model, le) "
+            f"(rate({ab('autobatch_batch_inference_seconds')}_bucket{{{M}}}[{RATE}])))", "{{model}} p50"),
+           (f"histogram_quantile(0.99, sum by (model, le) "
+            f"(rate({ab('autobatch_batch_inference_seconds')}_bucket{{{M}}}[{RATE}])))", "{{model}} p99"),
+           (f"{ray_quantile(0.99, 'ray_serve_batch_execution_time_ms')} / 1000", "{{model}} p99 (Ray execution)"),
+           (f"max by (model) ({ab('autobatch_latency_budget_seconds')}{{{M}}})", "{{model}} budget"), w=8),
+    ]
+
+
+def tuning_panels() -> list:
+    per_replica = [
+        ("autobatch_tuned_batch_size", "tuned batch"),
+        ("autobatch_tuned_max_safe_batch", "max safe"),
+        ("autobatch_max_batch_size", "in effect"),
+        ("autobatch_batch_wait_timeout_seconds", "wait timeout s"),
+        ("autobatch_latency_budget_seconds", "latency budget s"),
+        ("autobatch_memory_budget_bytes", "memory budget"),
+        ("autobatch_tuning_seconds", "tuning s"),
+        ("autobatch_tuning_probes", "probes"),
+    ]
+    tab = (table.Panel().id(10).title("Tuning in use, per replica").description(
+        "One row per replica: what the tuning chose on the device it runs on, and what it cost "
+        "(tuning seconds: the search on a cache miss, the lookup on a hit).")
+        .datasource(DATASOURCE).span(24).height(7)
+        .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(dm.DataTransformerConfig(id_val="organize", options={
+            "excludeByName": {"Time": True},
+            "renameByName": {f"Value #{chr(ord('A') + i)}": label for i, (_, label) in enumerate(per_replica)},
+        })))
+    for i, (name, _) in enumerate(per_replica):
+        tab = tab.with_target(q(f"max by (model, device, replica) ({ab(name)}{{{M}}})", "", chr(ord("A") + i),
+                                fmt=PromQueryFormat.TABLE, instant=True))
+    return [
+        tab,
+        stat_panel(11, "Tuning cache hits / misses",
+                   "Tunings per model since its replicas started: a hit reuses a saved tuning for this device "
+                   "and model; a miss (new device, new settings, or a retune) measures.", "none",
+                   (f"sum by (model) ({ab('autobatch_cache_hits')}{{{M}}})", "{{model}} hits"),
+                   (f"sum by (model) ({ab('autobatch_cache_misses')}{{{M}}})", "{{model}} misses"), w=8),
+        ts(12, "Tuning events",
+           "Tunings started in each interval (cache hits and misses) and the batch sizes they probed.", "none",
+           (f"sum by (model) (increase({ab('autobatch_cache_misses')}{{{M}}}[{RATE}]))", "{{model}} miss (tuned)"),
+           (f"sum by (model) (increase({ab('autobatch_cache_hits')}{{{M}}}[{RATE}]))", "{{model}} hit"),
+           (f"sum by (model) (increase({ab('autobatch_tuning_probes')}{{{M}}}[{RATE}]))", "{{model}} probes"),
+           w=8, bars=True),
+        stat_panel(13, "Tuning seconds and probes",
+                   "Seconds the replica last spent obtaining its tuning, and probes run (summed over replicas).",
+                   "none",
+                   (f"max by (model) ({ab('autobatch_tuning_seconds')}{{{M}}})", "{{model}} seconds"),
+                   (f"sum by (model) ({ab('autobatch_tuning_probes')}{{{M}}})", "{{model}} probes"), w=8),
+    ]
+
+
+def memory_panels() -> list:
+    return [
+        ts(14, "Out-of-memory events",
+           "OOMs since the replicas started: search/real = caught during tuning, search/predicted = sizes the "
+           "memory model skipped, serving/real = a batch that ran out of memory while serving (split and "
+           "retried; the replica's max batch is lowered).", "none",
+           (f"sum by (model, phase, kind) ({ab('autobatch_oom_events')}{{{M}}})", "{{model}} {{phase}}/{{kind}}"),
+           w=8),
+        ts(15, "Errors and item retries",
+           "Requests answered with an error, by HTTP status (4xx: what the client sent; nothing a request "
+           "sends fails its batch-mates), and batches that raised (not an OOM) and were retried item by "
+           "item, per second.", "ops",
+           (f"sum by (model, status) (rate({ab('autobatch_request_errors')}{{{M}}}[{RATE}]))",
+            "{{model}} errors {{status}}"),
+           (f"sum by (model) (rate({ab('autobatch_batch_item_retries')}{{{M}}}[{RATE}]))", "{{model}} item retries"),
+           w=8),
+        ts(16, "Device memory",
+           "Memory the replica holds now (CUDA: allocator reserved + context; CPU: resident set) against "
+           "the memory budget the tuning worked within.", "bytes",
+           (f"max by (model, device) ({ab('autobatch_device_memory_bytes')}{{{M}}})", "{{model}} in use ({{device}})"),
+           (f"max by (model) ({ab('autobatch_memory_budget_bytes')}{{{M}}})", "{{model}} budget"), w=8),
+    ]
+
+
+def heatmap_color_mode():
+    from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
+
+    return HeatmapColorMode.SCHEME
+
+
+def build_dashboard() -> dm.Dashboard:
+    builder = (
+        db.Dashboard("autobatch: batching and tuning")
+        .uid(UID)
+        .description("Ray Serve batching as tuned by autobatch: throughput, batches formed vs tuned, queueing, "
+                     "latency, tuning, cache, OOMs and device memory. Generated by grafana/generate_dashboard.py.")
+        .tags(["autobatch", "ray-serve", "generated"])
+        .editable()
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .refresh("10s")
+        .time("now-30m", "now")
+        .timezone(cm.TimeZoneBrowser)
+        .with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
+        .with_variable(
+            db.QueryVariable("model").label("Model").datasource(DATASOURCE)
+            .query({"query": f"label_values({ab('autobatch_tuned_batch_size')}, model)",
+                    "refId": "PrometheusVariableQueryEditor-VariableQuery"})
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True)
+            .current(dm.VariableOption(text="All", value="$__all")))
+    )
+    rows = (("Serving and batching", serving_panels()), ("Latency", latency_panels()),
+            ("Tuning and cache", tuning_panels()), ("Memory and faults", memory_panels()))
+    for row_id, (title, panels) in enumerate(rows, start=100):  # panel ids are 1..N, rows 100..
+        builder = builder.with_row(db.Row(title).id(row_id))
+        for panel in panels:
+            builder = builder.with_panel(panel)
+    return builder.build()
+
+
+def render() -> str:
+    return JSONEncoder(sort_keys=True, indent=2).encode(build_dashboard()) + "\n"
+
+
+# ------------------------------------------------------------------------ reading a dashboard back
+def panel_queries(dashboard: dict) -> list[dict]:
+    """Every Prometheus query of every panel (rows' nested panels included): [{panel, refId, expr, legend}]."""
+    out = []
+
+    def visit(panels):
+        for panel in panels:
+            visit(panel.get("panels") or [])
+            for target in panel.get("targets") or []:
+                out.append({"panel": panel["title"], "panel_id": panel.get("id"), "refId": target.get("refId"),
+                            "expr": target["expr"], "legend": target.get("legendFormat", "")})
+
+    visit(dashboard.get("panels") or [])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed JSON differs from the output")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.output.read_text() if args.output.exists() else ""
+        if current != text:
+            diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(args.output), "generated",
+                                        lineterm="", n=1)
+            print("\n".join(list(diff)[:80]))
+            print(f"{args.output} is not what grafana/generate_dashboard.py makes: run it and commit the result")
+            return 1
+        print(f"{args.output}: up to date ({len(panel_queries(json.loads(text)))} queries)")
+        return 0
+    args.output.write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
