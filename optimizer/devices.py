@@ -18,6 +18,7 @@ import ast
 import gc
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import platform
 import time
@@ -25,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import psutil
+
+log = logging.getLogger("autobatch")
 
 
 class DeviceUnavailable(RuntimeError):
@@ -299,10 +302,21 @@ class CudaMeter(MemoryMeter):
         self.index = index
         self.torch_device = f"cuda:{index}"
         self._torch = torch
+        card_used_before = None if torch.cuda.is_initialized() else self._card_used_bytes()
         torch.cuda.init()
         torch.zeros(1, device=self.torch_device)  # create the context so NVML sees it
         torch.cuda.synchronize(self.index)
-        self.outside_torch_bytes = self._outside_torch_bytes()
+        self.outside_torch_bytes = self._outside_torch_bytes(card_used_before)
+
+    def _card_used_bytes(self) -> int | None:
+        """Memory in use on the whole card, as NVML sees it (no CUDA context needed)."""
+        nvml = _nvml()
+        if nvml is None:
+            return None
+        try:
+            return int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(_visible_cuda_index(self.index))).used)
+        except Exception:
+            return None
 
     def _nvml_used_bytes(self) -> int | None:
         nvml = _nvml()
@@ -318,17 +332,21 @@ class CudaMeter(MemoryMeter):
             return None
         return None  # in a container the pid namespace hides us; see below
 
-    def _outside_torch_bytes(self) -> int:
-        """This process's memory on the card that torch's allocator does not account for."""
+    def _outside_torch_bytes(self, card_used_before: int | None) -> int:
+        """This process's memory on the card that torch's allocator does not account for (the CUDA
+        context, mostly). Per-process NVML accounting when the pid namespace lets us see it; else
+        what the card's usage grew by while this process created its context. Never the card's
+        whole usage: replicas sharing a card would each count the others' memory as their own."""
         reserved = self._torch.cuda.memory_reserved(self.index)
         used = self._nvml_used_bytes()
-        if used is None:
-            # Per-process accounting is hidden (containers): take the card's used memory seen by
-            # the driver minus torch's reservation. This also counts other tenants' memory at the
-            # moment of measurement, which is the safe direction for a budget.
-            free, total = self._torch.cuda.mem_get_info(self.index)
-            used = total - free
-        return max(0, int(used) - int(reserved))
+        if used is not None:
+            return max(0, int(used) - int(reserved))
+        card_used_now = self._card_used_bytes()
+        if card_used_before is not None and card_used_now is not None:
+            return max(0, card_used_now - card_used_before - int(reserved))
+        log.warning("autobatch: cannot tell this process's CUDA context size (per-process NVML hidden and the "
+                    "context already existed); counting 500 MiB for it")
+        return 500 * 2**20
 
     def reset_peak(self) -> None:
         self._torch.cuda.synchronize(self.index)

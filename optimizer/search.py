@@ -211,6 +211,12 @@ def find_max_safe_batch(
             limit = min(limit, lat.max_batch_within(latency_budget))
         return limit
 
+    def proportional_latency_limit() -> int:
+        measured = prober.by_size(good)
+        if latency_budget is None or measured is None or not measured.latency_s:
+            return max_batch
+        return max(good + 1, int(good * latency_budget / measured.latency_s))
+
     def run(size: int) -> None:
         nonlocal good, hard_bad, bad_reason
         result = prober.run(size)
@@ -226,8 +232,11 @@ def find_max_safe_batch(
         # No fit yet (sizes so small that the allocator rounds them to the same peak) means no
         # prediction at all: keep doubling rather than leap to max_batch unguarded.
         trusted = prober.memory_fit() is not None and _fit_is_trusted(prober.probes, prober.base_bytes)
-        # Even a trusted fit is not extrapolated more than max_jump x past what was measured.
-        size = min(predicted_limit(guarded_budget), max_jump * good) if trusted else 2 * good
+        # Even a trusted fit is not extrapolated more than max_jump x past what was measured, nor
+        # past the size whose latency would reach the budget if latency grew in proportion to the
+        # batch (it grows no faster than that: per-sample cost only falls with batching), so a
+        # CPU, where latency is proportional, never leaps to a size that takes seconds a run.
+        size = min(predicted_limit(guarded_budget), max_jump * good, proportional_latency_limit()) if trusted else 2 * good
         size = min(size, max_batch)
         fit = prober.memory_fit()
         if fit is not None and fit.predict(size) > guarded_budget:

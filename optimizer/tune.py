@@ -159,6 +159,12 @@ def autobatch(
             return {**hit, "cache": "hit", "key": key}
 
     with tuning_lock(fp):
+        if cache is not None and not force:  # another replica on this device may have just tuned it
+            hit = cache.get(key_fields)
+            if hit is not None:
+                say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for another "
+                    f"tuning on this device: serving batch {hit['batch_size']}")
+                return {**hit, "cache": "hit", "key": key}
         started = time.perf_counter()
         if meter is None:
             meter = make_meter(resolved.kind, settings.device_index)

