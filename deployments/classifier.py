@@ -27,6 +27,27 @@ def top_k(probabilities, k: int, categories: list[str] | None) -> list[list[dict
     return rows
 
 
+MAX_ASPECT = 4  # the transform's centre crop never reaches past the middle 0.875 x short side of the long side
+
+
+def crop_extreme_aspect(image):
+    """Centre-crop the long side of a very elongated image to MAX_ASPECT x its short side.
+
+    The weights' transform resizes the short side to ~256 first, so a small 40000x1 image would
+    become 256 x 10 million pixels (tens of GB) before the centre crop: one request could take a
+    replica down. The crop keeps every pixel the centre crop uses, so the output is unchanged."""
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= MAX_ASPECT * short:
+        return image
+    keep = MAX_ASPECT * short
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
+
+
 class TorchvisionClassifierSpec(ModelSpec):
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision")
     builder_name: ClassVar[str]  # torchvision.models.<builder_name>
@@ -88,7 +109,7 @@ class TorchvisionClassifierSpec(ModelSpec):
 
     def decode(self, payload: bytes, content_type: str | None = None):
         image = decode_image(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
-        return self.transform(image)
+        return self.transform(crop_extreme_aspect(image))
 
     def predict(self, samples: list) -> list:
         import torch

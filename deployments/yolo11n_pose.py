@@ -219,7 +219,11 @@ class YOLO11nPoseSpec(ModelSpec):
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
             raise PayloadError(f"image has shape {array.shape}, expected height x width x 3; send an RGB image", 422)
-        boxed, gain, pad = letterbox(array, self.imgsz)
+        try:
+            boxed, gain, pad = letterbox(array, self.imgsz)
+        except Exception as exc:  # noqa: BLE001 - an image that decoded but cannot be resized is the client's to fix
+            raise PayloadError(f"image of {array.shape[1]}x{array.shape[0]} pixels could not be resized "
+                               f"({type(exc).__name__}); send an ordinary RGB JPEG, PNG or WebP", 422) from None
         tensor = torch.from_numpy(boxed).permute(2, 0, 1).contiguous()
         return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), gain, pad)
 

@@ -120,6 +120,22 @@ def test_decode_rejects_images_over_the_configured_size():
     assert err.value.status == 413
 
 
+def test_very_elongated_images_decode_cheaply_to_what_the_transform_gives():
+    import io
+    import time
+
+    from PIL import Image
+
+    spec = create_spec("resnet50")
+    payload = image_bytes("PNG", (600, 60), seed=4)
+    full = spec.transform(Image.open(io.BytesIO(payload)).convert("RGB"))  # still affordable at 10:1
+    assert torch.allclose(spec.decode(payload), full, atol=1e-5)
+    started = time.perf_counter()  # 30000x1: without the guard the resize alone wants ~23 GB
+    sample = spec.decode(image_bytes("PNG", (30000, 1)))
+    assert sample.shape == (3, 224, 224) and time.perf_counter() - started < 5
+    assert spec.decode(image_bytes("PNG", (1, 30000))).shape == (3, 224, 224)
+
+
 def test_top_k_on_known_scores():
     probabilities = torch.tensor([[0.1, 0.6, 0.05, 0.25], [0.7, 0.1, 0.15, 0.05]])
     rows = top_k(probabilities, 3, ["cat", "dog", "fish", "bird"])

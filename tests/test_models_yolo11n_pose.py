@@ -120,6 +120,13 @@ def test_decode_letterboxes_and_remembers_the_original_size(fmt, mode):
     assert (sample.image[:, :106] == PAD_VALUE).all()
 
 
+def test_decode_of_extreme_aspect_ratios_fits_the_square():
+    spec = YOLO11nPoseSpec()
+    for size in ((30000, 1), (1, 30000)):
+        sample = spec.decode(image_bytes("PNG", size))
+        assert sample.image.shape == (3, 640, 640) and sample.orig_size == (size[1], size[0])
+
+
 @pytest.mark.parametrize("payload,status,message", [
     (b"", 400, "empty request body"),
     (b"GET / HTTP/1.1\r\n\r\n", 415, "JPEG, PNG or WebP"),
