@@ -14,12 +14,18 @@ ray_serve_batch_utilization_percent, ray_serve_batches_processed); these are not
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("ray.serve")
 
 GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
 BASE_TAGS = ("model", "device")
+
+# Ray (2.60) stops exporting a gauge about 20 s after its last set(): a tuned size set once at start-up
+# would vanish from Prometheus. ReplicaMetrics re-sets every gauge it holds this often.
+GAUGE_REFRESH_S = 5.0
 
 INFERENCE_SECONDS_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
@@ -97,6 +103,9 @@ class ReplicaMetrics:
         self.tags = {"model": model, "device": device_label}
         self._m = {}
         self._warned = False
+        self._gauges: dict[tuple, tuple[str, float, dict]] = {}  # last value of every gauge series
+        self._gauges_lock = threading.Lock()
+        threading.Thread(target=self._refresh_gauges, name="autobatch-gauges", daemon=True).start()
         for d in METRICS:
             if d.kind == GAUGE:
                 metric = serve_metrics.Gauge(d.name, description=d.description, tag_keys=d.tag_keys)
@@ -131,10 +140,24 @@ class ReplicaMetrics:
             log.debug("autobatch: could not export %s at 0: %s", name, exc)
 
     def set(self, name: str, value: float, **tags: str) -> None:
+        tags = {**self.tags, **tags}
+        with self._gauges_lock:
+            self._gauges[(name, tuple(sorted(tags.items())))] = (name, float(value), tags)
         try:
-            self._m[name].set(float(value), tags={**self.tags, **tags})
+            self._m[name].set(float(value), tags=tags)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
+
+    def _refresh_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._gauges_lock:
+                gauges = list(self._gauges.values())
+            for name, value, tags in gauges:
+                try:
+                    self._m[name].set(value, tags=tags)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(exc)
 
     def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
         if value <= 0:

@@ -33,6 +33,7 @@ GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "autobatch-dashboard.json"
 MODELS = ("resnet50", "yolo11n_pose")
 MAX_BATCH = 4
+GAUGE_SURVIVAL_S = 30  # Ray 2.60 stops exporting a gauge ~20 s after its last set()
 # What Grafana would put in place of its variables. $model: all models, formatted as Grafana formats a
 # multi-value variable for a regex matcher. $__rate_interval: a window that holds the whole scrape.
 GRAFANA_VARS = {"$__rate_interval": "2m", "$model": "(" + "|".join(MODELS) + ")"}
@@ -163,6 +164,11 @@ def observed(prometheus_bin, tmp_path_factory):
     try:
         cluster.deploy([app(m, str(workdir / "tuning.json")) for m in MODELS])
         cluster.wait_running(list(MODELS), timeout=300)
+        running_since = time.time()
+        # One request each first: Ray creates its batch counters at the first batch, and a counter
+        # born inside a rate window loses its first increments (so would the ratios built on it).
+        for model in MODELS:
+            assert cluster.post(f"/{model}", image_bytes("JPEG")).status_code == 200
         prom = Prometheus(prometheus_bin[0], workdir, f"127.0.0.1:{cluster.metrics_port}")
         prom.wait_ready()
         prom.wait_target_up()
@@ -173,7 +179,7 @@ def observed(prometheus_bin, tmp_path_factory):
                 responses = cluster.post_concurrently(
                     f"/{model}", [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(2 * MAX_BATCH)])
                 assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]
-                sent[model] = sent.get(model, 0) + len(responses)
+                sent[model] = sent.get(model, 1) + len(responses)
             bad = cluster.post(f"/{model}", b"this is not an image", "text/plain")  # exports request_errors
             assert bad.status_code == 415, bad.text
         # Until Prometheus has scraped what the replicas recorded (Ray reports every second here).
@@ -186,8 +192,13 @@ def observed(prometheus_bin, tmp_path_factory):
                 break
             time.sleep(0.5)
         assert all(served.get(m, 0) >= sent[m] for m in MODELS), (served, sent)
-        time.sleep(2)  # two more scrapes: every rate window now holds the increase
-        yield {"cluster": cluster, "prom": prom, "sent": sent}
+        # What the endpoint exports right after serving (Ray drops an idle gauge, e.g. its batch queue
+        # length, ~20 s after its last set; the exported-names test takes the union with a later scrape).
+        metrics_after_requests = cluster.metrics_text()
+        # Query only when the tunings' gauges, set once at start-up, are older than that: the tuned-size
+        # panels then also prove that the replicas keep their gauges alive.
+        time.sleep(max(2.0, running_since + GAUGE_SURVIVAL_S - time.time()))
+        yield {"cluster": cluster, "prom": prom, "sent": sent, "metrics_after_requests": metrics_after_requests}
     finally:
         if prom is not None:
             prom.stop()
@@ -271,7 +282,7 @@ def test_every_panel_query_runs_in_prometheus(observed):
     for m in MODELS:
         tuning = observed["cluster"].tuning(f"/{m}")
         assert tuned[m] == tuning["batch_size"] and max_safe[m] == tuning["max_safe_batch"], (m, tuned, max_safe)
-        assert 1 <= formed[m] <= tuning["serving"]["max_batch_size"], (m, formed)
+        assert 1 <= formed[m] <= tuning["serving"]["max_batch_size"] + 1e-6, (m, formed)
     misses = by_model("Tuning cache hits / misses", "B")
     assert all(misses[m] == 1 for m in MODELS), misses  # a fresh cache: each replica tuned once
 
@@ -307,8 +318,9 @@ def test_panels_name_only_metrics_that_are_exported(observed):
     from prometheus_client.parser import text_string_to_metric_families
 
     exported = set()
-    for family in text_string_to_metric_families(observed["cluster"].metrics_text()):
-        exported |= {sample.name for sample in family.samples}  # with _total, _bucket, _sum, _count
+    for text in (observed["metrics_after_requests"], observed["cluster"].metrics_text()):
+        for family in text_string_to_metric_families(text):
+            exported |= {sample.name for sample in family.samples}  # with _total, _bucket, _sum, _count
     assert "ray_serve_actual_batch_size_bucket" in exported and "ray_autobatch_samples_served_total" in exported
 
     used, unknown = {}, []
