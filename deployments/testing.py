@@ -68,26 +68,53 @@ def autobatch_executable() -> str:
     return os.path.join(os.path.dirname(sys.executable), "autobatch")
 
 
-def run_tune(model: str, tmp_path, *args: str, env: dict | None = None, timeout: float = 300) -> tuple[dict, str, list[str]]:
-    """Run `autobatch tune MODEL --device cpu --json` under the network guard.
+def guarded_env(tmp_path, env: dict | None = None, offline_env: bool = True) -> tuple[dict, str]:
+    """An environment for a child process whose network access is refused and logged.
 
-    Returns (result JSON, stderr, network attempts). Raises AssertionError with stderr on failure."""
+    Returns (env, path of the log of attempts). With offline_env=False the HF/YOLO offline
+    variables are removed, to show that a spec keeps itself offline."""
     guard_dir = os.path.join(str(tmp_path), "network-guard")
     os.makedirs(guard_dir, exist_ok=True)
     with open(os.path.join(guard_dir, "sitecustomize.py"), "w") as f:
         f.write(NETWORK_GUARD)
     log = os.path.join(str(tmp_path), "network-attempts.log")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", **(env or {}),
+    base = {k: v for k, v in os.environ.items()
+            if offline_env or k not in ("HF_HUB_OFFLINE", "YOLO_OFFLINE", "YOLO_AUTOINSTALL", "TRANSFORMERS_OFFLINE")}
+    if offline_env:
+        base.update({"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"})
+    full_env = {**base, **(env or {}),
                 "AUTOBATCH_NETWORK_LOG": log,
-                # the tuner's per-device lock lives in the temp dir: a private one keeps this test from
+                # the tuner's per-device lock lives in the temp dir: a private one keeps a test from
                 # queueing behind other tunings on the same machine
                 "TMPDIR": str(tmp_path),
                 "PYTHONPATH": os.pathsep.join([guard_dir, root, os.environ.get("PYTHONPATH", "")])}
+    return full_env, log
+
+
+def network_attempts(log: str) -> list[str]:
+    return open(log).read().splitlines() if os.path.exists(log) else []
+
+
+def run_guarded_python(tmp_path, code: str, offline_env: bool = False, timeout: float = 300) -> tuple[str, list[str]]:
+    """Run Python code in a fresh guarded process; returns (stdout, network attempts)."""
+    full_env, log = guarded_env(tmp_path, offline_env=offline_env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=root)
+    assert done.returncode == 0, f"guarded python failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return done.stdout, network_attempts(log)
+
+
+def run_tune(model: str, tmp_path, *args: str, env: dict | None = None, timeout: float = 300) -> tuple[dict, str, list[str]]:
+    """Run `autobatch tune MODEL --device cpu --json` under the network guard.
+
+    Returns (result JSON, stderr, network attempts). Raises AssertionError with stderr on failure."""
+    full_env, log = guarded_env(tmp_path, env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [autobatch_executable(), "tune", model, "--device", "cpu", "--cache", os.path.join(str(tmp_path), "tuning.json"),
                "--json", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=root)
-    attempts = open(log).read().splitlines() if os.path.exists(log) else []
+    attempts = network_attempts(log)
     assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}"
     try:
         result = json.loads(done.stdout)

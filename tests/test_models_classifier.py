@@ -16,7 +16,7 @@ import torch
 from deployments.base import PayloadError, SpecConfigError
 from deployments.classifier import top_k
 from deployments.registry import create_spec, model_names
-from deployments.testing import image_bytes, run_tune
+from deployments.testing import image_bytes, run_guarded_python, run_tune
 
 CLASSIFIERS = ["resnet50", "vit_b_16"]
 
@@ -200,3 +200,11 @@ def test_autobatch_tune_vit_b_16_on_cpu_end_to_end(tmp_path):
     again, _, _ = run_tune("vit_b_16", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "4",
                            "--latency-budget-ms", "4000", "--repeats", "1")
     assert again["cache"] == "hit" and again["batch_size"] == result["batch_size"]
+
+
+def test_the_network_guard_used_by_the_tune_tests_does_catch_network_access(tmp_path):
+    code = ("import socket\nfor call in (lambda: socket.getaddrinfo('pypi.org', 443), lambda: socket.socket().connect(('1.1.1.1', 80))):\n"
+            "    try:\n        call()\n    except OSError as e:\n        print('refused:', e)\n")
+    out, attempts = run_guarded_python(tmp_path, code)
+    assert out.count("refused:") == 2
+    assert [a.split()[0] for a in attempts] == ["getaddrinfo", "connect"]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from deployments.base import PayloadError, SpecConfigError
 from deployments.llama_int4 import (BOS_ID, EOS_ID, MARKER, SYNTHETIC_CONFIGS, LlamaInt4Spec, Prompt,
                                     build_byte_tokenizer, trim_completion)
-from deployments.testing import run_tune
+from deployments.testing import run_guarded_python, run_tune
 
 SMALL = dict(max_prompt_tokens=48, max_new_tokens=12)
 
@@ -246,3 +246,13 @@ def test_autobatch_tune_llama_int4_on_cpu_end_to_end(tmp_path):
     assert 1 <= result["batch_size"] <= result["max_safe_batch"] <= 2
     assert result["probes"][0]["outcome"] == "ok"
     assert [d for d in os.listdir(models) if d.startswith("llama_int4-small-")]  # the synthetic model went where asked
+
+
+def test_the_spec_stays_offline_even_without_the_env_vars(tmp_path, cache_dir):
+    code = ("import json\nfrom deployments.llama_int4 import LlamaInt4Spec\n"
+            f"spec = LlamaInt4Spec(model_cache_dir={cache_dir!r}, max_prompt_tokens=48, max_new_tokens=4)\n"
+            "spec.load('cpu', 'float32')\n"
+            "print(spec.predict([spec.decode(json.dumps({'prompt': 'hi'}).encode())])[0]['prompt_tokens'])\n")
+    out, attempts = run_guarded_python(tmp_path, code, offline_env=False)
+    assert out.split()[-1] == "3"
+    assert attempts == []

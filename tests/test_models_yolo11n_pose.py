@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deployments.base import PayloadError, SpecConfigError
-from deployments.testing import image_bytes, run_tune
+from deployments.testing import image_bytes, run_guarded_python, run_tune
 from deployments.yolo11n_pose import (NUM_KEYPOINTS, PAD_VALUE, YOLO11nPoseSpec, letterbox, nms_pose, scale_boxes,
                                       scale_keypoints, ultralytics_offline)
 
@@ -242,3 +242,16 @@ def test_autobatch_tune_yolo11n_pose_on_cpu_end_to_end(tmp_path):
     assert 1 <= result["batch_size"] <= result["max_safe_batch"] <= 4
     assert all(p["outcome"] in ("ok", "over_latency", "over_memory", "oom", "predicted") for p in result["probes"])
     assert result["probes"][0]["outcome"] == "ok"
+
+
+def test_the_spec_keeps_ultralytics_offline_even_without_the_env_vars(tmp_path):
+    """No YOLO_OFFLINE / HF_HUB_OFFLINE in the environment: import, build, predict and a bad payload
+    (which ultralytics' PIL patch would answer with a pip install) still touch no network."""
+    code = ("from deployments.registry import create_spec\n"
+            "from deployments.base import PayloadError\n"
+            "spec = create_spec('yolo11n_pose', imgsz=320)\nspec.load('cpu', 'float32')\n"
+            "print(len(spec.predict(spec.example_batch(1))))\n"
+            "try:\n    spec.decode(b'definitely not an image')\nexcept PayloadError as e:\n    print(e.status)\n")
+    out, attempts = run_guarded_python(tmp_path, code, offline_env=False)
+    assert out.split() == ["1", "415"]
+    assert attempts == []
