@@ -23,7 +23,7 @@ CLASSIFIERS = ["resnet50", "vit_b_16"]
 
 def distinct_payloads() -> list[bytes]:
     return [image_bytes(fmt, size, seed=seed) for seed, (fmt, size) in
-            enumerate([("JPEG", (320, 240)), ("PNG", (200, 300)), ("WEBP", (256, 256)), ("JPEG", (500, 120))])]
+            enumerate([("JPEG", (320, 240)), ("PNG", (200, 300)), ("WEBP", (500, 120))])]
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +191,14 @@ def test_missing_checkpoint_is_a_config_error():
 
 def test_autobatch_tune_vit_b_16_on_cpu_end_to_end(tmp_path):
     result, stderr, network = run_tune("vit_b_16", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "4",
-                                       "--latency-budget-ms", "4000", "--repeats", "1")
+                                       "--latency-budget-ms", "30000", "--repeats", "1")
     assert network == []
     assert result["model"] == "vit_b_16" and result["cache"] == "miss" and result["dtype"] == "float32"
     assert 1 <= result["batch_size"] <= result["max_safe_batch"] <= 4
     assert result["probes"][0]["batch_size"] == 1 and result["probes"][0]["outcome"] == "ok"
     assert "random weights" in result["weights"]
     again, _, _ = run_tune("vit_b_16", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "4",
-                           "--latency-budget-ms", "4000", "--repeats", "1")
+                           "--latency-budget-ms", "30000", "--repeats", "1")
     assert again["cache"] == "hit" and again["batch_size"] == result["batch_size"]
 
 

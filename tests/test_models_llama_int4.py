@@ -238,7 +238,7 @@ def test_config_errors_say_what_to_change(tmp_path):
 def test_autobatch_tune_llama_int4_on_cpu_end_to_end(tmp_path):
     models = tmp_path / "models"
     result, stderr, network = run_tune("llama_int4", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "2",
-                                       "--latency-budget-ms", "6000", "--repeats", "1",
+                                       "--latency-budget-ms", "60000", "--repeats", "1",
                                        env={"AUTOBATCH_MODEL_CACHE": str(models)})
     assert network == [], f"network access attempted: {network}"
     assert result["model"] == "llama_int4" and result["cache"] == "miss" and result["dtype"] == "float32"
