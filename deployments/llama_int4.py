@@ -248,7 +248,7 @@ class LlamaInt4Spec(ModelSpec):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         compute_dtype = torch_dtype(dtype)
-        folder = self.weights_path or self.ensure_synthetic_folder("cuda" if device.startswith("cuda") else "cpu")
+        folder = self.weights_path or self.ensure_synthetic_folder(device if device.startswith("cuda") else "cpu")
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=compute_dtype)
         device_map = {"": device if device != "cuda" else "cuda:0"}
