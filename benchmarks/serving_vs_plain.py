@@ -1,0 +1,312 @@
+"""Serving side by side: one model under the same closed-loop HTTP load through
+  (a) autobatch       serve.app:build (start-up tuning, tuned @serve.batch size and wait,
+                      max_ongoing_requests from the tuning bounds),
+  (b) plain batched   plain Ray Serve with @serve.batch defaults (max_batch_size=10,
+                      batch_wait_timeout_s=0.01) and max_ongoing_requests=5 (Ray's default),
+  (c) unbatched       plain Ray Serve, one forward pass per request, max_ongoing_requests=5,
+one after another on the same Ray cluster (one replica at a time, the same resources each), then the
+raw model in a bare loop (no HTTP, no Ray) at the batch sizes served: the ceiling.
+
+Per variant and concurrency: requests/s, samples/s (one sample per request), p50/p99 latency, the mean
+batch the replica formed (its own count of batches and samples), errors. The load is serve/bench.py's
+closed loop from this process, over 127.0.0.1. The baselines are benchmarks/plain_serve.py: the same
+ModelSpec, the same decode-before-batching and forward-in-a-worker-thread as autobatch; only the
+batching differs.
+
+    python benchmarks/serving_vs_plain.py --model resnet50 --concurrency 1 8 32 128 --duration 20
+    python benchmarks/serving_vs_plain.py --model resnet50 --device cpu --concurrency 1 4 16 --duration 15
+    python benchmarks/serving_vs_plain.py --quick          # CPU, tiny: keeps the script from rotting
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import REPO, default_out, describe_environment, environment, markdown_table, say, table, write_json  # noqa: E402
+
+import httpx  # noqa: E402
+
+from serve.bench import DEFAULT_PROMPT, Load, generated_jpeg, run_load  # noqa: E402
+from serve.client import make_payload  # noqa: E402
+
+MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+VARIANTS = ("autobatch", "plain batched", "unbatched")
+ROUTES = {"autobatch": "/autobatch", "plain batched": "/plain", "unbatched": "/unbatched"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(num_cpus: int, threads: int | None) -> str:
+    """A local Ray (workers inherit the repo on PYTHONPATH and the thread count) and Serve's HTTP
+    proxy on a free loopback port. Returns the base URL."""
+    import ray
+    from ray import serve
+
+    here = os.path.join(REPO, "benchmarks")  # plain_serve.py, imported by the baseline replicas
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, here, os.environ.get("PYTHONPATH")] if p)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # replicas: torch threads (Ray would use floor(num_cpus))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    return f"http://127.0.0.1:{port}"
+
+
+def build_variant(variant: str, args, on_gpu: bool, cache_path: str):
+    from plain_serve import PlainBatched, Unbatched
+
+    from serve.app import build
+
+    options = model_options(args)
+    if variant == "autobatch":
+        app_args = {"model": args.model, "device": "cuda" if on_gpu else "cpu", "max_batch": args.max_batch, "cache_path": cache_path,
+                    "num_cpus": args.num_cpus, "num_gpus": 1.0, "repeats": args.tune_repeats, "options": options}
+        if args.latency_budget_ms:
+            app_args["latency_budget_ms"] = args.latency_budget_ms
+        return build(app_args)
+    cls = PlainBatched if variant == "plain batched" else Unbatched
+    return cls.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": 1.0 if on_gpu else 0}).bind(
+        args.model, options, "cuda" if on_gpu else "cpu")
+
+
+def model_options(args) -> dict:
+    return {"config": args.llama_config} if args.model == "llama_int4" and args.llama_config else {}
+
+
+def replica_stats(http: httpx.Client, variant: str) -> dict:
+    path = ROUTES[variant] + ("/tuning" if variant == "autobatch" else "/stats")
+    body = http.get(path).json()
+    stats = body["stats"] if variant == "autobatch" else body
+    return {"batches": stats["batches"], "samples": stats["samples_served"],
+            "sizes": {int(k): v for k, v in stats["batch_sizes"].items()}}
+
+
+def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_path: str) -> tuple[list[dict], dict]:
+    from ray import serve
+
+    route = ROUTES[variant]
+    started = time.perf_counter()
+    serve.run(build_variant(variant, args, on_gpu, cache_path), name=variant.replace(" ", "-"), route_prefix=route)
+    ready_s = time.perf_counter() - started
+    info = {"variant": variant, "ready_s": ready_s}
+    http = httpx.Client(base_url=base, timeout=120, trust_env=False)
+    if variant == "autobatch":
+        t = http.get(route + "/tuning").json()
+        info.update(batch_size=t["batch_size"], max_safe_batch=t["max_safe_batch"], wait_ms=t["batch_wait_timeout_s"] * 1e3,
+                    tuning_s=t["tuning_s"], cache=t["cache"], max_ongoing=t["serving"]["max_ongoing_requests"],
+                    latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"])
+        info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms, ongoing {t['serving']['max_ongoing_requests']}"
+    else:
+        info["batching"] = "max 10, wait 10 ms, ongoing 5" if variant == "plain batched" else "none, ongoing 5"
+    say(f"  {variant}: ready in {ready_s:.1f} s ({info['batching']})")
+    if args.warmup_s > 0:
+        run_load(Load(route=route, url=base, payloads=payloads, concurrency=max(args.concurrency),
+                      duration_s=args.warmup_s, timeout_s=args.timeout))
+    rows = []
+    for concurrency in args.concurrency:
+        before = replica_stats(http, variant)
+        report = run_load(Load(route=route, url=base, payloads=payloads, concurrency=concurrency,
+                               duration_s=args.duration, max_requests=args.max_requests, timeout_s=args.timeout))
+        after = replica_stats(http, variant)
+        batches = after["batches"] - before["batches"]
+        sizes = {k: v - before["sizes"].get(k, 0) for k, v in after["sizes"].items() if v - before["sizes"].get(k, 0) > 0}
+        lat = report["latency_s"]
+        rows.append({
+            "model": args.model, "variant": variant, "batching": info["batching"], "concurrency": concurrency,
+            "requests_per_s": report["requests_per_s"], "samples_per_s": report["samples_per_s"],
+            "tokens_per_s": report.get("tokens_per_s"),
+            "p50_ms": lat["p50"] * 1e3 if lat["p50"] is not None else None,
+            "p90_ms": lat["p90"] * 1e3 if lat["p90"] is not None else None,
+            "p99_ms": lat["p99"] * 1e3 if lat["p99"] is not None else None,
+            "requests": report["requests"], "ok": report["ok"], "errors": sum(report["errors"].values()),
+            "errors_by_status": report["errors"], "wall_s": report["wall_s"],
+            "mean_batch": (after["samples"] - before["samples"]) / batches if batches else None,
+            "largest_batch": max(sizes) if sizes else None, "batch_sizes": sizes,
+        })
+        r = rows[-1]
+        say(f"    concurrency {concurrency}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms'] or 0:.0f} ms, "
+            f"p99 {r['p99_ms'] or 0:.0f} ms, mean batch {r['mean_batch'] or 0:.1f}, errors {r['errors']}")
+    http.close()
+    serve.delete(variant.replace(" ", "-"))
+    return rows, info
+
+
+def raw_loop(args, kind: str, payload: tuple[bytes, str], sizes: list[int]) -> list[dict]:
+    """The model alone: predict() on `size` decoded copies of the payload, median of the repeats."""
+    import torch
+
+    from deployments.registry import create_spec
+
+    if args.threads and kind == "cpu":
+        torch.set_num_threads(args.threads)
+    spec = create_spec(args.model, **model_options(args))
+    device = "cuda:0" if kind == "cuda" else "cpu"
+    spec.load(device, spec.default_dtype(kind))
+    sample = spec.decode(*payload)
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    rows = []
+    for size in sizes:
+        batch = [sample] * size
+        spec.predict(batch)  # warm-up
+        sync()
+        times = []
+        for _ in range(args.raw_repeats):
+            t0 = time.perf_counter()
+            spec.predict(batch)
+            sync()
+            times.append(time.perf_counter() - t0)
+        latency = statistics.median(times)
+        rows.append({"model": args.model, "batch": size, "latency_ms": latency * 1e3, "samples_per_s": size / latency})
+        say(f"  raw loop b={size}: {latency * 1e3:.1f} ms, {size / latency:.1f} samples/s")
+    del spec
+    if kind == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def nearest(raw: list[dict], size: float | None) -> dict | None:
+    if not raw or size is None:
+        return None
+    return min(raw, key=lambda r: (abs(r["batch"] - size), r["batch"]))
+
+
+SERVE_COLUMNS = [("variant", "variant", ""), ("batching", "batching", ""), ("concurrency", "concurrency", ""),
+                 ("req/s", "requests_per_s", ".1f"), ("samples/s", "samples_per_s", ".1f"), ("p50 ms", "p50_ms", ".0f"),
+                 ("p99 ms", "p99_ms", ".0f"), ("mean batch", "mean_batch", ".1f"), ("errors", "errors", ""),
+                 ("x ceiling", "x_ceiling", ".2f")]
+RATIO_COLUMNS = [("concurrency", "concurrency", ""), ("autobatch / plain batched", "vs_plain", ".2f"),
+                 ("autobatch / unbatched", "vs_unbatched", ".2f"), ("p99 autobatch / plain", "p99_vs_plain", ".2f")]
+RAW_COLUMNS = [("batch", "batch", ""), ("latency ms", "latency_ms", ".1f"), ("samples/s", "samples_per_s", ".1f")]
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    out = []
+    by = {(r["variant"], r["concurrency"]): r for r in rows}
+    for c in sorted({r["concurrency"] for r in rows}):
+        a, p, u = by.get(("autobatch", c)), by.get(("plain batched", c)), by.get(("unbatched", c))
+
+        def ratio(x, y, key):
+            return x[key] / y[key] if x and y and x.get(key) and y.get(key) else None
+
+        out.append({"concurrency": c, "vs_plain": ratio(a, p, "requests_per_s"), "vs_unbatched": ratio(a, u, "requests_per_s"),
+                    "p99_vs_plain": ratio(a, p, "p99_ms")})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--model", default="resnet50", choices=MODELS)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="closed-loop levels (default: CUDA 1 8 32 128, CPU 1 4 16)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per level (default: CUDA 20, CPU 15)")
+    parser.add_argument("--max-requests", type=int, default=100_000, help="request bound per level")
+    parser.add_argument("--warmup-s", type=float, default=None, help="load before measuring each variant, not counted (default 3)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    parser.add_argument("--max-batch", type=int, default=None, help="autobatch: largest batch its tuning may try (default: CUDA 256, CPU 64)")
+    parser.add_argument("--latency-budget-ms", type=float, default=None, help="autobatch: per-batch latency budget (default: the model's)")
+    parser.add_argument("--tune-repeats", type=int, default=3, help="autobatch: timed runs per tuning probe")
+    parser.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per replica (default: CUDA 1, CPU all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in replicas and the raw loop (default: CPU all cores; CUDA Ray's)")
+    parser.add_argument("--input", default=None, help="payload file (default: a generated 640x480 JPEG, or a prompt for llama_int4)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="llama_int4: tokens per request")
+    parser.add_argument("--llama-config", default=None, help="synthetic Llama shape: small or llama3-8b")
+    parser.add_argument("--raw-sizes", type=int, nargs="*", default=None, help="raw-loop batch sizes (default: 1, 10, the tuned size, powers of 2 up to it)")
+    parser.add_argument("--raw-repeats", type=int, default=5)
+    parser.add_argument("--cache", default=None, help="autobatch tuning cache (default: a fresh one, so the replica tunes)")
+    parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/serving_vs_plain-<model>-<device>.json)")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, concurrency 4, 2 s per level, max batch 4")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.quick:
+        args.device, args.model, args.concurrency, args.duration, args.warmup_s = "cpu", "resnet50", [4], 2.0, 1.0
+        args.max_batch, args.tune_repeats, args.raw_repeats = 4, 1, 1
+        args.raw_sizes = args.raw_sizes or [1, 4]
+    kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    on_gpu = kind == "cuda"
+    args.concurrency = args.concurrency or ([1, 8, 32, 128] if on_gpu else [1, 4, 16])
+    args.duration = args.duration or (20.0 if on_gpu else 15.0)
+    args.warmup_s = 3.0 if args.warmup_s is None else args.warmup_s
+    args.max_batch = args.max_batch or (256 if on_gpu else 64)
+    cores = os.cpu_count() or 1
+    args.num_cpus = args.num_cpus or (1.0 if on_gpu else float(cores))
+    args.threads = args.threads or (None if on_gpu else cores)
+    env = environment(kind)
+    say(describe_environment(env))
+
+    if args.input:
+        payload = make_payload(open(args.input, "rb").read())
+    elif args.model == "llama_int4":
+        payload = make_payload(DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens)
+    else:
+        payload = (generated_jpeg(), "image/jpeg")
+
+    cache_dir = tempfile.mkdtemp(prefix="autobatch-bench-cache-")
+    cache_path = args.cache or os.path.join(cache_dir, "tuning.json")
+    rows, infos = [], {}
+    base = start_cluster(num_cpus=max(1, int(round(args.num_cpus))) if not on_gpu else cores, threads=args.threads)
+    say(f"{args.model}: serving on {base} ({kind}), {args.duration:g} s per level at concurrency {args.concurrency}")
+    try:
+        for variant in args.variants:
+            variant_rows, info = serve_variant(variant, args, base, [payload], on_gpu, cache_path)
+            rows += variant_rows
+            infos[variant] = info
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+    tuned = infos.get("autobatch", {}).get("batch_size")
+    sizes = args.raw_sizes
+    if sizes is None:
+        top = max(tuned or 1, 10)
+        sizes = sorted({1, 10, *(2**i for i in range(1, 12) if 2**i <= top), *([tuned] if tuned else [])})
+    say(f"{args.model}: raw loop at {sizes}")
+    raw = raw_loop(args, kind, payload, sorted(set(sizes))) if sizes else []
+    for r in rows:
+        ceiling = nearest(raw, r["mean_batch"])
+        r["ceiling_batch"] = ceiling["batch"] if ceiling else None
+        r["x_ceiling"] = r["samples_per_s"] / ceiling["samples_per_s"] if ceiling and r["samples_per_s"] else None
+
+    print(describe_environment(env))
+    if "autobatch" in infos:
+        i = infos["autobatch"]
+        print(f"{args.model}: autobatch tuned batch {i['batch_size']} (max safe {i['max_safe_batch']}, wait {i['wait_ms']:.1f} ms, "
+              f"latency budget {i['latency_budget_ms']:.0f} ms; tuning {i['tuning_s']:.1f} s, cache {i['cache']})")
+    print(table(rows, SERVE_COLUMNS))
+    print("autobatch relative to the baselines (requests/s; p99 latency):")
+    print(table(ratios(rows), RATIO_COLUMNS))
+    print("raw model, bare loop (the ceiling; x ceiling above = samples/s over the raw samples/s at the batch size nearest the mean batch formed):")
+    print(table(raw, RAW_COLUMNS))
+    if args.markdown:
+        print(markdown_table(rows, SERVE_COLUMNS))
+        print(markdown_table(ratios(rows), RATIO_COLUMNS))
+        print(markdown_table(raw, RAW_COLUMNS))
+    out = write_json(args.out or default_out(f"serving_vs_plain-{args.model}", kind, args.quick), {
+        "environment": env,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "model": args.model, "device_kind": kind, "variants": infos, "serving": rows, "ratios": ratios(rows), "raw": raw,
+    })
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Tuning side by side: per model and memory budget, the largest batch each method finds, what it cost
+(probes, real OOMs, seconds), and whether the answer really fits the budget.
+
+Methods, all on the same loaded model, the same worst-case input (the spec's example_batch) and the
+same memory meter (CUDA: torch's reserved peak + what the card holds outside torch; CPU: peak RSS):
+- autobatch     optimizer.tune.autobatch, fresh (no cache). The latency budget is switched off so it
+                answers the same question as the others (the largest batch whose peak fits); the
+                batch it would serve (its throughput knee) is shown beside.
+- ultralytics   ultralytics.utils.autobatch.check_train_batch_size (what `yolo train batch=0.x`
+                runs), on a float32 copy of the YOLO model with AMP, its `batch` fraction set so that
+                its target (reserved memory <= fraction x available) is the budget. It profiles a
+                training step (forward + backward) at 1..16 (or 1..64 on cards >= 16 GiB) and
+                extrapolates a line. YOLO models only, CUDA only: on a CPU it returns its default
+                batch (16) without measuring, reported as n/a.
+- accelerate    accelerate.utils.find_executable_batch_size around the same forward (one warm-up +
+                `repeats` runs, like a probe), from start = --max-batch and from its default start
+                128; it retries at 0.9x after each OOM. "OOM" must mean "over the budget":
+                on CUDA a real allocator OOM under torch.cuda.set_per_process_memory_fraction(
+                (budget - bytes outside torch's allocator) / total), the quantity autobatch budgets;
+                on a CPU there is no allocator limit to set, so a global forward hook reads the same
+                peak-RSS meter after every module and raises PyTorch's CPU OOM error
+                ("DefaultCPUAllocator: can't allocate memory") once it passes the budget: an
+                emulated OOM, counted in the OOM column all the same.
+- brute force   the true maximum: from 0.8 x autobatch's answer, coarse steps (~2%) to the first
+                failure, then every size in that last step (exact if memory grows with batch size);
+                each size measured exactly like a tuner probe.
+Every method's answer is measured once more with that same probe: "fits" = its peak <= the budget.
+
+On a CPU the script fixes glibc's mmap threshold (mallopt M_MMAP_THRESHOLD = 128 KiB) for its own
+process, so large tensors are always mmapped and returned to the OS when freed: without that, glibc
+raises the threshold as big blocks are freed, later batches come from a heap that never shrinks, and
+the peak RSS of one batch size wanders by +-50-90 MiB with the order sizes were run in (measured on
+ResNet-50: 6 samples read 119-125 MiB above the base with it, 214-241 MiB without). Every method
+runs in this one process, so all of them get the steadier meter. The model also runs one batch
+before anything is measured, so one-time initialisation is in nobody's first probe.
+
+    python benchmarks/tuning_vs_peers.py --device cuda --headroom-mb 1024 4096 16384 --max-batch 4096
+    python benchmarks/tuning_vs_peers.py --device cpu --models resnet50 yolo11n_pose --headroom-mb 256 768
+    python benchmarks/tuning_vs_peers.py --quick          # CPU, tiny: keeps the script from rotting
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import default_out, describe_environment, environment, markdown_table, say, table, write_json  # noqa: E402
+
+from deployments.registry import create_spec  # noqa: E402
+from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
+from optimizer.probe import OK, OOM, ProbeResult, probe  # noqa: E402
+from optimizer.tune import TuningSettings, autobatch  # noqa: E402
+
+MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+NO_LATENCY_BOUND_S = 1e6
+CPU_OOM_TEXT = "DefaultCPUAllocator: can't allocate memory"  # what accelerate recognises as a CPU OOM
+
+
+class Batches:
+    """run_batch(n) for probes: one worst-case example batch held at a time (its memory counts)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.held: dict[int, list] = {}
+
+    def __call__(self, n: int) -> None:
+        if n not in self.held:
+            self.held.clear()
+            self.held[n] = self.spec.example_batch(n)
+        self.spec.predict(self.held[n])
+
+    def clear(self) -> None:
+        self.held.clear()
+
+
+class Measurer:
+    """One probe per size, cached: the brute-force scan and the final check share measurements."""
+
+    def __init__(self, spec, meter, budget: int, repeats: int):
+        self.batches = Batches(spec)
+        self.meter, self.budget, self.repeats = meter, budget, repeats
+        self.results: dict[int, ProbeResult] = {}
+
+    def __call__(self, size: int) -> ProbeResult:
+        if size not in self.results:
+            self.batches.clear()
+            self.meter.cleanup()
+            self.results[size] = probe(self.batches, size, self.meter, memory_budget_bytes=self.budget,
+                                       latency_budget_s=None, warmup=1, repeats=self.repeats)
+            self.batches.clear()
+            say(f"    measure b={size}: {self.results[size].outcome} peak "
+                f"{(self.results[size].peak_bytes or 0) / 2**20:.0f} MiB (budget {self.budget / 2**20:.0f})")
+        return self.results[size]
+
+
+def brute_force(measure: Measurer, hint: int, limit: int) -> dict:
+    """The largest size whose probe fits, scanning linearly around `hint` (see the module doc)."""
+    started = time.perf_counter()
+    before = set(measure.results)
+    start = max(1, min(limit, int(hint * 0.8)))
+    step = max(1, start // 50)
+    lo, hi = 0, None  # lo: largest size known to fit; hi: smallest known not to
+    if measure(start).ok:
+        lo, size = start, start + step
+        while size <= limit:
+            if not measure(size).ok:
+                hi = size
+                break
+            lo, size = size, size + step
+        if hi is None and lo < limit:  # the last coarse step overshot the limit: scan up to it
+            hi = limit + 1
+    else:
+        hi, size = start, start - step
+        while size >= 1:
+            if measure(size).ok:
+                lo = size
+                break
+            hi, size = size, size - step
+    if hi is not None:
+        for size in range(lo + 1, hi):
+            if not measure(size).ok:
+                break
+            lo = size
+    scanned = [s for s in measure.results if s not in before]
+    return {"found": lo or None, "probes": len(scanned),
+            "ooms": sum(measure.results[s].outcome == OOM for s in scanned), "seconds": time.perf_counter() - started,
+            "note": f"scan from {start} in steps of {step}, then by 1"}
+
+
+# ----- peers -----
+class BudgetGuard:
+    """Makes "out of memory" mean "over the budget" for a method that only reacts to OOMs."""
+
+    def __init__(self, kind: str, meter, budget: int):
+        self.kind, self.meter, self.budget = kind, meter, budget
+        self.emulated = 0
+        self._handle = None
+
+    def __enter__(self):
+        import torch
+
+        if self.kind == "cuda":
+            total = torch.cuda.get_device_properties(0).total_memory
+            allowed = self.budget - self.meter.outside_torch_bytes
+            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, allowed / total)), 0)
+        else:
+            def check(module, args, output):
+                self.check()
+
+            self._handle = torch.nn.modules.module.register_module_forward_hook(check)
+        return self
+
+    def start_attempt(self) -> None:
+        self.meter.cleanup()
+        self.meter.reset_peak()
+
+    def check(self) -> None:
+        if self.kind != "cuda" and self.meter.peak_bytes() > self.budget:
+            self.emulated += 1
+            raise RuntimeError(f"{CPU_OOM_TEXT} (emulated: peak RSS {self.meter.peak_bytes() / 2**20:.0f} MiB "
+                               f"passed the {self.budget / 2**20:.0f} MiB budget)")
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self._handle is not None:
+            self._handle.remove()
+        if self.kind == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        self.meter.cleanup()
+        return False
+
+
+def run_accelerate(spec, meter, kind: str, budget: int, start: int, repeats: int) -> dict:
+    try:
+        from accelerate.utils import find_executable_batch_size
+    except ImportError as exc:
+        return {"found": None, "note": f"n/a (accelerate not importable: {exc})"}
+    attempts: list[int] = []
+    guard = BudgetGuard(kind, meter, budget)
+
+    @find_executable_batch_size(starting_batch_size=start)
+    def fit(batch_size):
+        attempts.append(batch_size)
+        guard.start_attempt()
+        batch = spec.example_batch(batch_size)
+        for _ in range(1 + repeats):
+            spec.predict(batch)
+        guard.check()
+        return batch_size
+
+    started = time.perf_counter()
+    note = ("real allocator OOMs (set_per_process_memory_fraction)" if kind == "cuda"
+            else "emulated OOMs (forward hook on the peak-RSS meter)")
+    found = None
+    with guard:
+        try:
+            found = fit()
+        except Exception as exc:  # noqa: BLE001 - an error accelerate does not treat as OOM ends its search
+            note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+    return {"found": found, "probes": len(attempts), "ooms": max(0, len(attempts) - (1 if found else 0)),
+            "seconds": time.perf_counter() - started, "note": note}
+
+
+def run_ultralytics(spec, meter, kind: str, budget: int) -> dict:
+    if spec.name != "yolo11n_pose":
+        return {"found": None, "note": "n/a (YOLO models only)"}
+    try:
+        import torch
+        import ultralytics.utils.autobatch as ub
+    except ImportError as exc:
+        return {"found": None, "note": f"n/a (ultralytics not importable: {exc})"}
+    if kind != "cuda":
+        # It returns its default batch without measuring anything on a CPU; show that, not a number.
+        model = copy.deepcopy(spec.model).float()
+        default = ub.check_train_batch_size(model, imgsz=spec.imgsz, amp=False, batch=0.5)
+        return {"found": None, "note": f"n/a (CUDA only; on a CPU it returns its default batch {default} unmeasured)",
+                "returned": default}
+    profiled = {"sizes": [], "failed": 0}
+    original = ub.profile_ops
+
+    def counting_profile(inputs, ops, *args, **kwargs):
+        results = original(inputs, ops, *args, **kwargs)
+        profiled["sizes"] = [int(x.shape[0]) for x in inputs]
+        profiled["failed"] = sum(r is None for r in results)
+        return results
+
+    meter.cleanup()
+    free, _total = torch.cuda.mem_get_info(0)
+    available = torch.cuda.memory_reserved(0) + free  # ultralytics' "available" (f)
+    fraction = (budget - meter.outside_torch_bytes) / available
+    note = f"fraction {fraction:.3f} of {available / 2**30:.1f} GiB available; training-step profile"
+    if fraction >= 1:
+        fraction, note = 0.999, note + " (clamped to 0.999: the budget is over what is free)"
+    model = copy.deepcopy(spec.model).float()
+    for p in model.parameters():
+        p.requires_grad_(True)  # as in training, which is what it profiles
+    benchmark_flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # it refuses to measure otherwise
+    ub.profile_ops = counting_profile
+    started = time.perf_counter()
+    try:
+        found = int(ub.check_train_batch_size(model, imgsz=spec.imgsz, amp=True, batch=fraction))
+    except Exception as exc:  # noqa: BLE001
+        found, note = None, f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        ub.profile_ops = original
+        torch.backends.cudnn.benchmark = benchmark_flag
+        del model
+        meter.cleanup()
+    return {"found": found, "probes": len(profiled["sizes"]), "ooms": profiled["failed"],
+            "seconds": time.perf_counter() - started, "note": note}
+
+
+def run_autobatch(spec, meter, kind: str, dtype: str, budget: int, max_batch: int, repeats: int) -> dict:
+    settings = TuningSettings(device=kind, dtype=dtype, memory_budget_bytes=budget, latency_budget_s=NO_LATENCY_BOUND_S,
+                              max_batch=max_batch, repeats=repeats)
+    result = autobatch(spec, settings, cache=None, loaded=True, meter=meter, say=lambda line: say("    " + line))
+    return {"found": result["max_safe_batch"], "probes": result["probe_count"], "ooms": result["oom_events"],
+            "seconds": result["tuning_s"], "serve_batch": result["batch_size"],
+            "note": f"{result['search_probe_count']} search + {result['probe_count'] - result['search_probe_count']} knee "
+                    f"probes, {result['predicted_skips']} predicted skips; serves {result['batch_size']}"}
+
+
+# ----- the run -----
+COLUMNS = [("model", "model", ""), ("budget MiB", "budget_mb", ".0f"), ("method", "method", ""),
+           ("batch found", "found", ""), ("x true max", "ratio", ".2f"), ("probes", "probes", ""),
+           ("OOMs", "ooms", ""), ("seconds", "seconds", ".1f"), ("fits", "fits", ""),
+           ("peak MiB", "peak_mb", ".0f")]
+
+
+def steady_cpu_memory() -> bool:
+    """glibc: a fixed mmap threshold (see the module doc). False where it cannot be set."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS, help="default: all four on CUDA; resnet50 yolo11n_pose on a CPU")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    budgets = parser.add_mutually_exclusive_group()
+    budgets.add_argument("--headroom-mb", type=float, nargs="+", help="budgets as MiB above the loaded model's memory (default: CUDA 1024 4096 16384, CPU 256 768)")
+    budgets.add_argument("--budgets-mb", type=float, nargs="+", help="absolute budgets in MiB (model and context included)")
+    parser.add_argument("--max-batch", type=int, default=None, help="upper limit for every method, accelerate's start (default: CUDA 4096, CPU 256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per probe, for every method (the tuner's default 3)")
+    parser.add_argument("--accelerate-starts", type=int, nargs="+", default=None, help="default: --max-batch and 128 (its own default)")
+    parser.add_argument("--llama-config", default=None, help="synthetic Llama shape: small or llama3-8b (default small)")
+    parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/tuning_vs_peers-<device>.json)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, one small budget, max batch 8")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.device, args.models, args.max_batch, args.repeats = "cpu", ["resnet50"], 8, 1
+        args.headroom_mb, args.budgets_mb, args.accelerate_starts = [64], None, [8]
+    kind = resolve_device_kind(args.device)
+    models = args.models or (list(MODELS) if kind == "cuda" else ["resnet50", "yolo11n_pose"])
+    max_batch = args.max_batch or (4096 if kind == "cuda" else 256)
+    starts = args.accelerate_starts or sorted({max_batch, 128}, reverse=True)
+    if not args.budgets_mb and not args.headroom_mb:
+        args.headroom_mb = [1024, 4096, 16384] if kind == "cuda" else [256, 768]
+    env = environment(kind)
+    if kind == "cpu":
+        env["fixed_mmap_threshold"] = steady_cpu_memory()
+    say(describe_environment(env))
+
+    rows = []
+    for name in models:
+        options = {"config": args.llama_config} if name == "llama_int4" and args.llama_config else {}
+        spec = create_spec(name, **options)
+        meter = make_meter(kind)
+        dtype = spec.default_dtype(kind)
+        say(f"{name}: loading on {meter.torch_device} as {dtype}")
+        spec.load(meter.torch_device, dtype)
+        spec.predict(spec.example_batch(1))  # one-time initialisation, before anything is measured
+        meter.cleanup()
+        base = meter.current_bytes()
+        budgets = ([int(mb * 2**20) for mb in args.budgets_mb] if args.budgets_mb
+                   else [int(base + mb * 2**20) for mb in args.headroom_mb])
+        for budget in budgets:
+            say(f"{name}: budget {budget / 2**20:.0f} MiB (model loaded: {base / 2**20:.0f} MiB)")
+            if budget <= base:
+                say(f"  skipped: the loaded model alone takes {base / 2**20:.0f} MiB")
+                continue
+            methods: dict[str, dict] = {}
+            say("  autobatch")
+            methods["autobatch"] = run_autobatch(spec, meter, kind, dtype, budget, max_batch, args.repeats)
+            measure = Measurer(spec, meter, budget, args.repeats)
+            say("  brute force")
+            methods["brute force"] = brute_force(measure, methods["autobatch"]["found"], max_batch)
+            say("  ultralytics")
+            methods["ultralytics AutoBatch"] = run_ultralytics(spec, meter, kind, budget)
+            for start in starts:
+                say(f"  accelerate from {start}")
+                methods[f"accelerate (start {start})"] = run_accelerate(spec, meter, kind, budget, min(start, max_batch), args.repeats)
+            true_max = methods["brute force"]["found"]
+            for method, r in methods.items():
+                found = r.get("found")
+                check = measure(found) if found else None
+                rows.append({
+                    "model": name, "device": env["device"], "dtype": dtype, "budget_mb": budget / 2**20,
+                    "base_mb": base / 2**20, "method": method, "found": found if found else r.get("note", "-").split(";")[0],
+                    "ratio": found / true_max if found and true_max else None,
+                    "probes": r.get("probes"), "ooms": r.get("ooms"), "seconds": r.get("seconds"),
+                    "fits": None if check is None else ("yes" if check.outcome == OK else f"no ({check.outcome})"),
+                    "peak_mb": check.peak_bytes / 2**20 if check is not None and check.peak_bytes else None,
+                    "serve_batch": r.get("serve_batch"), "note": r.get("note"), "raw": {k: v for k, v in r.items() if k != "note"},
+                })
+        del spec
+        meter.cleanup()
+
+    print(describe_environment(env))
+    print(table(rows, COLUMNS))
+    print("notes:")
+    for r in rows:
+        if r["note"]:
+            print(f"  {r['model']} {r['budget_mb']:.0f} MiB {r['method']}: {r['note']}")
+    if args.markdown:
+        print(markdown_table(rows, COLUMNS))
+    out = write_json(args.out or default_out("tuning_vs_peers", kind, args.quick),
+                     {"environment": env, "settings": {"max_batch": max_batch, "repeats": args.repeats,
+                                                       "accelerate_starts": starts, "models": models},
+                      "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

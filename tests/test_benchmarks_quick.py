@@ -1,0 +1,82 @@
+"""Each benchmark script's --quick mode, run the way the GPU machine runs them (`python benchmarks/x.py`,
+the repo on PYTHONPATH, no console scripts), so the scripts do not rot. Benchmarks are not tests: the
+checks are that they finish, print their table and write JSON with the fields the docs use."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.timeout(400)
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{name} {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-results")
+
+
+def test_tuning_vs_peers_quick(results):
+    out = results / "tuning.json"
+    stdout = run_script("tuning_vs_peers.py", "--quick", "--out", str(out))
+    assert "brute force" in stdout and "accelerate" in stdout and f"wrote {out}" in stdout
+    data = json.loads(out.read_text())
+    assert data["environment"]["packages"]["torch"] and data["environment"]["command"].startswith("python benchmarks/")
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"autobatch", "brute force", "ultralytics AutoBatch", "accelerate (start 8)"}
+    true_max = rows["brute force"]["found"]
+    assert isinstance(true_max, int) and 1 <= true_max <= 8 and rows["brute force"]["fits"] == "yes"
+    assert isinstance(rows["autobatch"]["found"], int) and rows["autobatch"]["probes"] >= 2
+    assert isinstance(rows["accelerate (start 8)"]["found"], int)
+    assert rows["ultralytics AutoBatch"]["found"].startswith("n/a")  # ResNet-50: YOLO models only
+    for r in data["rows"]:
+        if isinstance(r["found"], int):
+            assert r["ratio"] == pytest.approx(r["found"] / true_max) and r["fits"] in ("yes", "no (over_memory)")
+
+
+def test_serving_vs_plain_quick(results):
+    out = results / "serving.json"
+    stdout = run_script("serving_vs_plain.py", "--quick", "--out", str(out))
+    assert "autobatch / plain batched" in stdout and f"wrote {out}" in stdout
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["serving"]}
+    assert set(rows) == {"autobatch", "plain batched", "unbatched"}
+    for r in rows.values():
+        assert r["ok"] > 0 and r["errors"] == 0 and r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        assert r["mean_batch"] >= 1
+    assert rows["unbatched"]["largest_batch"] == 1
+    assert rows["plain batched"]["largest_batch"] <= 5  # max_ongoing_requests=5 caps Ray's default batch of 10
+    tuned = data["variants"]["autobatch"]
+    assert 1 <= tuned["batch_size"] <= tuned["max_safe_batch"] <= 4 and tuned["cache"] == "miss"
+    assert rows["autobatch"]["largest_batch"] <= tuned["batch_size"]
+    assert [r["batch"] for r in data["raw"]] == [1, 4] and all(r["samples_per_s"] > 0 for r in data["raw"])
+
+
+def test_plots_quick(results, tmp_path):
+    serving, tuning = results / "serving.json", results / "tuning.json"
+    if not (serving.exists() and tuning.exists()):
+        pytest.skip("needs the two quick runs above")
+    stdout = run_script("plots.py", "--quick", "--serving", str(serving), "--tuning", str(tuning), "--out-dir", str(tmp_path))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["resnet50-cpu-batch.png", "resnet50-cpu-concurrency.png", "tuning-cpu.png"], stdout
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+
+
+def test_tune_vs_bruteforce_quick(tmp_path):
+    out = tmp_path / "rows.json"
+    stdout = run_script("tune_vs_bruteforce.py", "--quick", "--out", str(out))
+    assert "true max" in stdout
+    (row,) = json.loads(out.read_text())
+    assert 1 <= row["found"] <= 8 and 1 <= row["true_max"] <= 8
