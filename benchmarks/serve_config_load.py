@@ -78,7 +78,8 @@ def drive(http, base: str, app: dict, variant: str, args) -> dict:
                    wait_ms=t["batch_wait_timeout_s"] * 1e3, device=t["device"]["label"])
     else:
         row["batching"] = "defaults: 10, 10 ms, ongoing 5"
-    say(f"  {row['model']} {variant}: {row['requests_per_s']:.1f} req/s, p50 {row['p50_ms'] or 0:.0f} ms, "
+        row["device"] = http.get(route + "/stats").json().get("device")
+    say(f"  {row['model']} {variant} on {row.get('device')}: {row['requests_per_s']:.1f} req/s, p50 {row['p50_ms'] or 0:.0f} ms, "
         f"p99 {row['p99_ms'] or 0:.0f} ms, mean batch {row['mean_batch'] or 0:.1f}, errors {row['errors']}")
     return row
 
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
     base = start(args.num_cpus)
     http = httpx.Client(base_url=base, timeout=args.timeout, trust_env=False)
     rows, ready = [], {}
+    out = args.out or os.path.join(tempfile.gettempdir(), "serve_config_load.json")
     for variant in ("autobatch", "plain batched"):
         started = time.perf_counter()
         for app in apps:
@@ -140,6 +142,7 @@ def main(argv=None) -> int:
         say(f"{variant}: all {len(apps)} applications ready in {ready[variant]:.1f} s")
         for app in apps:
             rows.append(drive(http, base, app, variant, args))
+            write_json(out + ".partial", {"rows": rows, "ready_s": ready})  # survives a cut-off run
         for app in apps:
             serve.delete(f"{app['name']}-{variant.replace(' ', '-')}")
     by = {(r["model"], r["variant"]): r for r in rows}
@@ -149,7 +152,6 @@ def main(argv=None) -> int:
     env = environment()
     payload = {"environment": env, "concurrency": args.concurrency, "duration_s": args.duration,
                "ready_s": ready, "rows": rows}
-    out = args.out or os.path.join(tempfile.gettempdir(), "serve_config_load.json")
     write_json(out, payload)
     print(table(rows, COLUMNS))
     print()
