@@ -54,6 +54,8 @@ def environment(kind: str | None = None) -> dict:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "packages": {name: version(name) for name in PACKAGES},
         "device": "cpu",
+        # other work on the machine skews CPU timings: the 1/5/15-minute load average when the run began
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     try:
         import torch
@@ -79,7 +81,8 @@ def describe_environment(env: dict) -> str:
     pkgs = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
     dev = env["device"] if env["device"] == "cpu" else f"{env['device']} ({env.get('gpu_memory_gib')} GiB, CUDA {env.get('cuda')}, driver {env.get('driver', '?')})"
     return (f"machine: {env['cpu']} x{env['cpu_count']}, {env['memory_gib']} GiB RAM; device: {dev}; "
-            f"Python {env['python']}; {pkgs}\ncommand: {env['command']}  ({env['when']})")
+            f"Python {env['python']}; {pkgs}\ncommand: {env['command']}  ({env['when']}, load average "
+            f"{env.get('load_average_at_start')})")
 
 
 def fmt(value, spec: str = "") -> str:

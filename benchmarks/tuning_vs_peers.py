@@ -24,7 +24,17 @@ same memory meter (CUDA: torch's reserved peak + what the card holds outside tor
 - brute force   the true maximum: from 0.8 x autobatch's answer, coarse steps (~2%) to the first
                 failure, then every size in that last step (exact if memory grows with batch size);
                 each size measured exactly like a tuner probe.
-Every method's answer is measured once more with that same probe: "fits" = its peak <= the budget.
+Then every answer is measured once more with that same probe: "fits" = its peak <= the budget.
+
+Process history matters on a CPU: a process's memory grows by 2-3 MiB with every distinct batch size
+it has run (oneDNN and allocator caches per shape: ResNet-50 at batch 8 read 101, 107, 116, 127 MiB
+above the start after 0, 3, 7, 13 other sizes), so a size measured late reads higher than the same
+size measured early, and whichever method ran first would have an edge. So on a CPU (--isolate, the
+default there) every method, every size of the brute-force scan and every final check runs in a
+fresh process that loads the model and runs one batch of 1 first: all start from the same state, a
+check is what a fresh replica serving that batch would see, and "seconds" counts the method's own
+work (not the process start and model load). On CUDA the caching allocator is emptied between probes and
+everything runs in one process (--isolate to change it).
 
 On a CPU the script fixes glibc's mmap threshold (mallopt M_MMAP_THRESHOLD = 128 KiB) for its own
 process, so large tensors are always mmapped and returned to the OS when freed: without that, glibc
@@ -35,7 +45,7 @@ runs in this one process, so all of them get the steadier meter. The model also 
 before anything is measured, so one-time initialisation is in nobody's first probe.
 
     python benchmarks/tuning_vs_peers.py --device cuda --headroom-mb 1024 4096 16384 --max-batch 4096
-    python benchmarks/tuning_vs_peers.py --device cpu --models resnet50 yolo11n_pose --headroom-mb 256 768
+    python benchmarks/tuning_vs_peers.py --device cpu --models resnet50 yolo11n_pose --headroom-mb 256 512
     python benchmarks/tuning_vs_peers.py --quick          # CPU, tiny: keeps the script from rotting
 """
 from __future__ import annotations
@@ -96,6 +106,24 @@ class Measurer:
         return self.results[size]
 
 
+class FreshMeasurer:
+    """Like Measurer, but each size in a fresh process (Session.run "check"): no memory history."""
+
+    def __init__(self, session, common: dict):
+        self.session, self.common = session, common
+        self.results: dict[int, ProbeResult] = {}
+        self.seconds: dict[int, float] = {}
+
+    def __call__(self, size: int) -> ProbeResult:
+        if size not in self.results:
+            found = self.session.run({**self.common, "task": "check", "sizes": [size]}).get(str(size))
+            if found is None:
+                raise RuntimeError(f"the check of batch {size} failed; see the worker's stderr above")
+            self.seconds[size] = found.pop("seconds", 0.0)
+            self.results[size] = ProbeResult.from_dict(found)
+        return self.results[size]
+
+
 def brute_force(measure: Measurer, hint: int, limit: int) -> dict:
     """The largest size whose probe fits, scanning linearly around `hint` (see the module doc)."""
     started = time.perf_counter()
@@ -125,8 +153,9 @@ def brute_force(measure: Measurer, hint: int, limit: int) -> dict:
                 break
             lo = size
     scanned = [s for s in measure.results if s not in before]
+    seconds = sum(measure.seconds.get(s, 0.0) for s in scanned) if hasattr(measure, "seconds") else time.perf_counter() - started
     return {"found": lo or None, "probes": len(scanned),
-            "ooms": sum(measure.results[s].outcome == OOM for s in scanned), "seconds": time.perf_counter() - started,
+            "ooms": sum(measure.results[s].outcome == OOM for s in scanned), "seconds": seconds,
             "note": f"scan from {start} in steps of {step}, then by 1"}
 
 
@@ -258,7 +287,10 @@ def run_ultralytics(spec, meter, kind: str, budget: int) -> dict:
 def run_autobatch(spec, meter, kind: str, dtype: str, budget: int, max_batch: int, repeats: int) -> dict:
     settings = TuningSettings(device=kind, dtype=dtype, memory_budget_bytes=budget, latency_budget_s=NO_LATENCY_BOUND_S,
                               max_batch=max_batch, repeats=repeats)
-    result = autobatch(spec, settings, cache=None, loaded=True, meter=meter, say=lambda line: say("    " + line))
+    try:
+        result = autobatch(spec, settings, cache=None, loaded=True, meter=meter, say=lambda line: say("    " + line))
+    except Exception as exc:  # noqa: BLE001 - e.g. batch 1 does not fit the budget: a row, not a crash
+        return {"found": None, "note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"}
     return {"found": result["max_safe_batch"], "probes": result["probe_count"], "ooms": result["oom_events"],
             "seconds": result["tuning_s"], "serve_batch": result["batch_size"],
             "note": f"{result['search_probe_count']} search + {result['probe_count'] - result['search_probe_count']} knee "
@@ -282,48 +314,127 @@ def steady_cpu_memory() -> bool:
         return False
 
 
+class Session:
+    """One model loaded on the device (warmed up, base memory measured) and the tasks run on it:
+    base | autobatch | ultralytics | accelerate | brute | check. In-process, or (isolate) each task in
+    a fresh process that loads the model itself, so no task inherits another's memory history."""
+
+    def __init__(self, name: str, options: dict, kind: str, isolate: bool):
+        self.name, self.options, self.kind, self.isolate = name, options, kind, isolate
+        self.spec = self.meter = None
+        if not isolate:
+            self.spec, self.meter, self.dtype, self.base = load_model(name, options, kind)
+        else:
+            found = self.run({"task": "base"})
+            self.dtype, self.base = found["dtype"], found["base"]
+
+    def run(self, task: dict) -> dict:
+        if not self.isolate:
+            return run_task(task, self.spec, self.meter, self.kind, self.dtype)
+        import json
+        import subprocess
+
+        job = {**task, "model": self.name, "options": self.options, "kind": self.kind}
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
+                              stdout=subprocess.PIPE, text=True, env=os.environ)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            return {"found": None, "note": f"failed: worker exit {done.returncode} (see stderr above)"}
+        return json.loads(lines[-1][len("RESULT "):])
+
+    def close(self) -> None:
+        if self.spec is not None:
+            self.spec = None
+            self.meter.cleanup()
+
+
+def load_model(name: str, options: dict, kind: str):
+    spec = create_spec(name, **options)
+    meter = make_meter(kind)
+    dtype = spec.default_dtype(kind)
+    say(f"{name}: loading on {meter.torch_device} as {dtype}")
+    spec.load(meter.torch_device, dtype)
+    spec.predict(spec.example_batch(1))  # one-time initialisation, before anything is measured
+    meter.cleanup()
+    return spec, meter, dtype, meter.current_bytes()
+
+
+def run_task(task: dict, spec, meter, kind: str, dtype: str) -> dict:
+    what, budget = task["task"], task.get("budget")
+    if what == "base":
+        meter.cleanup()
+        return {"dtype": dtype, "base": meter.current_bytes()}
+    if what == "autobatch":
+        return run_autobatch(spec, meter, kind, dtype, budget, task["max_batch"], task["repeats"])
+    if what == "ultralytics":
+        return run_ultralytics(spec, meter, kind, budget)
+    if what == "accelerate":
+        return run_accelerate(spec, meter, kind, budget, task["start"], task["repeats"])
+    if what == "brute":
+        return brute_force(Measurer(spec, meter, budget, task["repeats"]), task["hint"], task["max_batch"])
+    if what == "check":  # each size as a fresh replica would first run it: its own probe, nothing before
+        check, out = Measurer(spec, meter, budget, task["repeats"]), {}
+        for size in task["sizes"]:
+            started = time.perf_counter()
+            out[str(size)] = {**check(size).to_dict(), "seconds": time.perf_counter() - started}
+        return out
+    raise ValueError(f"unknown task {what!r}")
+
+
+def worker(job_text: str) -> int:
+    import json
+
+    job = json.loads(job_text)
+    if job["kind"] == "cpu":
+        steady_cpu_memory()
+    spec, meter, dtype, base = load_model(job["model"], job["options"], job["kind"])
+    print("RESULT " + json.dumps(run_task(job, spec, meter, job["kind"], dtype)), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--models", nargs="+", default=None, choices=MODELS, help="default: all four on CUDA; resnet50 yolo11n_pose on a CPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     budgets = parser.add_mutually_exclusive_group()
-    budgets.add_argument("--headroom-mb", type=float, nargs="+", help="budgets as MiB above the loaded model's memory (default: CUDA 1024 4096 16384, CPU 256 768)")
+    budgets.add_argument("--headroom-mb", type=float, nargs="+", help="budgets as MiB above the loaded model's memory (default: CUDA 1024 4096 16384, CPU 256 512)")
     budgets.add_argument("--budgets-mb", type=float, nargs="+", help="absolute budgets in MiB (model and context included)")
-    parser.add_argument("--max-batch", type=int, default=None, help="upper limit for every method, accelerate's start (default: CUDA 4096, CPU 256)")
+    parser.add_argument("--max-batch", type=int, default=None, help="upper limit for every method, accelerate's start (default: CUDA 4096, CPU 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per probe, for every method (the tuner's default 3)")
     parser.add_argument("--accelerate-starts", type=int, nargs="+", default=None, help="default: --max-batch and 128 (its own default)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="run every method and every final check in a fresh process (default: on for CPU, off for CUDA)")
     parser.add_argument("--llama-config", default=None, help="synthetic Llama shape: small or llama3-8b (default small)")
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/tuning_vs_peers-<device>.json)")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, one small budget, max batch 8")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
 
     if args.quick:
         args.device, args.models, args.max_batch, args.repeats = "cpu", ["resnet50"], 8, 1
         args.headroom_mb, args.budgets_mb, args.accelerate_starts = [64], None, [8]
     kind = resolve_device_kind(args.device)
     models = args.models or (list(MODELS) if kind == "cuda" else ["resnet50", "yolo11n_pose"])
-    max_batch = args.max_batch or (4096 if kind == "cuda" else 256)
+    max_batch = args.max_batch or (4096 if kind == "cuda" else 128)
     starts = args.accelerate_starts or sorted({max_batch, 128}, reverse=True)
+    isolate = (kind == "cpu") if args.isolate is None else args.isolate
     if not args.budgets_mb and not args.headroom_mb:
-        args.headroom_mb = [1024, 4096, 16384] if kind == "cuda" else [256, 768]
+        args.headroom_mb = [1024, 4096, 16384] if kind == "cuda" else [256, 512]
     env = environment(kind)
     if kind == "cpu":
         env["fixed_mmap_threshold"] = steady_cpu_memory()
+    env["isolated_processes"] = isolate
     say(describe_environment(env))
 
     rows = []
     for name in models:
         options = {"config": args.llama_config} if name == "llama_int4" and args.llama_config else {}
-        spec = create_spec(name, **options)
-        meter = make_meter(kind)
-        dtype = spec.default_dtype(kind)
-        say(f"{name}: loading on {meter.torch_device} as {dtype}")
-        spec.load(meter.torch_device, dtype)
-        spec.predict(spec.example_batch(1))  # one-time initialisation, before anything is measured
-        meter.cleanup()
-        base = meter.current_bytes()
+        session = Session(name, options, kind, isolate)
+        base, dtype = session.base, session.dtype
         budgets = ([int(mb * 2**20) for mb in args.budgets_mb] if args.budgets_mb
                    else [int(base + mb * 2**20) for mb in args.headroom_mb])
         for budget in budgets:
@@ -331,32 +442,44 @@ def main(argv=None) -> int:
             if budget <= base:
                 say(f"  skipped: the loaded model alone takes {base / 2**20:.0f} MiB")
                 continue
+            common = {"budget": budget, "max_batch": max_batch, "repeats": args.repeats}
             methods: dict[str, dict] = {}
             say("  autobatch")
-            methods["autobatch"] = run_autobatch(spec, meter, kind, dtype, budget, max_batch, args.repeats)
-            measure = Measurer(spec, meter, budget, args.repeats)
-            say("  brute force")
-            methods["brute force"] = brute_force(measure, methods["autobatch"]["found"], max_batch)
+            methods["autobatch"] = session.run({**common, "task": "autobatch"})
             say("  ultralytics")
-            methods["ultralytics AutoBatch"] = run_ultralytics(spec, meter, kind, budget)
+            methods["ultralytics AutoBatch"] = (session.run({**common, "task": "ultralytics"}) if name == "yolo11n_pose"
+                                                else {"found": None, "note": "n/a (YOLO models only)"})
             for start in starts:
                 say(f"  accelerate from {start}")
-                methods[f"accelerate (start {start})"] = run_accelerate(spec, meter, kind, budget, min(start, max_batch), args.repeats)
+                methods[f"accelerate (start {start})"] = session.run({**common, "task": "accelerate", "start": min(start, max_batch)})
+            say("  brute force")  # after autobatch: it scans around autobatch's answer
+            hint = methods["autobatch"].get("found") or 1
+            if isolate:  # every size in a fresh process; the final checks reuse these measurements
+                fresh = FreshMeasurer(session, common)
+                methods["brute force"] = brute_force(fresh, hint, max_batch)
+            else:
+                methods["brute force"] = session.run({**common, "task": "brute", "hint": hint})
             true_max = methods["brute force"]["found"]
+            say("  final check of every answer")
+            sizes = sorted({r["found"] for r in methods.values() if r.get("found")})
+            checked: dict[str, dict] = {}
+            if isolate:
+                checked = {str(size): fresh(size).to_dict() for size in sizes}
+            elif sizes:
+                checked = session.run({**common, "task": "check", "sizes": sizes})
             for method, r in methods.items():
                 found = r.get("found")
-                check = measure(found) if found else None
+                measured = ProbeResult.from_dict(checked[str(found)]) if found and str(found) in checked else None
                 rows.append({
                     "model": name, "device": env["device"], "dtype": dtype, "budget_mb": budget / 2**20,
                     "base_mb": base / 2**20, "method": method, "found": found if found else r.get("note", "-").split(";")[0],
                     "ratio": found / true_max if found and true_max else None,
                     "probes": r.get("probes"), "ooms": r.get("ooms"), "seconds": r.get("seconds"),
-                    "fits": None if check is None else ("yes" if check.outcome == OK else f"no ({check.outcome})"),
-                    "peak_mb": check.peak_bytes / 2**20 if check is not None and check.peak_bytes else None,
+                    "fits": None if measured is None else ("yes" if measured.outcome == OK else f"no ({measured.outcome})"),
+                    "peak_mb": measured.peak_bytes / 2**20 if measured is not None and measured.peak_bytes else None,
                     "serve_batch": r.get("serve_batch"), "note": r.get("note"), "raw": {k: v for k, v in r.items() if k != "note"},
                 })
-        del spec
-        meter.cleanup()
+        session.close()
 
     print(describe_environment(env))
     print(table(rows, COLUMNS))
@@ -368,7 +491,7 @@ def main(argv=None) -> int:
         print(markdown_table(rows, COLUMNS))
     out = write_json(args.out or default_out("tuning_vs_peers", kind, args.quick),
                      {"environment": env, "settings": {"max_batch": max_batch, "repeats": args.repeats,
-                                                       "accelerate_starts": starts, "models": models},
+                                                       "accelerate_starts": starts, "models": models, "isolate": isolate},
                       "rows": rows})
     print(f"wrote {out}")
     return 0
