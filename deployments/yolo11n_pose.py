@@ -43,6 +43,10 @@ class PoseSample:
     orig_size: tuple[int, int]  # (height, width) of the image as sent
     gain: tuple[float, float]  # (x, y) letterboxed pixels per original pixel (each side is rounded)
     pad: tuple[float, float]  # (left, top) padding in letterboxed pixels
+    # Tuning only: no confidence cut, so NMS sees max_candidates boxes and rescaling and encoding
+    # run at max_det detections per image, the most post-processing a request can cause. Random
+    # weights on random pixels detect nothing, which would tune for the cheapest case instead.
+    worst_case: bool = False
 
 
 # ---------------------------------------------------------------- pre- and post-processing
@@ -130,7 +134,7 @@ class YOLO11nPoseSpec(ModelSpec):
     default_latency_budget_s: ClassVar[float] = 0.5
 
     def __init__(self, weights_path: str | None = None, imgsz: int = 640, conf_threshold: float = 0.25,
-                 iou_threshold: float = 0.7, max_det: int = 300,
+                 iou_threshold: float = 0.7, max_det: int = 300, max_candidates: int = 1000,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **options: Any):
         super().__init__(weights_path, **options)
@@ -152,13 +156,19 @@ class YOLO11nPoseSpec(ModelSpec):
         self.conf_threshold = float(conf_threshold)
         self.iou_threshold = float(iou_threshold)
         self.max_det = int(max_det)
+        # Boxes kept for NMS per image, best first (ultralytics' max_nms, 30000 there). NMS costs
+        # O(candidates^2) on a CPU, so this bounds a request's worst-case post-processing: random
+        # weights on a real photo put thousands of anchors over the threshold.
+        self.max_candidates = int(max_candidates)
+        if self.max_candidates < self.max_det:
+            raise SpecConfigError(f"max_candidates ({max_candidates}) must be at least max_det ({max_det})")
         self.max_image_bytes = int(max_image_bytes)
         self.max_image_pixels = int(max_image_pixels)
         self.names: dict[int, str] = {0: "person"}
         self.num_classes = 1
 
     def input_signature(self) -> dict:
-        return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det}
+        return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det, "max_candidates": self.max_candidates}
 
     # --- load
     def _build(self):
@@ -209,7 +219,7 @@ class YOLO11nPoseSpec(ModelSpec):
 
         generator = torch.Generator().manual_seed(n)
         images = torch.randint(0, 256, (n, 3, self.imgsz, self.imgsz), generator=generator, dtype=torch.uint8)
-        return [PoseSample(image, (self.imgsz, self.imgsz), (1.0, 1.0), (0.0, 0.0)) for image in images]
+        return [PoseSample(image, (self.imgsz, self.imgsz), (1.0, 1.0), (0.0, 0.0), worst_case=True) for image in images]
 
     def decode(self, payload: bytes, content_type: str | None = None) -> PoseSample:
         import numpy as np
@@ -239,8 +249,8 @@ class YOLO11nPoseSpec(ModelSpec):
             outputs = []
             for prediction, sample in zip(raw, samples):
                 boxes, scores, class_ids, keypoints = nms_pose(
-                    prediction, self.num_classes, conf_threshold=self.conf_threshold,
-                    iou_threshold=self.iou_threshold, max_det=self.max_det)
+                    prediction, self.num_classes, conf_threshold=-1.0 if sample.worst_case else self.conf_threshold,
+                    iou_threshold=self.iou_threshold, max_det=self.max_det, max_candidates=self.max_candidates)
                 boxes = scale_boxes(boxes.cpu(), sample.gain, sample.pad, sample.orig_size)
                 keypoints = scale_keypoints(keypoints.cpu(), sample.gain, sample.pad, sample.orig_size)
                 class_list = class_ids.cpu().tolist()
