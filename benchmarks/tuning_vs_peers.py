@@ -124,8 +124,10 @@ class FreshMeasurer:
         return self.results[size]
 
 
-def brute_force(measure: Measurer, hint: int, limit: int) -> dict:
-    """The largest size whose probe fits, scanning linearly around `hint` (see the module doc)."""
+def brute_force(measure: Measurer, hint: int, limit: int, resolution: float = 0.0) -> dict:
+    """The largest size whose probe fits, scanning linearly around `hint` (see the module doc).
+    resolution > 0 (a fraction, e.g. 0.005): the last stage steps by that share of the answer
+    instead of by 1 (for large batches on a GPU); the answer is then exact to within that step."""
     started = time.perf_counter()
     before = set(measure.results)
     start = max(1, min(limit, int(hint * 0.8)))
@@ -147,8 +149,9 @@ def brute_force(measure: Measurer, hint: int, limit: int) -> dict:
                 lo = size
                 break
             hi, size = size, size - step
+    fine = max(1, int(lo * resolution)) if resolution > 0 else 1
     if hi is not None:
-        for size in range(lo + 1, hi):
+        for size in range(lo + fine, hi, fine):
             if not measure(size).ok:
                 break
             lo = size
@@ -156,7 +159,7 @@ def brute_force(measure: Measurer, hint: int, limit: int) -> dict:
     seconds = sum(measure.seconds.get(s, 0.0) for s in scanned) if hasattr(measure, "seconds") else time.perf_counter() - started
     return {"found": lo or None, "probes": len(scanned),
             "ooms": sum(measure.results[s].outcome == OOM for s in scanned), "seconds": seconds,
-            "note": f"scan from {start} in steps of {step}, then by 1"}
+            "note": f"scan from {start} in steps of {step}, then by {fine}"}
 
 
 # ----- peers -----
@@ -371,7 +374,8 @@ def run_task(task: dict, spec, meter, kind: str, dtype: str) -> dict:
     if what == "accelerate":
         return run_accelerate(spec, meter, kind, budget, task["start"], task["repeats"])
     if what == "brute":
-        return brute_force(Measurer(spec, meter, budget, task["repeats"]), task["hint"], task["max_batch"])
+        return brute_force(Measurer(spec, meter, budget, task["repeats"]), task["hint"], task["max_batch"],
+                           task.get("resolution", 0.0))
     if what == "check":  # each size as a fresh replica would first run it: its own probe, nothing before
         check, out = Measurer(spec, meter, budget, task["repeats"]), {}
         for size in task["sizes"]:
@@ -403,6 +407,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="upper limit for every method, accelerate's start (default: CUDA 4096, CPU 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per probe, for every method (the tuner's default 3)")
     parser.add_argument("--accelerate-starts", type=int, nargs="+", default=None, help="default: --max-batch and 128 (its own default)")
+    parser.add_argument("--brute-resolution", type=float, default=0.0,
+                        help="brute force's last stage steps by this fraction of the answer (default 0: by 1, exact); "
+                             "e.g. 0.005 for batches in the thousands on a GPU")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="run every method and every final check in a fresh process (default: on for CPU, off for CUDA)")
     parser.add_argument("--llama-config", default=None, help="synthetic Llama shape: small or llama3-8b (default small)")
@@ -420,7 +427,7 @@ def main(argv=None) -> int:
     kind = resolve_device_kind(args.device)
     models = args.models or (list(MODELS) if kind == "cuda" else ["resnet50", "yolo11n_pose"])
     max_batch = args.max_batch or (4096 if kind == "cuda" else 128)
-    starts = args.accelerate_starts or sorted({max_batch, 128}, reverse=True)
+    starts = sorted({min(s, max_batch) for s in (args.accelerate_starts or [max_batch, 128])}, reverse=True)
     isolate = (kind == "cpu") if args.isolate is None else args.isolate
     if not args.budgets_mb and not args.headroom_mb:
         args.headroom_mb = [1024, 4096, 16384] if kind == "cuda" else [256, 512]
@@ -451,14 +458,15 @@ def main(argv=None) -> int:
                                                 else {"found": None, "note": "n/a (YOLO models only)"})
             for start in starts:
                 say(f"  accelerate from {start}")
-                methods[f"accelerate (start {start})"] = session.run({**common, "task": "accelerate", "start": min(start, max_batch)})
+                methods[f"accelerate (start {start})"] = session.run({**common, "task": "accelerate", "start": start})
             say("  brute force")  # after autobatch: it scans around autobatch's answer
             hint = methods["autobatch"].get("found") or 1
             if isolate:  # every size in a fresh process; the final checks reuse these measurements
                 fresh = FreshMeasurer(session, common)
-                methods["brute force"] = brute_force(fresh, hint, max_batch)
+                methods["brute force"] = brute_force(fresh, hint, max_batch, args.brute_resolution)
             else:
-                methods["brute force"] = session.run({**common, "task": "brute", "hint": hint})
+                methods["brute force"] = session.run({**common, "task": "brute", "hint": hint,
+                                                      "resolution": args.brute_resolution})
             true_max = methods["brute force"]["found"]
             say("  final check of every answer")
             sizes = sorted({r["found"] for r in methods.values() if r.get("found")})
@@ -472,7 +480,7 @@ def main(argv=None) -> int:
                 measured = ProbeResult.from_dict(checked[str(found)]) if found and str(found) in checked else None
                 rows.append({
                     "model": name, "device": env["device"], "dtype": dtype, "budget_mb": budget / 2**20,
-                    "base_mb": base / 2**20, "method": method, "found": found if found else r.get("note", "-").split(";")[0],
+                    "base_mb": base / 2**20, "method": method, "found": found if found else "n/a",
                     "ratio": found / true_max if found and true_max else None,
                     "probes": r.get("probes"), "ooms": r.get("ooms"), "seconds": r.get("seconds"),
                     "fits": None if measured is None else ("yes" if measured.outcome == OK else f"no ({measured.outcome})"),
