@@ -201,13 +201,15 @@ def autobatch(
                 break
             prober.run(size)
         chosen = select_serve_batch(prober.probes, search.max_safe_batch, resolved.latency_budget_s, settings.knee_fraction)
-        wait_s = batch_wait_timeout_s(chosen.latency_s, resolved.latency_budget_s)
-        tuning_s = time.perf_counter() - started
         first = prober.by_size(1)
+        wait_s = batch_wait_timeout_s(chosen.latency_s, resolved.latency_budget_s, first.latency_s or 0.0,
+                                      first.throughput or 0.0, chosen.throughput)
+        tuning_s = time.perf_counter() - started
         fit = search.memory_fit
         decision = (f"max safe batch {search.max_safe_batch} (bounded by {search.stopped_by}); serving batch "
                     f"{chosen.batch_size}: {chosen.reason}; batch wait {wait_s * 1e3:.1f} ms "
-                    f"(half the latency budget left after {chosen.latency_s * 1e3:.1f} ms of compute, at most one batch's compute)")
+                    f"(batch 1's {(first.latency_s or 0) * 1e3:.1f} ms compute x the {max(0.0, 1 - (first.throughput or 0) / chosen.throughput) if chosen.throughput else 0:.0%} "
+                    f"that batching saves, at most half the budget left after {chosen.latency_s * 1e3:.1f} ms of compute)")
         say(f"autobatch: {decision}")
         if fit is not None:
             say(f"autobatch: memory fit {_gib(fit.intercept)} + {fit.slope / 2**20:.2f} MiB per sample")

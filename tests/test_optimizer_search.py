@@ -182,9 +182,14 @@ def test_knee_selection_prefers_the_smallest_size_near_the_best_throughput():
 
 
 def test_wait_is_derived_from_the_budget_left_after_compute():
-    assert batch_wait_timeout_s(0.040, 0.100) == pytest.approx(0.030)  # half of the 60 ms left
-    assert batch_wait_timeout_s(0.010, 1.000) == pytest.approx(0.010)  # never more than one batch's compute
-    assert batch_wait_timeout_s(0.100, 0.100) == pytest.approx(0.001)  # no headroom: 1 ms floor
+    # GPU-like: batch 1 takes 5 ms at 200/s, batch 64 serves 3200/s: wait most of batch 1's compute
+    assert batch_wait_timeout_s(0.020, 0.500, 0.005, 200.0, 3200.0) == pytest.approx(0.005 * (1 - 200 / 3200))
+    # CPU-like: throughput flat in the batch: waiting buys nothing
+    assert batch_wait_timeout_s(0.160, 0.500, 0.080, 12.5, 12.5) == 0.0
+    assert batch_wait_timeout_s(0.160, 0.500, 0.080, 12.0, 12.5) == pytest.approx(0.080 * 0.04)
+    # never more than half of what the budget leaves after the batch's compute
+    assert batch_wait_timeout_s(0.090, 0.100, 0.050, 20.0, 100.0) == pytest.approx(0.005)
+    assert batch_wait_timeout_s(0.100, 0.100, 0.050, 20.0, 100.0) == 0.0
 
 
 def test_affine_fit_recovers_a_line_and_inverts_it():

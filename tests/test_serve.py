@@ -58,7 +58,7 @@ def test_startup_tunes_and_reports_the_tuning(cluster):
     assert t["replica"]["tunings"] == 1 and t["probe_count"] >= 1 and t["replica"]["tuning_wall_s"] > 0.1
     assert t["probes"][0]["batch_size"] == 1 and t["probes"][0]["latency_s"] > 0  # the search really ran here
     assert 1 <= t["batch_size"] <= t["max_safe_batch"] <= MAX_BATCH
-    assert 0 < t["batch_wait_timeout_s"] <= 0.4
+    assert 0 <= t["batch_wait_timeout_s"] <= 0.4  # 0 when batching gains no throughput (a flat CPU curve)
     # what @serve.batch was given, and room for the batch to fill
     assert t["serving"]["max_batch_size"] == t["batch_size"]
     assert t["serving"]["batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
