@@ -25,7 +25,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"autobatch": "tab:blue", "plain batched": "tab:orange", "unbatched": "tab:gray"}
+COLORS = {"autobatch": "tab:blue", "plain batched": "tab:orange", "unbatched": "tab:gray",
+          "plain batched, high ongoing": "tab:green"}
 
 
 def _device_tag(data: dict) -> str:
@@ -52,6 +53,8 @@ def plot_batch(data: dict, out_dir: str) -> str | None:
     for ax in (ax1, ax2):
         if len(sizes) > 1 and max(sizes) / min(sizes) > 8:
             ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(x) for x in sizes])
+        ax.set_ylim(bottom=0)
         if tuned:
             ax.axvline(tuned, color="tab:blue", ls="--", lw=1, label=f"autobatch tuned ({tuned})")
         ax.axvline(10, color="tab:orange", ls=":", lw=1, label="@serve.batch default (10)")
@@ -70,7 +73,7 @@ def plot_concurrency(data: dict, out_dir: str) -> str | None:
     if not rows:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for variant in ("autobatch", "plain batched", "unbatched"):
+    for variant in COLORS:
         vr = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["concurrency"])
         if not vr:
             continue
@@ -81,9 +84,12 @@ def plot_concurrency(data: dict, out_dir: str) -> str | None:
         ax2.plot(c, [r["p99_ms"] for r in vr], "s--", color=color, alpha=0.7, label=f"{variant} p99")
     ax1.set(xlabel="concurrent clients (closed loop)", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="concurrent clients (closed loop)", ylabel="ms", title="latency")
+    levels = sorted({r["concurrency"] for r in rows})
     for ax in (ax1, ax2):
-        if len({r["concurrency"] for r in rows}) > 1:
+        if len(levels) > 1:
             ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{data['model']}: served throughput and latency against concurrency\n{_subtitle(data)}", fontsize=10)
@@ -166,8 +172,14 @@ def main(argv=None) -> int:
     written = []
     for data in datasets:
         written += [plot_batch(data, args.out_dir), plot_concurrency(data, args.out_dir)]
+    by_kind: dict[str, dict] = {}  # one tuning figure per device kind, rows of all files together
     for path in tuning_files:
-        written.append(plot_tuning(json.load(open(path)), args.out_dir))
+        data = json.load(open(path))
+        kind = "cpu" if data["environment"].get("device") == "cpu" else "cuda"
+        merged = by_kind.setdefault(kind, {"environment": data["environment"], "rows": []})
+        merged["rows"] += data.get("rows", [])
+    for data in by_kind.values():
+        written.append(plot_tuning(data, args.out_dir))
     for path in filter(None, written):
         print(f"wrote {path}")
     return 0

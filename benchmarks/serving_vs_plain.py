@@ -4,6 +4,8 @@
   (b) plain batched   plain Ray Serve with @serve.batch defaults (max_batch_size=10,
                       batch_wait_timeout_s=0.01) and max_ongoing_requests=5 (Ray's default),
   (c) unbatched       plain Ray Serve, one forward pass per request, max_ongoing_requests=5,
+  (d) optional, --variants ... "plain batched, high ongoing": (b) with max_ongoing_requests raised to
+      autobatch's, which separates the gain of the batch settings from that of the admission limit,
 one after another on the same Ray cluster (one replica at a time, the same resources each), then the
 raw model in a bare loop (no HTTP, no Ray) at the batch sizes served: the ceiling.
 
@@ -35,8 +37,10 @@ from serve.bench import DEFAULT_PROMPT, Load, generated_jpeg, run_load  # noqa: 
 from serve.client import make_payload  # noqa: E402
 
 MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
-VARIANTS = ("autobatch", "plain batched", "unbatched")
-ROUTES = {"autobatch": "/autobatch", "plain batched": "/plain", "unbatched": "/unbatched"}
+VARIANTS = ("autobatch", "plain batched", "unbatched", "plain batched, high ongoing")
+DEFAULT_VARIANTS = VARIANTS[:3]
+ROUTES = {"autobatch": "/autobatch", "plain batched": "/plain", "unbatched": "/unbatched",
+          "plain batched, high ongoing": "/plain-ongoing"}
 
 
 def free_port() -> int:
@@ -75,8 +79,9 @@ def build_variant(variant: str, args, on_gpu: bool, cache_path: str):
         if args.latency_budget_ms:
             app_args["latency_budget_ms"] = args.latency_budget_ms
         return build(app_args)
-    cls = PlainBatched if variant == "plain batched" else Unbatched
-    return cls.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": 1.0 if on_gpu else 0}).bind(
+    cls = Unbatched if variant == "unbatched" else PlainBatched
+    extra = {"max_ongoing_requests": 2 * args.max_batch} if variant == "plain batched, high ongoing" else {}
+    return cls.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": 1.0 if on_gpu else 0}, **extra).bind(
         args.model, options, "cuda" if on_gpu else "cpu")
 
 
@@ -97,7 +102,8 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
 
     route = ROUTES[variant]
     started = time.perf_counter()
-    serve.run(build_variant(variant, args, on_gpu, cache_path), name=variant.replace(" ", "-"), route_prefix=route)
+    app_name = route.strip("/")
+    serve.run(build_variant(variant, args, on_gpu, cache_path), name=app_name, route_prefix=route)
     ready_s = time.perf_counter() - started
     info = {"variant": variant, "ready_s": ready_s}
     http = httpx.Client(base_url=base, timeout=120, trust_env=False)
@@ -108,7 +114,8 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
                     latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"])
         info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms, ongoing {t['serving']['max_ongoing_requests']}"
     else:
-        info["batching"] = "max 10, wait 10 ms, ongoing 5" if variant == "plain batched" else "none, ongoing 5"
+        info["batching"] = {"plain batched": "max 10, wait 10 ms, ongoing 5", "unbatched": "none, ongoing 5",
+                            "plain batched, high ongoing": f"max 10, wait 10 ms, ongoing {2 * args.max_batch}"}[variant]
     say(f"  {variant}: ready in {ready_s:.1f} s ({info['batching']})")
     if args.warmup_s > 0:
         run_load(Load(route=route, url=base, payloads=payloads, concurrency=max(args.concurrency),
@@ -138,7 +145,7 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
         say(f"    concurrency {concurrency}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms'] or 0:.0f} ms, "
             f"p99 {r['p99_ms'] or 0:.0f} ms, mean batch {r['mean_batch'] or 0:.1f}, errors {r['errors']}")
     http.close()
-    serve.delete(variant.replace(" ", "-"))
+    serve.delete(app_name)
     return rows, info
 
 
@@ -186,7 +193,8 @@ SERVE_COLUMNS = [("variant", "variant", ""), ("batching", "batching", ""), ("con
                  ("p99 ms", "p99_ms", ".0f"), ("mean batch", "mean_batch", ".1f"), ("errors", "errors", ""),
                  ("x ceiling", "x_ceiling", ".2f")]
 RATIO_COLUMNS = [("concurrency", "concurrency", ""), ("autobatch / plain batched", "vs_plain", ".2f"),
-                 ("autobatch / unbatched", "vs_unbatched", ".2f"), ("p99 autobatch / plain", "p99_vs_plain", ".2f")]
+                 ("autobatch / unbatched", "vs_unbatched", ".2f"), ("p99 autobatch / plain", "p99_vs_plain", ".2f"),
+                 ("autobatch / plain, high ongoing", "vs_plain_high_ongoing", ".2f")]
 RAW_COLUMNS = [("batch", "batch", ""), ("latency ms", "latency_ms", ".1f"), ("samples/s", "samples_per_s", ".1f")]
 
 
@@ -195,12 +203,13 @@ def ratios(rows: list[dict]) -> list[dict]:
     by = {(r["variant"], r["concurrency"]): r for r in rows}
     for c in sorted({r["concurrency"] for r in rows}):
         a, p, u = by.get(("autobatch", c)), by.get(("plain batched", c)), by.get(("unbatched", c))
+        h = by.get(("plain batched, high ongoing", c))
 
         def ratio(x, y, key):
             return x[key] / y[key] if x and y and x.get(key) and y.get(key) else None
 
         out.append({"concurrency": c, "vs_plain": ratio(a, p, "requests_per_s"), "vs_unbatched": ratio(a, u, "requests_per_s"),
-                    "p99_vs_plain": ratio(a, p, "p99_ms")})
+                    "p99_vs_plain": ratio(a, p, "p99_ms"), "vs_plain_high_ongoing": ratio(a, h, "requests_per_s")})
     return out
 
 
@@ -209,7 +218,9 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default="resnet50", choices=MODELS)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                        help="default: the first three; 'plain batched, high ongoing' is the ablation: @serve.batch "
+                             "defaults with max_ongoing_requests raised to autobatch's (2 x --max-batch)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="closed-loop levels (default: CUDA 1 8 32 128, CPU 1 4 16)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per level (default: CUDA 20, CPU 15)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="request bound per level")
