@@ -14,13 +14,17 @@ same memory meter (CUDA: torch's reserved peak + what the card holds outside tor
                 batch (16) without measuring, reported as n/a.
 - accelerate    accelerate.utils.find_executable_batch_size around the same forward (one warm-up +
                 `repeats` runs, like a probe), from start = --max-batch and from its default start
-                128; it retries at 0.9x after each OOM. "OOM" must mean "over the budget":
-                on CUDA a real allocator OOM under torch.cuda.set_per_process_memory_fraction(
-                (budget - bytes outside torch's allocator) / total), the quantity autobatch budgets;
-                on a CPU there is no allocator limit to set, so a global forward hook reads the same
-                peak-RSS meter after every module and raises PyTorch's CPU OOM error
-                ("DefaultCPUAllocator: can't allocate memory") once it passes the budget: an
-                emulated OOM, counted in the OOM column all the same.
+                128; it retries at 0.9x after each OOM. "OOM" must mean "over the budget", by the
+                same meter the answers are judged by: a global forward hook reads autobatch's meter
+                after every module and raises the framework's OOM error ("CUDA out of memory." /
+                "DefaultCPUAllocator: can't allocate memory", which accelerate recognises) once the
+                peak passes the budget: emulated OOMs, counted in the OOM column all the same.
+                --accelerate-limit allocator (CUDA) uses real allocator OOMs instead, under
+                torch.cuda.set_per_process_memory_fraction((budget - memory outside torch) / total);
+                but under a cap the caching allocator frees cached blocks and retries before failing,
+                so an answer can run under the cap yet reserve more than the budget uncapped (on an
+                H200: YOLO11n-pose 46 and 50 ran under a 1672 MiB cap, read 1818 and 1926 MiB
+                uncapped), which is why the meter is the default.
 - brute force   the true maximum: from 0.8 x autobatch's answer, coarse steps (~2%) to the first
                 failure, then every size in that last step (exact if memory grows with batch size);
                 each size measured exactly like a tuner probe.
@@ -164,17 +168,30 @@ def brute_force(measure: Measurer, hint: int, limit: int, resolution: float = 0.
 
 # ----- peers -----
 class BudgetGuard:
-    """Makes "out of memory" mean "over the budget" for a method that only reacts to OOMs."""
+    """Makes "out of memory" mean "over the budget" for a method that only reacts to OOMs.
 
-    def __init__(self, kind: str, meter, budget: int):
+    limit "meter" (default): a global forward hook reads autobatch's own meter after every module
+    (CUDA: torch's reserved peak + memory outside torch; CPU: peak RSS) and raises the framework's
+    OOM error once the peak passes the budget: the same definition of "fits" every method is judged
+    by. limit "allocator" (CUDA only): torch.cuda.set_per_process_memory_fraction((budget - memory
+    outside torch) / total), so the allocator raises real OOMs. Under such a cap the caching
+    allocator frees its cached blocks and retries before it fails, so a batch can complete under the
+    cap whose uncapped reserved peak (what a replica without a cap reserves, and what the final check
+    measures) is over the budget: on an H200, YOLO11n-pose answers of 46 and 50 ran under a 1672 MiB
+    cap and read 1818 and 1926 MiB uncapped."""
+
+    def __init__(self, kind: str, meter, budget: int, limit: str = "meter"):
+        if limit not in ("meter", "allocator"):
+            raise ValueError(f"unknown limit {limit!r}; use meter or allocator")
         self.kind, self.meter, self.budget = kind, meter, budget
+        self.limit = limit if kind == "cuda" else "meter"
         self.emulated = 0
         self._handle = None
 
     def __enter__(self):
         import torch
 
-        if self.kind == "cuda":
+        if self.limit == "allocator":
             total = torch.cuda.get_device_properties(0).total_memory
             allowed = self.budget - self.meter.outside_torch_bytes
             torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, allowed / total)), 0)
@@ -190,29 +207,33 @@ class BudgetGuard:
         self.meter.reset_peak()
 
     def check(self) -> None:
-        if self.kind != "cuda" and self.meter.peak_bytes() > self.budget:
+        if self.limit != "meter":
+            return
+        peak = self.meter.peak_bytes()
+        if peak > self.budget:
             self.emulated += 1
-            raise RuntimeError(f"{CPU_OOM_TEXT} (emulated: peak RSS {self.meter.peak_bytes() / 2**20:.0f} MiB "
-                               f"passed the {self.budget / 2**20:.0f} MiB budget)")
+            # texts accelerate's should_reduce_batch_size recognises as an OOM
+            what = "CUDA out of memory." if self.kind == "cuda" else CPU_OOM_TEXT
+            raise RuntimeError(f"{what} (emulated: peak {peak / 2**20:.0f} MiB passed the {self.budget / 2**20:.0f} MiB budget)")
 
     def __exit__(self, *exc):
         import torch
 
         if self._handle is not None:
             self._handle.remove()
-        if self.kind == "cuda":
+        if self.limit == "allocator":
             torch.cuda.set_per_process_memory_fraction(1.0, 0)
         self.meter.cleanup()
         return False
 
 
-def run_accelerate(spec, meter, kind: str, budget: int, start: int, repeats: int) -> dict:
+def run_accelerate(spec, meter, kind: str, budget: int, start: int, repeats: int, limit: str = "meter") -> dict:
     try:
         from accelerate.utils import find_executable_batch_size
     except ImportError as exc:
         return {"found": None, "note": f"n/a (accelerate not importable: {exc})"}
     attempts: list[int] = []
-    guard = BudgetGuard(kind, meter, budget)
+    guard = BudgetGuard(kind, meter, budget, limit)
 
     @find_executable_batch_size(starting_batch_size=start)
     def fit(batch_size):
@@ -225,16 +246,20 @@ def run_accelerate(spec, meter, kind: str, budget: int, start: int, repeats: int
         return batch_size
 
     started = time.perf_counter()
-    note = ("real allocator OOMs (set_per_process_memory_fraction)" if kind == "cuda"
-            else "emulated OOMs (forward hook on the peak-RSS meter)")
-    found = None
+    found, failure = None, None
     with guard:
         try:
             found = fit()
         except Exception as exc:  # noqa: BLE001 - an error accelerate does not treat as OOM ends its search
-            note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-    return {"found": found, "probes": len(attempts), "ooms": max(0, len(attempts) - (1 if found else 0)),
-            "seconds": time.perf_counter() - started, "note": note}
+            failure = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+    ooms = max(0, len(attempts) - (1 if found else 0))
+    real = ooms - guard.emulated
+    if guard.limit == "allocator":
+        note = f"{ooms} real allocator OOMs under set_per_process_memory_fraction"
+    else:
+        note = f"{guard.emulated} emulated OOMs (forward hook on the meter)" + (f" + {real} real" if real else "")
+    return {"found": found, "probes": len(attempts), "ooms": ooms, "emulated_ooms": guard.emulated,
+            "seconds": time.perf_counter() - started, "note": failure or note}
 
 
 def run_ultralytics(spec, meter, kind: str, budget: int) -> dict:
@@ -372,7 +397,7 @@ def run_task(task: dict, spec, meter, kind: str, dtype: str) -> dict:
     if what == "ultralytics":
         return run_ultralytics(spec, meter, kind, budget)
     if what == "accelerate":
-        return run_accelerate(spec, meter, kind, budget, task["start"], task["repeats"])
+        return run_accelerate(spec, meter, kind, budget, task["start"], task["repeats"], task.get("limit", "meter"))
     if what == "brute":
         return brute_force(Measurer(spec, meter, budget, task["repeats"]), task["hint"], task["max_batch"],
                            task.get("resolution", 0.0))
@@ -407,6 +432,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="upper limit for every method, accelerate's start (default: CUDA 4096, CPU 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per probe, for every method (the tuner's default 3)")
     parser.add_argument("--accelerate-starts", type=int, nargs="+", default=None, help="default: --max-batch and 128 (its own default)")
+    parser.add_argument("--accelerate-limit", choices=["meter", "allocator"], default="meter",
+                        help="how accelerate's OOM is made to mean 'over the budget': meter (default; a forward hook on "
+                             "autobatch's meter, emulated OOMs) or allocator (CUDA: set_per_process_memory_fraction, real OOMs)")
     parser.add_argument("--brute-resolution", type=float, default=0.0,
                         help="brute force's last stage steps by this fraction of the answer (default 0: by 1, exact); "
                              "e.g. 0.005 for batches in the thousands on a GPU")
@@ -458,7 +486,8 @@ def main(argv=None) -> int:
                                                 else {"found": None, "note": "n/a (YOLO models only)"})
             for start in starts:
                 say(f"  accelerate from {start}")
-                methods[f"accelerate (start {start})"] = session.run({**common, "task": "accelerate", "start": start})
+                methods[f"accelerate (start {start})"] = session.run({**common, "task": "accelerate", "start": start,
+                                                                       "limit": args.accelerate_limit})
             say("  brute force")  # after autobatch: it scans around autobatch's answer
             hint = methods["autobatch"].get("found") or 1
             if isolate:  # every size in a fresh process; the final checks reuse these measurements
