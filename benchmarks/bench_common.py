@@ -31,13 +31,9 @@ def version(name: str) -> str | None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from optimizer.devices import cpu_model_name
+
+    return cpu_model_name()
 
 
 def environment(kind: str | None = None) -> dict:

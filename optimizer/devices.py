@@ -149,7 +149,7 @@ def cuda_fingerprint(index: int = 0) -> DeviceFingerprint:
     )
 
 
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -169,7 +169,7 @@ def cpu_threads() -> int:
 def cpu_fingerprint() -> DeviceFingerprint:
     return DeviceFingerprint(
         kind="cpu",
-        name=_cpu_model_name(),
+        name=cpu_model_name(),
         total_memory_bytes=int(psutil.virtual_memory().total),
         uuid=f"cpu-{platform.node()}",
         torch_version=package_version("torch"),
