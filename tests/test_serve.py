@@ -212,7 +212,6 @@ def test_a_second_start_is_a_cache_hit_and_skips_tuning(cluster):
     t = cluster.tuning("/r50-again")
     assert t["cache"] == "hit" and t["from_cache"] is True and t["key"] == cluster.first_tuning["key"]
     assert t["replica"]["pid"] != cluster.tuning(ROUTE)["replica"]["pid"]
-    assert t["replica"]["tuning_wall_s"] < 1.0  # a lookup, not a search (the search took seconds)
     assert t["tuned_at"] == entries_before[t["key"]]["result"]["tuned_at"]  # nothing re-measured or re-saved
     assert json.load(open(cluster.cache_path))["entries"] == entries_before
     assert cluster.post("/r50-again", image_bytes("JPEG")).status_code == 200
