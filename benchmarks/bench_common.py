@@ -121,3 +121,27 @@ def write_json(path: str, payload: dict) -> str:
 
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(num_cpus: int, threads: int | None) -> str:
+    """A local Ray (workers inherit the repo on PYTHONPATH and the thread count) and Serve's HTTP
+    proxy on a free loopback port. Returns the base URL."""
+    import ray
+    from ray import serve
+
+    here = os.path.join(REPO, "benchmarks")  # plain_serve.py, imported by the baseline replicas
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, here, os.environ.get("PYTHONPATH")] if p)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # replicas: torch threads (Ray would use floor(num_cpus))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    return f"http://127.0.0.1:{port}"

@@ -22,29 +22,13 @@ import httpx
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import REPO, environment, markdown_table, say, table, write_json  # noqa: E402
+from bench_common import REPO, environment, markdown_table, say, start_cluster, table, write_json  # noqa: E402
 
 from serve.bench import Load, default_payloads, run_load  # noqa: E402
 
 COLUMNS = [("model", "model", ""), ("variant", "variant", ""), ("batch", "batching", ""),
            ("req/s", "requests_per_s", ".1f"), ("p50 ms", "p50_ms", ".0f"), ("p99 ms", "p99_ms", ".0f"),
            ("mean batch", "mean_batch", ".1f"), ("errors", "errors", ""), ("x plain", "x_plain", ".2f")]
-
-
-def start(num_cpus: float | None) -> str:
-    import ray
-    from ray import serve
-
-    here = os.path.join(REPO, "benchmarks")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, here, os.environ.get("PYTHONPATH")] if p)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    return f"http://127.0.0.1:{port}"
 
 
 def stats(http: httpx.Client, route: str, autobatch: bool) -> tuple[int, int]:
@@ -110,7 +94,7 @@ def main(argv=None) -> int:
     config = yaml.safe_load(open(args.config))
     apps = [a for a in config["applications"] if args.models is None or a["args"]["model"] in args.models]
     cache_dir = tempfile.mkdtemp(prefix="autobatch-serve-config-")
-    base = start(args.num_cpus)
+    base = start_cluster(args.num_cpus, threads=None)
     http = httpx.Client(base_url=base, timeout=args.timeout, trust_env=False)
     rows, ready = [], {}
     out = args.out or os.path.join(tempfile.gettempdir(), "serve_config_load.json")
