@@ -246,6 +246,8 @@ def main(argv=None) -> int:
     cache_dir = tempfile.mkdtemp(prefix="autobatch-bench-cache-")
     cache_path = args.cache or os.path.join(cache_dir, "tuning.json")
     rows, infos = [], {}
+    out_path = args.out or default_out(f"serving_vs_plain-{args.model}", kind, args.quick)
+    partial_path = out_path.replace(".json", "") + ".partial.json"  # a run cut off by a time limit keeps its variants
     base = start_cluster(num_cpus=max(1, int(round(args.num_cpus))) if not on_gpu else cores, threads=args.threads)
     say(f"{args.model}: serving on {base} ({kind}), {args.duration:g} s per level at concurrency {args.concurrency}")
     try:
@@ -253,6 +255,7 @@ def main(argv=None) -> int:
             variant_rows, info = serve_variant(variant, args, base, [payload], on_gpu, cache_path)
             rows += variant_rows
             infos[variant] = info
+            write_json(partial_path, {"environment": env, "variants": infos, "serving": rows, "partial": True})
     finally:
         import ray
         from ray import serve
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
         print(markdown_table(rows, SERVE_COLUMNS))
         print(markdown_table(ratios(rows), RATIO_COLUMNS))
         print(markdown_table(raw, RAW_COLUMNS))
-    out = write_json(args.out or default_out(f"serving_vs_plain-{args.model}", kind, args.quick), {
+    out = write_json(out_path, {
         "environment": env,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "model": args.model, "device_kind": kind, "variants": infos, "serving": rows, "ratios": ratios(rows), "raw": raw,

@@ -466,6 +466,12 @@ def main(argv=None) -> int:
     say(describe_environment(env))
 
     rows = []
+    out_path = args.out or default_out("tuning_vs_peers", kind, args.quick)
+    settings = {"max_batch": max_batch, "repeats": args.repeats, "accelerate_starts": starts, "models": models, "isolate": isolate}
+
+    def save(rows_so_far):
+        return write_json(out_path, {"environment": env, "settings": settings, "rows": rows_so_far})
+
     for name in models:
         options = {"config": args.llama_config} if name == "llama_int4" and args.llama_config else {}
         session = Session(name, options, kind, isolate)
@@ -516,6 +522,7 @@ def main(argv=None) -> int:
                     "peak_mb": measured.peak_bytes / 2**20 if measured is not None and measured.peak_bytes else None,
                     "serve_batch": r.get("serve_batch"), "note": r.get("note"), "raw": {k: v for k, v in r.items() if k != "note"},
                 })
+            save(rows)  # after every budget: a run cut off by a time limit keeps what it finished
         session.close()
 
     print(describe_environment(env))
@@ -526,10 +533,7 @@ def main(argv=None) -> int:
             print(f"  {r['model']} {r['budget_mb']:.0f} MiB {r['method']}: {r['note']}")
     if args.markdown:
         print(markdown_table(rows, COLUMNS))
-    out = write_json(args.out or default_out("tuning_vs_peers", kind, args.quick),
-                     {"environment": env, "settings": {"max_batch": max_batch, "repeats": args.repeats,
-                                                       "accelerate_starts": starts, "models": models, "isolate": isolate},
-                      "rows": rows})
+    out = save(rows)
     print(f"wrote {out}")
     return 0
 
