@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"autobatch": "tab:blue", "plain batched": "tab:orange", "unbatched": "tab:gray",
-          "plain batched, high ongoing": "tab:green"}
+          "plain batched, high ongoing": "tab:green", "autobatch, plain's batching": "tab:purple"}
 
 
 def _device_tag(data: dict) -> str:

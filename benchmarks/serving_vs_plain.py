@@ -6,6 +6,9 @@
   (c) unbatched       plain Ray Serve, one forward pass per request, max_ongoing_requests=5,
   (d) optional, --variants ... "plain batched, high ongoing": (b) with max_ongoing_requests raised to
       autobatch's, which separates the gain of the batch settings from that of the admission limit,
+  (e) optional, "autobatch, plain's batching": (a) with its batch size and wait pinned by user_config
+      to @serve.batch's defaults (10, 10 ms): against (d), what autobatch's own serving path costs or
+      saves with the batching held equal; against (a), what the tuned size and wait change,
 one after another on the same Ray cluster (one replica at a time, the same resources each), then the
 raw model in a bare loop (no HTTP, no Ray) at the batch sizes served: the ceiling.
 
@@ -37,10 +40,16 @@ from serve.bench import DEFAULT_PROMPT, Load, generated_jpeg, run_load  # noqa: 
 from serve.client import make_payload  # noqa: E402
 
 MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
-VARIANTS = ("autobatch", "plain batched", "unbatched", "plain batched, high ongoing")
+PINNED = "autobatch, plain's batching"
+VARIANTS = ("autobatch", "plain batched", "unbatched", "plain batched, high ongoing", PINNED)
 DEFAULT_VARIANTS = VARIANTS[:3]
 ROUTES = {"autobatch": "/autobatch", "plain batched": "/plain", "unbatched": "/unbatched",
-          "plain batched, high ongoing": "/plain-ongoing"}
+          "plain batched, high ongoing": "/plain-ongoing", PINNED: "/autobatch-pinned"}
+PINNED_USER_CONFIG = {"batch_size": 10, "batch_wait_timeout_ms": 10.0}  # @serve.batch's defaults
+
+
+def is_autobatch(variant: str) -> bool:
+    return variant in ("autobatch", PINNED)
 
 
 def build_variant(variant: str, args, on_gpu: bool, cache_path: str):
@@ -49,11 +58,13 @@ def build_variant(variant: str, args, on_gpu: bool, cache_path: str):
     from serve.app import build
 
     options = model_options(args)
-    if variant == "autobatch":
+    if is_autobatch(variant):
         app_args = {"model": args.model, "device": "cuda" if on_gpu else "cpu", "max_batch": args.max_batch, "cache_path": cache_path,
                     "num_cpus": args.num_cpus, "num_gpus": 1.0, "repeats": args.tune_repeats, "options": options}
         if args.latency_budget_ms:
             app_args["latency_budget_ms"] = args.latency_budget_ms
+        if variant == PINNED:
+            app_args["user_config"] = dict(PINNED_USER_CONFIG)
         return build(app_args)
     cls = Unbatched if variant == "unbatched" else PlainBatched
     extra = {"max_ongoing_requests": 2 * args.max_batch} if variant == "plain batched, high ongoing" else {}
@@ -66,9 +77,9 @@ def model_options(args) -> dict:
 
 
 def replica_stats(http: httpx.Client, variant: str) -> dict:
-    path = ROUTES[variant] + ("/tuning" if variant == "autobatch" else "/stats")
+    path = ROUTES[variant] + ("/tuning" if is_autobatch(variant) else "/stats")
     body = http.get(path).json()
-    stats = body["stats"] if variant == "autobatch" else body
+    stats = body["stats"] if is_autobatch(variant) else body
     return {"batches": stats["batches"], "samples": stats["samples_served"],
             "sizes": {int(k): v for k, v in stats["batch_sizes"].items()}}
 
@@ -83,7 +94,7 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
     ready_s = time.perf_counter() - started
     info = {"variant": variant, "ready_s": ready_s}
     http = httpx.Client(base_url=base, timeout=120, trust_env=False)
-    if variant == "autobatch":
+    if is_autobatch(variant):
         t = http.get(route + "/tuning").json()
         info.update(batch_size=t["batch_size"], max_safe_batch=t["max_safe_batch"], wait_ms=t["batch_wait_timeout_s"] * 1e3,
                     tuning_s=t["tuning_s"], cache=t["cache"], max_ongoing=t["serving"]["max_ongoing_requests"],
@@ -170,7 +181,8 @@ SERVE_COLUMNS = [("variant", "variant", ""), ("batching", "batching", ""), ("con
                  ("x ceiling", "x_ceiling", ".2f")]
 RATIO_COLUMNS = [("concurrency", "concurrency", ""), ("autobatch / plain batched", "vs_plain", ".2f"),
                  ("autobatch / unbatched", "vs_unbatched", ".2f"), ("p99 autobatch / plain", "p99_vs_plain", ".2f"),
-                 ("autobatch / plain, high ongoing", "vs_plain_high_ongoing", ".2f")]
+                 ("autobatch / plain, high ongoing", "vs_plain_high_ongoing", ".2f"),
+                 ("pinned autobatch / plain, high ongoing", "pinned_vs_plain_high_ongoing", ".2f")]
 RAW_COLUMNS = [("batch", "batch", ""), ("latency ms", "latency_ms", ".1f"), ("samples/s", "samples_per_s", ".1f")]
 
 
@@ -180,12 +192,14 @@ def ratios(rows: list[dict]) -> list[dict]:
     for c in sorted({r["concurrency"] for r in rows}):
         a, p, u = by.get(("autobatch", c)), by.get(("plain batched", c)), by.get(("unbatched", c))
         h = by.get(("plain batched, high ongoing", c))
+        pinned = by.get((PINNED, c))
 
         def ratio(x, y, key):
             return x[key] / y[key] if x and y and x.get(key) and y.get(key) else None
 
         out.append({"concurrency": c, "vs_plain": ratio(a, p, "requests_per_s"), "vs_unbatched": ratio(a, u, "requests_per_s"),
-                    "p99_vs_plain": ratio(a, p, "p99_ms"), "vs_plain_high_ongoing": ratio(a, h, "requests_per_s")})
+                    "p99_vs_plain": ratio(a, p, "p99_ms"), "vs_plain_high_ongoing": ratio(a, h, "requests_per_s"),
+                    "pinned_vs_plain_high_ongoing": ratio(pinned, h, "requests_per_s")})
     return out
 
 

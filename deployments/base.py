@@ -54,6 +54,10 @@ class ModelSpec(abc.ABC):
     # A whole batch's compute must fit this unless the deployment says otherwise.
     default_latency_budget_s: ClassVar[float] = 0.5
     spec_version: ClassVar[int] = 1
+    # Every decoded sample has one tensor shape (a resized image), so a batch's shape is its size
+    # alone and a replica can run each size once before traffic (serve/warmup.py). False where
+    # shapes also follow the input (prompt lengths): warming sizes would not cover them.
+    fixed_sample_shape: ClassVar[bool] = True
 
     def __init__(self, weights_path: str | None = None, **options: Any):
         self.weights_path = weights_path or None

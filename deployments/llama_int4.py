@@ -118,6 +118,7 @@ class LlamaInt4Spec(ModelSpec):
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers")
     # A batch is a whole generation (prefill + up to max_new_tokens steps): seconds, not milliseconds.
     default_latency_budget_s: ClassVar[float] = 10.0
+    fixed_sample_shape: ClassVar[bool] = False  # prompt lengths vary: a batch size alone fixes no shape
 
     def __init__(self, weights_path: str | None = None, config: str | None = None, max_prompt_tokens: int = 512,
                  max_new_tokens: int = 128, default_new_tokens: int | None = None, truncate_prompt: bool = False,

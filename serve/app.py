@@ -46,6 +46,8 @@ class AppArgs(BaseModel):
     num_gpus: float = Field(1.0, gt=0, le=1, description="share of one GPU per replica, used when it runs on a GPU")
     repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
     warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
+    warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
+                                       "size it may serve once (a size's first run pays its set-up, ~1 s for YOLO on an H200); 0: off")
     options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
     user_config: dict | None = Field(None, description="initial user_config (see serve/deployment.py)")
 
@@ -109,6 +111,7 @@ def build(args: AppArgs):
         cache_path=cache_path,
         repeats=args.repeats,
         warmup=args.warmup,
+        warm_sizes_budget_s=args.warm_sizes_budget_s,
         gpu_share=actor_options["num_gpus"] or 1.0,
         max_ongoing_requests=max_ongoing,
         options=args.options,

@@ -4,7 +4,8 @@ A replica's life:
   __init__      build the spec, pick the device (a GPU share when Ray gave this replica a GPU, else
                 the CPU), load the model, take the tuning from the cache or tune (under the
                 optimizer's per-device lock, within this replica's share of the memory), then hand
-                the batch size and wait to @serve.batch.
+                the batch size and wait to @serve.batch, then run each batch size it may form and has
+                not run yet once (warmup.py), so no request waits out a size's first run.
   __call__      POST: decode in a thread (a bad payload is answered 4xx here and never reaches a
                 batch) -> @serve.batch -> one forward pass per batch in a worker thread, so the event
                 loop keeps queueing the next batch. GET /tuning: the tuning in use and what the
@@ -42,6 +43,7 @@ from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings, autobatch, r
 
 from .faults import Faults  # noqa: E402
 from .metrics import ReplicaMetrics  # noqa: E402
+from .warmup import SizeWarmer  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 
@@ -136,6 +138,7 @@ class AutobatchDeployment:
         cache_path: str | None = None,
         repeats: int = 3,
         warmup: int = 1,
+        warm_sizes_budget_s: float = 120.0,
         gpu_share: float = 1.0,
         max_ongoing_requests: int | None = None,
         options: dict | None = None,
@@ -156,6 +159,8 @@ class AutobatchDeployment:
         self._oom_cap: int | None = None
         self._tunings = 0
         self.tuning: dict | None = None
+        self._warmer = SizeWarmer(self._run_example_batch, budget_s=warm_sizes_budget_s)
+        self._warm_report: dict | None = None
 
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
@@ -181,6 +186,7 @@ class AutobatchDeployment:
         await self._tune(force=False)
         self._last_retune = initial.get("retune")
         self._apply_batch_settings()
+        await self._warm_sizes()
 
     # ----- configuration -----
     @staticmethod
@@ -242,6 +248,8 @@ class AutobatchDeployment:
         self._tuning_wall_s = wall_s
         self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
         self.tuning = result
+        if result["cache"] == "miss":  # measured in this process: the sizes it ran are warm
+            self._warmer.mark_warm(p["batch_size"] for p in result["probes"] if p["outcome"] == "ok")
         self.metrics.tuning(result, wall_s)
         self._update_memory_gauge()
         log.info("autobatch: %s on %s: %s in %.1f s (cache %s, key %s)", self.model_name, self.device_label,
@@ -292,6 +300,29 @@ class AutobatchDeployment:
                 self._live = previous  # keep serving with the tuning and settings that worked
                 raise
         self._apply_batch_settings()
+        await self._warm_sizes()
+
+    def _run_example_batch(self, n: int) -> None:
+        self.spec.predict(self.spec.example_batch(n))
+        self.meter.synchronize()
+
+    async def _warm_sizes(self) -> None:
+        """Run each batch size @serve.batch may form and this process has not run yet (see warmup.py)."""
+        size = self._serving["max_batch_size"]
+        if not self.spec.fixed_sample_shape or self._warmer.budget_s <= 0:
+            if self._warm_report is None:
+                why = ("its batch shapes also follow the input (prompt lengths)" if not self.spec.fixed_sample_shape
+                       else "warm_sizes_budget_s is 0")
+                self._warm_report = {"skipped": why}
+                log.info("autobatch: %s: batch sizes not warmed before traffic: %s", self.model_name, why)
+            return
+        loop = asyncio.get_running_loop()
+        async with self._model_lock:
+            report = await loop.run_in_executor(self._executor, self._warmer.warm, size)
+            if report.stopped_by and "raised" in report.stopped_by:
+                await loop.run_in_executor(self._executor, self.meter.cleanup)
+        self._warm_report = report.to_dict()
+        log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
 
     def check_health(self) -> None:
         if self.spec.model is None or self.tuning is None:
@@ -366,6 +397,7 @@ class AutobatchDeployment:
             "replica": {"pid": os.getpid(), "device": self.device_label, "tunings": self._tunings,
                         "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at},
             "serving": dict(self._serving),
+            "warm_sizes": self._warm_report,
             "stats": {
                 "batches": stats["batches"],
                 "samples_served": stats["samples_served"],
@@ -381,6 +413,7 @@ class AutobatchDeployment:
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _infer(self, items: list[_Item]) -> list[_Outcome]:
         n = len(items)
+        self._warmer.mark_warm([n])
         self._stats["batches"] += 1
         self._stats["batch_sizes"][n] += 1
         self._stats["largest_batch"] = max(self._stats["largest_batch"], n)

@@ -63,6 +63,12 @@ def test_startup_tunes_and_reports_the_tuning(cluster):
     assert t["serving"]["max_batch_size"] == t["batch_size"]
     assert t["serving"]["batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
     assert t["serving"]["max_ongoing_requests"] == 2 * MAX_BATCH
+    # before traffic, every size @serve.batch may form has run once: the tuning's probes, then the rest
+    warm = t["warm_sizes"]
+    probed = {p["batch_size"] for p in t["probes"] if p["outcome"] == "ok"}
+    assert set(warm["already_warm"]) == probed & set(range(1, t["batch_size"] + 1))
+    assert set(warm["warmed"]) == set(range(1, t["batch_size"] + 1)) - probed
+    assert warm["left_cold"] == [] and all(s > 0 for s in warm["first_run_s"].values())
 
 
 @pytest.mark.parametrize("fmt,content_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
@@ -146,6 +152,7 @@ def test_reconfigure_changes_the_batch_size_live(cluster):
     pid = cluster.tuning(ROUTE)["replica"]["pid"]
     t = reconfigure(cluster, pinned(3), lambda t: t["serving"]["max_batch_size"] == 3)
     assert t["replica"]["pid"] == pid and t["serving"]["pinned_batch_size"] == 3
+    assert 3 in set(t["warm_sizes"]["warmed"]) | set(t["warm_sizes"]["already_warm"])  # a raised pin warms its new sizes
     responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)])
     assert [r.status_code for r in responses] == [200] * 6
     t = reconfigure(cluster, pinned(2), lambda t: t["serving"]["max_batch_size"] == 2)
@@ -213,6 +220,8 @@ def test_a_second_start_is_a_cache_hit_and_skips_tuning(cluster):
     assert t["cache"] == "hit" and t["from_cache"] is True and t["key"] == cluster.first_tuning["key"]
     assert t["replica"]["pid"] != cluster.tuning(ROUTE)["replica"]["pid"]
     assert t["tuned_at"] == entries_before[t["key"]]["result"]["tuned_at"]  # nothing re-measured or re-saved
+    # nothing ran in this process before traffic, so it warmed every size it may serve itself
+    assert t["warm_sizes"]["already_warm"] == [] and sorted(t["warm_sizes"]["warmed"]) == list(range(1, t["batch_size"] + 1))
     assert json.load(open(cluster.cache_path))["entries"] == entries_before
     assert cluster.post("/r50-again", image_bytes("JPEG")).status_code == 200
 

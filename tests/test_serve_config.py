@@ -144,3 +144,9 @@ def test_every_route_of_the_config_answers(config_cluster, model):
     assert t["model"] == model and t["cache"] == "miss" and t["probe_count"] >= 1
     assert 1 <= t["serving"]["max_batch_size"] <= 4 and t["serving"]["max_ongoing_requests"] == 8
     assert t["stats"]["samples_served"] >= 1
+    warm = t["warm_sizes"]
+    if model == "llama_int4":  # prompt lengths change its shapes too: no size warming, and it says so
+        assert "prompt lengths" in warm["skipped"]
+    else:  # every size @serve.batch may form ran once before traffic: in the tuning or in the warm-up
+        assert set(warm["warmed"]) | set(warm["already_warm"]) >= set(range(1, t["serving"]["max_batch_size"] + 1))
+        assert warm["left_cold"] == []
