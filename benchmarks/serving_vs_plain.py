@@ -98,7 +98,8 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
         t = http.get(route + "/tuning").json()
         info.update(batch_size=t["batch_size"], max_safe_batch=t["max_safe_batch"], wait_ms=t["batch_wait_timeout_s"] * 1e3,
                     tuning_s=t["tuning_s"], cache=t["cache"], max_ongoing=t["serving"]["max_ongoing_requests"],
-                    latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"])
+                    latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"],
+                    warm_sizes=(t.get("warm_sizes") or {}).get("summary") or (t.get("warm_sizes") or {}).get("skipped"))
         info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms, ongoing {t['serving']['max_ongoing_requests']}"
     else:
         info["batching"] = {"plain batched": "max 10, wait 10 ms, ongoing 5", "unbatched": "none, ongoing 5",
@@ -294,6 +295,8 @@ def main(argv=None) -> int:
         i = infos["autobatch"]
         print(f"{args.model}: autobatch tuned batch {i['batch_size']} (max safe {i['max_safe_batch']}, wait {i['wait_ms']:.1f} ms, "
               f"latency budget {i['latency_budget_ms']:.0f} ms; tuning {i['tuning_s']:.1f} s, cache {i['cache']})")
+        if i.get("warm_sizes"):
+            print(f"{args.model}: before traffic: {i['warm_sizes']}")
     print(table(rows, SERVE_COLUMNS))
     print("autobatch relative to the baselines (requests/s; p99 latency):")
     print(table(ratios(rows), RATIO_COLUMNS))

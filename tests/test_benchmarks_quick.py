@@ -80,3 +80,22 @@ def test_tune_vs_bruteforce_quick(tmp_path):
     assert "true max" in stdout
     (row,) = json.loads(out.read_text())
     assert 1 <= row["found"] <= 8 and 1 <= row["true_max"] <= 8
+
+
+def test_new_shape_cost_quick(tmp_path):
+    out = tmp_path / "shapes.json"
+    stdout = run_script("new_shape_cost.py", "--quick", "--out", str(out))
+    assert "first / later" in stdout and f"wrote {out}" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["first_ms"] > 0 and r["later_ms"] > 0 and r["ratio"] == pytest.approx(r["first_ms"] / r["later_ms"])
+
+
+def test_new_shape_cost_parses_size_ranges_in_order():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from new_shape_cost import parse_sizes
+
+    assert parse_sizes(["1-3", "8", "2", "16"]) == [1, 2, 3, 8, 16]
+    with pytest.raises(SystemExit, match="positive batch sizes"):
+        parse_sizes(["0-2"])
