@@ -20,13 +20,11 @@ A replica's life:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -41,6 +39,7 @@ from optimizer.cache import TuningCache  # noqa: E402
 from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
 from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings, autobatch, resolve  # noqa: E402
 
+from .batch_runner import BatchRunner, Item, Outcome  # noqa: E402
 from .faults import Faults  # noqa: E402
 from .metrics import ReplicaMetrics  # noqa: E402
 from .warmup import SizeWarmer  # noqa: E402
@@ -100,30 +99,6 @@ def memory_fraction_for(kind: str, fraction: float | None, gpu_share: float) -> 
     return fraction
 
 
-@dataclass
-class _Item:
-    """One decoded request waiting in a batch."""
-
-    sample: object
-    poisoned: bool = False
-
-
-@dataclass
-class _Outcome:
-    """One request's answer: an HTTP status and a JSON body."""
-
-    status: int
-    body: bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200
-
-    @classmethod
-    def error(cls, status: int, message: str) -> "_Outcome":
-        return cls(status, json.dumps({"error": message}).encode())
-
-
 @serve.deployment
 class AutobatchDeployment:
     async def __init__(
@@ -155,7 +130,7 @@ class AutobatchDeployment:
         self._model_lock = asyncio.Lock()
         self._started_at = time.time()
         self._stats = {"batches": 0, "samples_served": 0, "batch_sizes": Counter(), "largest_batch": 0,
-                       "serving_ooms": 0, "batch_item_retries": 0, "errors": Counter()}
+                       "serving_ooms": 0, "errors": Counter()}
         self._oom_cap: int | None = None
         self._tunings = 0
         self.tuning: dict | None = None
@@ -177,6 +152,9 @@ class AutobatchDeployment:
         self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
         self.device_label = self.meter.fingerprint.label
         self.metrics = ReplicaMetrics(model, self.device_label)
+        self._runner = BatchRunner(self.spec, self.meter, self._executor, self.metrics, model_name=model,
+                                   before_predict=lambda items: self._live["faults"].before_predict(items),
+                                   on_oom=self._on_serving_oom)
         resolved = resolve(self.spec, self._settings())
         log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", model,
                  self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
@@ -369,9 +347,9 @@ class AutobatchDeployment:
             log.exception("autobatch: %s decode raised outside PayloadError", self.model_name)
             return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
                                           f"check it is what GET / describes")
-        item = _Item(sample, poisoned=self._live["faults"].is_poisoned(request.headers))
+        item = Item(sample, poisoned=self._live["faults"].is_poisoned(request.headers))
         try:
-            outcome: _Outcome = await self._infer(item)
+            outcome: Outcome = await self._infer(item)
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
             log.exception("autobatch: batch handler failed")
             return self._reply_error(500, f"internal error while serving ({type(exc).__name__}: {exc})")
@@ -404,85 +382,30 @@ class AutobatchDeployment:
                 "batch_sizes": {str(k): v for k, v in sorted(stats["batch_sizes"].items())},
                 "largest_batch": stats["largest_batch"],
                 "serving_ooms": stats["serving_ooms"],
-                "batch_item_retries": stats["batch_item_retries"],
+                "batch_item_retries": self._runner.item_retries,
                 "errors": dict(stats["errors"]),
             },
         }
 
     # ----- batching -----
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
-    async def _infer(self, items: list[_Item]) -> list[_Outcome]:
+    async def _infer(self, items: list[Item]) -> list[Outcome]:
         n = len(items)
         self._warmer.mark_warm([n])
         self._stats["batches"] += 1
         self._stats["batch_sizes"][n] += 1
         self._stats["largest_batch"] = max(self._stats["largest_batch"], n)
         async with self._model_lock:
-            outcomes = await self._run(items)
+            outcomes = await self._runner.run(items)
         served = sum(o.ok for o in outcomes)
         self._stats["samples_served"] += served
         self.metrics.inc("autobatch_samples_served", served)
         self._update_memory_gauge()
         return outcomes
 
-    def _forward(self, items: list[_Item]) -> list[_Outcome]:
-        """In the worker thread: one forward pass over the batch, then each output encoded alone."""
-        self._live["faults"].before_predict(items)
-        outputs = self.spec.predict([item.sample for item in items])
-        if len(outputs) != len(items):
-            raise RuntimeError(f"{self.model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
-        outcomes = []
-        for output in outputs:
-            try:
-                outcomes.append(_Outcome(200, json.dumps(self.spec.encode(output)).encode()))
-            except Exception as exc:  # noqa: BLE001 - one output that cannot be encoded fails alone
-                log.exception("autobatch: encoding an output failed")
-                outcomes.append(_Outcome.error(500, f"internal error encoding the answer ({type(exc).__name__}: {exc})"))
-        return outcomes
-
-    async def _run(self, items: list[_Item]) -> list[_Outcome]:
-        """Forward `items`; on OOM split and retry the halves; on another error retry item by item."""
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        failure = None
-        try:
-            outcomes = await loop.run_in_executor(self._executor, self._forward, items)
-        except Exception as exc:  # noqa: BLE001
-            oom = self.meter.is_oom(exc)
-            failure = (oom, type(exc).__name__, str(exc), isinstance(exc, PayloadError) and exc.status)
-            if not oom:
-                log.warning("autobatch: a batch of %d raised %s: %s", len(items), type(exc).__name__, exc)
-            # leave the except block before retrying: its traceback holds the failed batch's tensors
-        if failure is None:
-            self.metrics.observe("autobatch_batch_inference_seconds", time.perf_counter() - started)
-            return outcomes
-        oom, exc_type, message, payload_status = failure
-        n = len(items)
-        if oom:
-            await loop.run_in_executor(self._executor, self.meter.cleanup)
-            self._on_serving_oom(n, message)
-            if n == 1:
-                return [_Outcome.error(413, f"this input needs more memory than the replica has "
-                                            f"({message}); send a smaller input")]
-            half = n // 2
-            return await self._run(items[:half]) + await self._run(items[half:])
-        if n == 1:
-            if payload_status:
-                return [_Outcome.error(payload_status, message)]
-            if exc_type in ("ValueError", "TypeError", "KeyError", "IndexError", "InjectedFault"):
-                return [_Outcome.error(422, f"the model could not process this input ({exc_type}: {message}); "
-                                            f"its batch-mates were answered, so check this payload")]
-            return [_Outcome.error(500, f"internal error in the model ({exc_type}: {message})")]
-        self._stats["batch_item_retries"] += 1
-        self.metrics.inc("autobatch_batch_item_retries")
-        outcomes = []
-        for item in items:
-            outcomes += await self._run([item])
-        return outcomes
-
     def _on_serving_oom(self, batch_size: int, message: str) -> None:
+        """Called by the runner after a real OOM: serve smaller batches from now on."""
         self._stats["serving_ooms"] += 1
-        self.metrics.inc("autobatch_oom_events", phase="serving", kind="real")
         cap = max(1, batch_size // 2)
         current = self._serving["max_batch_size"]
         log.warning("autobatch: out of memory serving a batch of %d (%s); splitting it%s", batch_size, message,

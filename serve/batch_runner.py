@@ -1,0 +1,119 @@
+"""Running one formed batch, so that only what fails fails.
+
+Mechanism, apart from the deployment's policy: the forward pass runs in the replica's one worker
+thread (the event loop keeps queueing the next batch); an out-of-memory splits the batch in halves
+and retries each (the deployment is told, and lowers its max batch); any other error retries the
+batch item by item, so one bad input gets its own 4xx and its batch-mates are answered.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Callable
+
+from deployments.base import PayloadError
+
+log = logging.getLogger("ray.serve")
+
+# Errors a model raises when an input is wrong, not when the model or the replica is: answered 422.
+INPUT_ERRORS = ("ValueError", "TypeError", "KeyError", "IndexError", "InjectedFault")
+
+
+@dataclass
+class Item:
+    """One decoded request waiting in a batch."""
+
+    sample: object
+    poisoned: bool = False
+
+
+@dataclass
+class Outcome:
+    """One request's answer: an HTTP status and a JSON body."""
+
+    status: int
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @classmethod
+    def error(cls, status: int, message: str) -> "Outcome":
+        return cls(status, json.dumps({"error": message}).encode())
+
+
+class BatchRunner:
+    """`run(items)` answers every item of a batch. The deployment passes what a batch needs:
+    the spec (predict, encode), the meter (is this an OOM; clean up after one), the worker
+    thread, its metrics, `before_predict` (the fault hooks of the moment), and `on_oom(batch_size,
+    message)` to learn from a real out-of-memory."""
+
+    def __init__(self, spec, meter, executor: Executor, metrics, *, model_name: str,
+                 before_predict: Callable[[list[Item]], None], on_oom: Callable[[int, str], None]):
+        self.spec, self.meter, self.metrics = spec, meter, metrics
+        self._executor = executor
+        self._model_name = model_name
+        self._before_predict = before_predict
+        self._on_oom = on_oom
+        self.item_retries = 0  # batches that failed for a reason other than memory and were retried item by item
+
+    def _forward(self, items: list[Item]) -> list[Outcome]:
+        """In the worker thread: one forward pass over the batch, then each output encoded alone."""
+        self._before_predict(items)
+        outputs = self.spec.predict([item.sample for item in items])
+        if len(outputs) != len(items):
+            raise RuntimeError(f"{self._model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
+        outcomes = []
+        for output in outputs:
+            try:
+                outcomes.append(Outcome(200, json.dumps(self.spec.encode(output)).encode()))
+            except Exception as exc:  # noqa: BLE001 - one output that cannot be encoded fails alone
+                log.exception("autobatch: encoding an output failed")
+                outcomes.append(Outcome.error(500, f"internal error encoding the answer ({type(exc).__name__}: {exc})"))
+        return outcomes
+
+    async def run(self, items: list[Item]) -> list[Outcome]:
+        """Forward `items`; on OOM split and retry the halves; on another error retry item by item."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        failure = None
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._forward, items)
+        except Exception as exc:  # noqa: BLE001
+            oom = self.meter.is_oom(exc)
+            failure = (oom, type(exc).__name__, str(exc), isinstance(exc, PayloadError) and exc.status)
+            if not oom:
+                log.warning("autobatch: a batch of %d raised %s: %s", len(items), type(exc).__name__, exc)
+            # leave the except block before retrying: its traceback holds the failed batch's tensors
+        if failure is None:
+            self.metrics.observe("autobatch_batch_inference_seconds", time.perf_counter() - started)
+            return outcomes
+        oom, exc_type, message, payload_status = failure
+        n = len(items)
+        if oom:
+            await loop.run_in_executor(self._executor, self.meter.cleanup)
+            self.metrics.inc("autobatch_oom_events", phase="serving", kind="real")
+            self._on_oom(n, message)
+            if n == 1:
+                return [Outcome.error(413, f"this input needs more memory than the replica has "
+                                           f"({message}); send a smaller input")]
+            half = n // 2
+            return await self.run(items[:half]) + await self.run(items[half:])
+        if n == 1:
+            if payload_status:
+                return [Outcome.error(payload_status, message)]
+            if exc_type in INPUT_ERRORS:
+                return [Outcome.error(422, f"the model could not process this input ({exc_type}: {message}); "
+                                           f"its batch-mates were answered, so check this payload")]
+            return [Outcome.error(500, f"internal error in the model ({exc_type}: {message})")]
+        self.item_retries += 1
+        self.metrics.inc("autobatch_batch_item_retries")
+        outcomes = []
+        for item in items:
+            outcomes += await self.run([item])
+        return outcomes
