@@ -81,7 +81,9 @@ def replica_stats(http: httpx.Client, variant: str) -> dict:
     body = http.get(path).json()
     stats = body["stats"] if is_autobatch(variant) else body
     return {"batches": stats["batches"], "samples": stats["samples_served"],
-            "sizes": {int(k): v for k, v in stats["batch_sizes"].items()}}
+            "sizes": {int(k): v for k, v in stats["batch_sizes"].items()},
+            # autobatch re-derives its wait from served batches: the wait in effect at the end of a level
+            "wait_ms": body["serving"]["batch_wait_timeout_s"] * 1e3 if is_autobatch(variant) else None}
 
 
 def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_path: str) -> tuple[list[dict], dict]:
@@ -100,7 +102,7 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
                     tuning_s=t["tuning_s"], cache=t["cache"], max_ongoing=t["serving"]["max_ongoing_requests"],
                     latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"],
                     warm_sizes=(t.get("warm_sizes") or {}).get("summary") or (t.get("warm_sizes") or {}).get("skipped"))
-        info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms, ongoing {t['serving']['max_ongoing_requests']}"
+        info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms at start, ongoing {t['serving']['max_ongoing_requests']}"
     else:
         info["batching"] = {"plain batched": "max 10, wait 10 ms, ongoing 5", "unbatched": "none, ongoing 5",
                             "plain batched, high ongoing": f"max 10, wait 10 ms, ongoing {2 * args.max_batch}"}[variant]
@@ -128,10 +130,12 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
             "errors_by_status": report["errors"], "wall_s": report["wall_s"],
             "mean_batch": (after["samples"] - before["samples"]) / batches if batches else None,
             "largest_batch": max(sizes) if sizes else None, "batch_sizes": sizes,
+            "wait_ms_at_end": after["wait_ms"],
         })
         r = rows[-1]
         say(f"    concurrency {concurrency}: {r['requests_per_s']:.1f} req/s, p50 {r['p50_ms'] or 0:.0f} ms, "
-            f"p99 {r['p99_ms'] or 0:.0f} ms, mean batch {r['mean_batch'] or 0:.1f}, errors {r['errors']}")
+            f"p99 {r['p99_ms'] or 0:.0f} ms, mean batch {r['mean_batch'] or 0:.1f}, errors {r['errors']}"
+            + (f", wait now {after['wait_ms']:.1f} ms" if after["wait_ms"] is not None else ""))
     http.close()
     serve.delete(app_name)
     return rows, info
@@ -178,7 +182,8 @@ def nearest(raw: list[dict], size: float | None) -> dict | None:
 
 SERVE_COLUMNS = [("variant", "variant", ""), ("batching", "batching", ""), ("concurrency", "concurrency", ""),
                  ("req/s", "requests_per_s", ".1f"), ("samples/s", "samples_per_s", ".1f"), ("p50 ms", "p50_ms", ".0f"),
-                 ("p99 ms", "p99_ms", ".0f"), ("mean batch", "mean_batch", ".1f"), ("errors", "errors", ""),
+                 ("p99 ms", "p99_ms", ".0f"), ("mean batch", "mean_batch", ".1f"), ("wait ms at end", "wait_ms_at_end", ".1f"),
+                 ("errors", "errors", ""),
                  ("x ceiling", "x_ceiling", ".2f")]
 RATIO_COLUMNS = [("concurrency", "concurrency", ""), ("autobatch / plain batched", "vs_plain", ".2f"),
                  ("autobatch / unbatched", "vs_unbatched", ".2f"), ("p99 autobatch / plain", "p99_vs_plain", ".2f"),

@@ -102,6 +102,8 @@ def batch_wait_timeout_s(
     latency is at most its wait plus the batch's compute, so the wait never spends more than a
     `fraction` of what the budget leaves after the compute. (Measured on a CPU: a wait of one
     serving batch's compute, 82 ms, halved a lone client's throughput against Ray's 10 ms default.)
+    A serving replica calls this again with the latencies scaled to what its batches really take
+    (serve/served_latency.py): the tuning times the worst case, alone on the device.
     """
     gain = 0.0 if serve_throughput <= 0 else max(0.0, 1.0 - batch1_throughput / serve_throughput)
     wait = batch1_latency_s * gain

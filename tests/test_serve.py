@@ -183,6 +183,22 @@ def test_reconfigure_retunes_live_from_the_cache_or_by_measuring(cluster):
     assert cluster.post(ROUTE, image_bytes("JPEG")).status_code == 200
 
 
+def test_served_batches_are_compared_with_the_tuning_and_can_move_the_wait(cluster):
+    start = cluster.tuning(ROUTE)
+    for i in range(22):  # batches of one, each served for real
+        assert cluster.post(ROUTE, image_bytes("JPEG", seed=i)).status_code == 200
+    t = cluster.tuning(ROUTE)
+    ratio = t["serving"]["served_vs_tuned_latency"]
+    assert ratio is not None and 0.05 < ratio < 20, t["serving"]  # same CPU, same model: the same order of time
+    assert t["stats"]["batches"] - start["stats"]["batches"] >= 20
+    assert t["serving"]["tuned_batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
+    rederived = [n for n in t["serving"]["notes"] if n.startswith("wait re-derived from served batches")]
+    if rederived:  # moved by more than 20%: the tuning's rule with its times scaled by the ratio at the last check
+        assert t["serving"]["batch_wait_timeout_s"] != pytest.approx(t["batch_wait_timeout_s"], rel=0.2)
+    else:
+        assert t["serving"]["batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
+
+
 def test_metrics_are_exported_with_model_and_device_tags(cluster):
     import time
 
@@ -248,3 +264,4 @@ def test_another_device_fingerprint_in_the_cache_means_a_new_tuning(cluster, tmp
     entries = json.load(open(foreign_path))["entries"]
     assert set(entries) == {foreign_key, t["key"]}  # the other device's entry is kept, ours added
     assert cluster.post("/r50-other", image_bytes("JPEG")).status_code == 200
+
