@@ -54,7 +54,9 @@ class WarmReport:
         times = sorted(self.first_run_s.values())
         line = (f"warmed batch sizes {size_ranges(self.warmed)} in {self.seconds:.1f} s, so no request waits out a size's "
                 f"first run")
-        if times:
+        if len(times) == 1:
+            line += f" (first run {times[0] * 1e3:.0f} ms)"
+        elif times:
             slowest = max(self.first_run_s, key=self.first_run_s.get)
             line += f" (first runs {times[0] * 1e3:.0f}-{times[-1] * 1e3:.0f} ms, slowest at batch {slowest})"
         if self.already_warm:

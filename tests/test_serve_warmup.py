@@ -34,6 +34,7 @@ def test_runs_the_max_size_first_then_every_cold_size_from_one_up():
     assert report.warmed == [6, 3, 5] and report.already_warm == [1, 2, 4] and report.left_cold == []
     assert report.first_run_s == {6: 6, 3: 3, 5: 5} and report.seconds == 14
     assert "3, 5-6" in report.describe() and "already run: 1-2, 4" in report.describe()
+    assert "first runs 3000-6000 ms, slowest at batch 6" in report.describe()
     assert warmer.warm(6).warmed == [] and ran == [6, 3, 5]  # the second call finds nothing cold
     assert "nothing to warm" in warmer.warm(6).describe()
 
@@ -41,9 +42,10 @@ def test_runs_the_max_size_first_then_every_cold_size_from_one_up():
 def test_a_raised_max_warms_only_the_new_sizes():
     warmer, ran = recording_warmer()
     warmer.warm(3)
-    warmer.mark_warm([5])  # a served batch
+    warmer.mark_warm([5, 4])  # served batches
     report = warmer.warm(6)
-    assert ran == [3, 1, 2, 6, 4] and report.warmed == [6, 4]
+    assert ran == [3, 1, 2, 6] and report.warmed == [6]
+    assert "warmed batch sizes 6 in 6.0 s" in report.describe() and "(first run 6000 ms)" in report.describe()
 
 
 def test_the_time_budget_leaves_the_middle_sizes_cold_and_says_why():
