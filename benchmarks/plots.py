@@ -39,6 +39,25 @@ def _subtitle(data: dict) -> str:
     return f"{device}; torch {env['packages'].get('torch')}, ray {env['packages'].get('ray')}"
 
 
+def _style_axes(axes, ticks: list, log_x: bool, legend_fontsize: int) -> None:
+    """Both panels of a figure: the measured values as ticks, a log2 x axis if asked, y from 0."""
+    for ax in axes:
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_fontsize)
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_batch(data: dict, out_dir: str) -> str | None:
     raw = sorted(data.get("raw") or [], key=lambda r: r["batch"])
     if not raw:
@@ -51,21 +70,12 @@ def plot_batch(data: dict, out_dir: str) -> str | None:
     ax2.set(xlabel="batch size", ylabel="ms per batch", title="latency per batch (bare loop)")
     tuned = (data.get("variants") or {}).get("autobatch", {}).get("batch_size")
     for ax in (ax1, ax2):
-        if len(sizes) > 1 and max(sizes) / min(sizes) > 8:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(x) for x in sizes])
-        ax.set_ylim(bottom=0)
         if tuned:
             ax.axvline(tuned, color="tab:blue", ls="--", lw=1, label=f"autobatch tuned ({tuned})")
         ax.axvline(10, color="tab:orange", ls=":", lw=1, label="@serve.batch default (10)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _style_axes((ax1, ax2), sizes, log_x=len(sizes) > 1 and max(sizes) / min(sizes) > 8, legend_fontsize=8)
     fig.suptitle(f"{data['model']}: throughput and latency against batch size\n{_subtitle(data)}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{data['model']}-{_device_tag(data)}-batch.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, f"{data['model']}-{_device_tag(data)}-batch.png")
 
 
 def plot_concurrency(data: dict, out_dir: str) -> str | None:
@@ -85,19 +95,9 @@ def plot_concurrency(data: dict, out_dir: str) -> str | None:
     ax1.set(xlabel="concurrent clients (closed loop)", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="concurrent clients (closed loop)", ylabel="ms", title="latency")
     levels = sorted({r["concurrency"] for r in rows})
-    for ax in (ax1, ax2):
-        if len(levels) > 1:
-            ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _style_axes((ax1, ax2), levels, log_x=len(levels) > 1, legend_fontsize=7)
     fig.suptitle(f"{data['model']}: served throughput and latency against concurrency\n{_subtitle(data)}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{data['model']}-{_device_tag(data)}-concurrency.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, f"{data['model']}-{_device_tag(data)}-concurrency.png")
 
 
 def plot_tuning(data: dict, out_dir: str) -> str | None:
@@ -125,12 +125,8 @@ def plot_tuning(data: dict, out_dir: str) -> str | None:
                                        f"{_subtitle({**data, 'environment': data['environment']})}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
     kind = "cpu" if data["environment"].get("device") == "cpu" else "cuda"
-    path = os.path.join(out_dir, f"tuning-{kind}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, f"tuning-{kind}.png")
 
 
 def quick_inputs() -> tuple[list[str], list[str]]:

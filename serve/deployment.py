@@ -45,8 +45,8 @@ from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings, autobatch, r
 
 from .batch_runner import BatchRunner, Item, Outcome  # noqa: E402
 from .faults import Faults  # noqa: E402
-from .served_latency import ServedLatency, TunedLatency  # noqa: E402
 from .metrics import ReplicaMetrics  # noqa: E402
+from .served_latency import ServedLatency, TunedLatency  # noqa: E402
 from .warmup import SizeWarmer  # noqa: E402
 
 log = logging.getLogger("ray.serve")
@@ -139,7 +139,8 @@ class AutobatchDeployment:
         self._oom_cap: int | None = None
         self._tunings = 0
         self.tuning: dict | None = None
-        self._warmer = SizeWarmer(self._run_example_batch, budget_s=warm_sizes_budget_s)
+        self._warmer = SizeWarmer(self._run_example_batch, budget_s=warm_sizes_budget_s,
+                                  on_error=lambda: self.meter.cleanup())
         self._warm_report: dict | None = None
         self._served: ServedLatency | None = None  # served vs tuned batch times, for the wait
         self._served_wait_s: float | None = None  # the wait re-derived from served batches, once there are enough
@@ -261,13 +262,13 @@ class AutobatchDeployment:
             notes.append(f"capped at max_ongoing_requests={limit} (a batch cannot be larger); raise it to serve {size}")
             size = limit
         wait_ms = self._live["batch_wait_timeout_ms"]
-        ratio = self._served.ratio if self._served else None
         if wait_ms:
             wait_s = wait_ms / 1e3
             notes.append(f"wait pinned by user_config batch_wait_timeout_ms={wait_ms}")
         elif self._served_wait_s is not None:
             wait_s = self._served_wait_s
-            notes.append(f"wait re-derived from served batches: they take {ratio:.2f}x the tuning's time for their size")
+            notes.append(f"wait re-derived from served batches: they take {self._served.ratio:.2f}x the tuning's time "
+                         f"for their size")
         else:
             wait_s = float(self.tuning["batch_wait_timeout_s"])
         self._infer.set_max_batch_size(int(size))
@@ -317,8 +318,6 @@ class AutobatchDeployment:
         loop = asyncio.get_running_loop()
         async with self._model_lock:
             report = await loop.run_in_executor(self._executor, self._warmer.warm, size)
-            if report.stopped_by and "raised" in report.stopped_by:
-                await loop.run_in_executor(self._executor, self.meter.cleanup)
         self._warm_report = report.to_dict()
         log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
 
@@ -433,10 +432,12 @@ class AutobatchDeployment:
     def _adapt_wait(self) -> None:
         """Every 20 served batches: the tuning's wait rule again, with its latencies scaled to what
         batches take as served (served_latency.py); applied when it moves the wait by over 20%."""
-        if self._served.recorded - self._wait_checked_at < 20 or self._served.ratio is None:
+        if self._served.recorded - self._wait_checked_at < 20:
+            return
+        ratio, t = self._served.ratio, self.tuning
+        if ratio is None:
             return
         self._wait_checked_at = self._served.recorded
-        ratio, t = self._served.ratio, self.tuning
         batch1_s = self._served.tuned(1)
         wait_s = batch_wait_timeout_s(t["serve_latency_s"] * ratio, t["latency_budget_s"], batch1_s * ratio,
                                       (t.get("batch1_throughput") or 1 / batch1_s) / ratio, t["serve_throughput"] / ratio)

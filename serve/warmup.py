@@ -81,8 +81,9 @@ class SizeWarmer:
     """
 
     def __init__(self, run_batch: Callable[[int], None], budget_s: float = 120.0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, on_error: Callable[[], None] = lambda: None):
         self._run_batch = run_batch
+        self._on_error = on_error  # after a failed run, before returning: free what the failed batch held
         self._clock = clock
         self._warm: set[int] = set()
         self.budget_s = float(budget_s)
@@ -112,6 +113,8 @@ class SizeWarmer:
                 self._run_batch(size)
             except Exception as exc:  # noqa: BLE001 - a failed warm-up must not stop the replica; serving handles its own errors
                 report.left_cold, report.stopped_by = cold[i:], f"batch {size} raised {type(exc).__name__}: {exc}"
+            if report.left_cold:  # outside the except block: its traceback holds the failed batch's tensors
+                self._on_error()
                 break
             report.first_run_s[size] = self._clock() - t0
             report.warmed.append(size)

@@ -68,3 +68,18 @@ def test_size_ranges_reads_well():
     assert size_ranges([]) == "none"
     assert size_ranges([5]) == "5"
     assert size_ranges([3, 1, 2, 5, 9, 10, 10]) == "1-3, 5, 9-10"
+
+
+def test_a_failing_size_frees_memory_once_and_a_budget_stop_does_not():
+    cleanups = []
+    clock = FakeClock()
+
+    def run_batch(n):
+        clock.now += n
+        if n == 2:
+            raise RuntimeError("CUDA out of memory")
+
+    SizeWarmer(run_batch, clock=clock, on_error=lambda: cleanups.append("cleanup")).warm(4)
+    assert cleanups == ["cleanup"]
+    SizeWarmer(run_batch, budget_s=1, clock=clock, on_error=lambda: cleanups.append("again")).warm(4)
+    assert cleanups == ["cleanup"]  # 4 ran, then the budget stopped it before 2
