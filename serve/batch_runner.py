@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from deployments.base import PayloadError
@@ -29,6 +29,7 @@ class Item:
 
     sample: object
     poisoned: bool = False
+    arrived_s: float = field(default_factory=time.perf_counter)  # when it reached @serve.batch: the wait learns from it
 
 
 @dataclass

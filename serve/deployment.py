@@ -12,9 +12,10 @@ A replica's life:
                 batches did.
   a batch       raises -> retried item by item, so only the item that fails fails; out of memory ->
                 split in halves and retried, the replica's max batch lowered to what fit, counted
-                (batch_runner.py). Its time is compared with the tuning's for its size; every 20
-                batches the wait is re-derived with the tuning's times scaled to what batches take as
-                served (served_latency.py), unless user_config pins it.
+                (batch_runner.py). Its time is compared with the tuning's for its size, and its
+                requests' arrival times are kept; every 20 batches (3 when they take seconds) the
+                wait is re-derived: the tuning's rule at the times batches take as served, cut to
+                what the arrivals use of it (batch_wait.py), unless user_config pins it.
   reconfigure   user_config: latency_budget_ms, memory_fraction, max_batch (re-tune, cache first),
                 batch_size / batch_wait_timeout_ms (pin; null or absent: the tuned value),
                 retune (a new truthy value re-tunes the running replicas, skipping the cache;
@@ -40,13 +41,12 @@ from deployments.base import PayloadError  # noqa: E402
 from deployments.registry import create_spec  # noqa: E402
 from optimizer.cache import TuningCache  # noqa: E402
 from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
-from optimizer.select import batch_wait_timeout_s  # noqa: E402
 from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings, autobatch, resolve  # noqa: E402
 
 from .batch_runner import BatchRunner, Item, Outcome  # noqa: E402
 from .faults import Faults  # noqa: E402
 from .metrics import ReplicaMetrics  # noqa: E402
-from .served_latency import ServedLatency, TunedLatency  # noqa: E402
+from .batch_wait import ServedWait  # noqa: E402
 from .warmup import SizeWarmer  # noqa: E402
 
 log = logging.getLogger("ray.serve")
@@ -142,9 +142,7 @@ class AutobatchDeployment:
         self._warmer = SizeWarmer(self._run_example_batch, budget_s=warm_sizes_budget_s,
                                   on_error=lambda: self.meter.cleanup())
         self._warm_report: dict | None = None
-        self._served: ServedLatency | None = None  # served vs tuned batch times, for the wait
-        self._served_wait_s: float | None = None  # the wait re-derived from served batches, once there are enough
-        self._wait_checked_at = 0
+        self._served_wait: ServedWait | None = None  # the wait as served batches show it (batch_wait.py)
 
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
@@ -235,11 +233,7 @@ class AutobatchDeployment:
         self._tuning_wall_s = wall_s
         self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
         self.tuning = result
-        try:
-            self._served = ServedLatency(TunedLatency.from_tuning(result))
-        except ValueError:
-            self._served = None
-        self._served_wait_s, self._wait_checked_at = None, 0  # a new tuning: learn again from its batches
+        self._served_wait = ServedWait(result)  # a new tuning: learn again from its batches
         if result["cache"] == "miss":  # measured in this process: the sizes it ran are warm
             self._warmer.mark_warm(p["batch_size"] for p in result["probes"] if p["outcome"] == "ok")
         self.metrics.tuning(result, wall_s)
@@ -265,10 +259,9 @@ class AutobatchDeployment:
         if wait_ms:
             wait_s = wait_ms / 1e3
             notes.append(f"wait pinned by user_config batch_wait_timeout_ms={wait_ms}")
-        elif self._served_wait_s is not None:
-            wait_s = self._served_wait_s
-            notes.append(f"wait re-derived from served batches: they take {self._served.ratio:.2f}x the tuning's time "
-                         f"for their size")
+        elif self._served_wait is not None and self._served_wait.wait_s is not None:
+            wait_s = self._served_wait.wait_s
+            notes.append(f"wait re-derived from served batches: {self._served_wait.reason}")
         else:
             wait_s = float(self.tuning["batch_wait_timeout_s"])
         self._infer.set_max_batch_size(int(size))
@@ -393,9 +386,9 @@ class AutobatchDeployment:
             "from_cache": self.tuning.get("cache") == "hit",
             "replica": {"pid": os.getpid(), "device": self.device_label, "tunings": self._tunings,
                         "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at},
-            "serving": {**self._serving,  # the ratio as of now; the wait moves only every 20 batches
-                        "served_vs_tuned_latency": self._served.ratio if self._served else None,
-                        "served_batches_compared": self._served.recorded if self._served else 0},
+            "serving": {**self._serving,  # the ratio as of now; the wait moves only every 20 batches (3 slow ones)
+                        "served_vs_tuned_latency": self._served_wait.ratio if self._served_wait else None,
+                        "served_batches_compared": self._served_wait.batches if self._served_wait else 0},
             "warm_sizes": self._warm_report,
             "stats": {
                 "batches": stats["batches"],
@@ -421,34 +414,22 @@ class AutobatchDeployment:
             outcomes = await self._runner.run(items)
             elapsed_s = time.perf_counter() - started
         served = sum(o.ok for o in outcomes)
-        if self._served is not None and served == n and not any(item.poisoned for item in items):
-            self._served.record(n, elapsed_s)
-            self._adapt_wait()
+        if self._served_wait is not None and served == n and not any(item.poisoned for item in items):
+            settings = self._serving
+            if self._served_wait.record([item.arrived_s for item in items], started, elapsed_s,
+                                        settings["max_batch_size"], settings["batch_wait_timeout_s"]):
+                self._wait_moved()
         self._stats["samples_served"] += served
         self.metrics.inc("autobatch_samples_served", served)
         self._update_memory_gauge()
         return outcomes
 
-    def _adapt_wait(self) -> None:
-        """Every 20 served batches: the tuning's wait rule again, with its latencies scaled to what
-        batches take as served (served_latency.py); applied when it moves the wait by over 20%."""
-        if self._served.recorded - self._wait_checked_at < 20:
-            return
-        ratio, t = self._served.ratio, self.tuning
-        if ratio is None:
-            return
-        self._wait_checked_at = self._served.recorded
-        batch1_s = self._served.tuned(1)
-        wait_s = batch_wait_timeout_s(t["serve_latency_s"] * ratio, t["latency_budget_s"], batch1_s * ratio,
-                                      (t.get("batch1_throughput") or 1 / batch1_s) / ratio, t["serve_throughput"] / ratio)
-        current = self._served_wait_s if self._served_wait_s is not None else float(t["batch_wait_timeout_s"])
-        if abs(wait_s - current) <= 0.2 * max(current, 1e-3):
-            return
-        log.info("autobatch: %s: batch wait %.1f -> %.1f ms: served batches take %.2fx the tuning's time for their "
-                 "size (median of the last %d), so batch 1 takes %.1f ms as served", self.model_name, current * 1e3,
-                 wait_s * 1e3, ratio, min(self._served.recorded, 50), batch1_s * ratio * 1e3)
-        self._served_wait_s = wait_s
-        self._apply_batch_settings()
+    def _wait_moved(self) -> None:
+        """Served batches moved the wait (batch_wait.py): applied unless user_config pins it."""
+        log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
+                 self._served_wait.reason)
+        if not self._live["batch_wait_timeout_ms"]:
+            self._apply_batch_settings()
 
     def _on_serving_oom(self, batch_size: int, message: str) -> None:
         """Called by the runner after a real OOM: serve smaller batches from now on."""

@@ -1,4 +1,5 @@
-"""How long served batches really take, against what the tuning measured for the same size.
+"""How served batches really go: how long they take against what the tuning measured for the same
+size, and how their requests arrived.
 
 The tuning times the worst case the deployment admits, alone on the device: for the NF4 Llama a
 512-token prompt generating 128 tokens (364 ms at batch 1 on this project's CPU) where real
@@ -8,7 +9,13 @@ it inherits their error: 251 ms of waiting for 70 ms requests halved the Llama's
 clients. This keeps the ratio served / tuned over the last batches (median, so a stall does not
 move it), and the deployment re-derives the wait with the tuning's latencies scaled by it.
 
-Mechanism only: recording and the ratio. When to apply it is the deployment's.
+The arrivals say how much of the wait catches anyone (ArrivalLog): a lone client's request waits
+out the whole window for company that never comes, the 8B Llama's 1.8 s on an H200 (0.33x plain
+Ray Serve at 1 client, docs/benchmarks-gpu.md), while a burst of requests lands in its first
+milliseconds.
+
+Mechanism only: recording, the ratio, the arrival spreads. The policy is optimizer/select.py's;
+when to apply it, serve/batch_wait.py's.
 """
 from __future__ import annotations
 
@@ -48,23 +55,57 @@ class TunedLatency:
 
 
 class ServedLatency:
-    """Served seconds / tuned seconds over the last `window` batches."""
+    """Served seconds / tuned seconds over the last `window` batches.
 
-    def __init__(self, tuned: TunedLatency, window: int = 50, min_batches: int = 20):
+    Enough to trust: `min_batches` batches, or, when batches take seconds (an 8B Llama's 1-5 s),
+    `min_slow_batches` that took `min_slow_s` together, so that a wrong wait is not paid for minutes."""
+
+    def __init__(self, tuned: TunedLatency, window: int = 50, min_batches: int = 20,
+                 min_slow_batches: int = 3, min_slow_s: float = 5.0):
         self.tuned = tuned
-        self.min_batches = min_batches
+        self.min_batches, self.min_slow_batches, self.min_slow_s = min_batches, min_slow_batches, min_slow_s
         self._ratios: deque[float] = deque(maxlen=window)
+        self._seconds: deque[float] = deque(maxlen=window)
         self.recorded = 0  # batches recorded since the tuning in use
+        self.recorded_s = 0.0  # their served seconds
 
     def record(self, batch_size: int, seconds: float) -> None:
         expected = self.tuned(batch_size)
         if expected > 0 and seconds > 0:
             self._ratios.append(seconds / expected)
+            self._seconds.append(seconds)
             self.recorded += 1
+            self.recorded_s += seconds
+
+    def enough(self, batches: int, seconds: float) -> bool:
+        """Whether `batches` batches that took `seconds` in all are enough to act on."""
+        return batches >= self.min_batches or (batches >= self.min_slow_batches and seconds >= self.min_slow_s)
 
     @property
     def ratio(self) -> float | None:
-        """Median served/tuned ratio, or None until `min_batches` batches were recorded."""
-        if len(self._ratios) < self.min_batches:
+        """Median served/tuned ratio, or None until enough batches were recorded (`enough`)."""
+        if not self.enough(len(self._ratios), sum(self._seconds)):
             return None
         return statistics.median(self._ratios)
+
+
+class ArrivalLog:
+    """For each batch that was not full, how its requests arrived: `spread_s` from the first to the
+    last, and `held_s`, how long it sat formed before it ran because the device was busy with the
+    batch before (its window closed at the first arrival + the wait). A full batch ended its wait
+    early, so it says nothing about the wait and is not kept."""
+
+    def __init__(self, window: int = 50):
+        self._batches: deque[tuple[float, float, float]] = deque(maxlen=window)  # (spread_s, held_s, wait_s)
+        self.recorded = 0
+
+    def record(self, arrivals_s: list[float], started_s: float, max_batch_size: int, wait_s: float) -> None:
+        if not arrivals_s or len(arrivals_s) >= max_batch_size:
+            return
+        first, last = min(arrivals_s), max(arrivals_s)
+        self._batches.append((last - first, max(0.0, started_s - (first + wait_s)), wait_s))
+        self.recorded += 1
+
+    def batches(self) -> list[tuple[float, float, float]]:
+        """(spread_s, held_s, wait_s) of the last batches recorded, oldest first."""
+        return list(self._batches)

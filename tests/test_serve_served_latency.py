@@ -1,10 +1,11 @@
-"""Served vs tuned batch times, and the wait re-derived from them (the policy is optimizer/select.py's)."""
+"""Served vs tuned batch times, arrivals, and the wait re-derived from them (the policy is optimizer/select.py's)."""
 from __future__ import annotations
 
 import pytest
 
-from optimizer.select import batch_wait_timeout_s
-from serve.served_latency import ServedLatency, TunedLatency
+from optimizer.select import batch_wait_timeout_s, wait_from_arrivals
+from serve.batch_wait import ServedWait
+from serve.served_latency import ArrivalLog, ServedLatency, TunedLatency
 
 
 def tuned():
@@ -53,37 +54,92 @@ def test_requests_cheaper_than_the_tuned_worst_case_shorten_the_wait():
     assert served_wait == pytest.approx(tuned_wait * ratio)
 
 
-def bare_replica(tuned_wait_s=0.2513, pinned_wait_ms=None):
-    """The deployment class without Ray: only what _adapt_wait reads, with the CPU Llama's tuning."""
-    from serve.deployment import AutobatchDeployment
-
-    cls = AutobatchDeployment.func_or_class
-    replica = object.__new__(cls)
-    replica.model_name = "llama_int4"
-    replica.tuning = {"probes": [{"batch_size": 1, "latency_s": 0.364, "outcome": "ok"},
-                                 {"batch_size": 9, "latency_s": 1.06, "outcome": "ok"}],
-                      "serve_latency_s": 1.06, "latency_budget_s": 10.0, "batch1_throughput": 1 / 0.364,
-                      "serve_throughput": 9 / 1.06, "batch_wait_timeout_s": tuned_wait_s}
-    replica._served = ServedLatency(TunedLatency.from_tuning(replica.tuning))
-    replica._served_wait_s, replica._wait_checked_at = None, 0
-    replica.applied = []
-    replica._apply_batch_settings = lambda: replica.applied.append(replica._served_wait_s)
-    return replica
-
-
-def test_the_replica_rederives_its_wait_every_20_batches_and_only_on_a_real_move():
-    replica = bare_replica()
+def test_seconds_long_batches_are_enough_after_three():
+    """The 8B Llama on an H200: 1-5 s batches. 20 of them are minutes of a wrong wait."""
+    served = ServedLatency(tuned(), min_batches=20, min_slow_batches=3, min_slow_s=5.0)
+    served.record(1, 2.0)
+    served.record(1, 2.0)
+    assert served.ratio is None
+    served.record(1, 2.0)
+    assert served.ratio == pytest.approx(20.0)
+    fast = ServedLatency(tuned())
     for _ in range(19):
-        replica._served.record(1, 0.070)  # real requests: a fifth of the tuned worst case
-        replica._adapt_wait()
-    assert replica.applied == []  # 19 batches are not enough
-    replica._served.record(1, 0.070)
-    replica._adapt_wait()
-    ratio = 0.070 / 0.364
-    assert replica._served.ratio == pytest.approx(ratio)
-    tuned_rule_s = batch_wait_timeout_s(1.06, 10.0, 0.364, 1 / 0.364, 9 / 1.06)  # 246 ms
-    assert replica.applied == [pytest.approx(tuned_rule_s * ratio)]  # the same rule at served times: ~47 ms
-    for _ in range(20):
-        replica._served.record(1, 0.072)  # a 3% drift does not move the wait again
-        replica._adapt_wait()
-    assert len(replica.applied) == 1
+        fast.record(1, 0.1)
+    assert fast.ratio is None  # 1.9 s in 19 batches: not slow, so the 20 rule holds
+    fast.record(1, 0.1)
+    assert fast.ratio == pytest.approx(1.0)
+
+
+def test_the_arrival_log_keeps_spread_and_time_held_of_batches_short_of_full():
+    log = ArrivalLog(window=3)
+    log.record([10.000, 10.004, 10.010], started_s=10.050, max_batch_size=8, wait_s=0.020)
+    log.record([11.0, 11.001], started_s=11.0, max_batch_size=2, wait_s=0.020)  # full: ended its wait early
+    log.record([12.0], started_s=12.005, max_batch_size=8, wait_s=0.020)  # ran before its window closed: held 0
+    (spread, held, wait), (spread1, held1, _) = log.batches()
+    assert spread == pytest.approx(0.010) and held == pytest.approx(0.030) and wait == 0.020
+    assert spread1 == 0.0 and held1 == 0.0 and log.recorded == 2
+
+
+def test_a_lone_clients_batches_wait_the_floor_not_the_rule():
+    lone = [(0.0, 0.0, 1.8)] * 5  # batches of one, each run as soon as its window closed
+    wait_s, why = wait_from_arrivals(1.8, lone)
+    assert wait_s == pytest.approx(0.001) and "at least 1 ms" in why
+
+
+def test_a_burst_that_lands_early_in_the_window_waits_a_margin_over_its_spread():
+    burst = [(0.020, 0.0, 1.2)] * 9 + [(0.030, 0.0, 1.2)]  # 8 closed-loop clients answered together
+    wait_s, _ = wait_from_arrivals(1.2, burst)
+    assert wait_s == pytest.approx(3 * 0.030)  # the 90th percentile spread, x3
+
+
+def test_arrivals_that_fill_the_window_or_batches_held_by_a_busy_device_keep_the_rules_wait():
+    filling = [(0.009, 0.0, 0.010)] * 10  # steady arrivals until the window closes: more would come
+    assert wait_from_arrivals(0.040, filling)[0] == 0.040
+    split = [(0.0, 0.9, 0.001)] * 6 + [(0.0, 0.0, 0.001)] * 4  # closed at 1 ms, then waited 0.9 s for the device
+    wait_s, why = wait_from_arrivals(1.2, split)
+    assert wait_s == 1.2 and "free" in why
+    assert wait_from_arrivals(0.0, filling)[0] == 0.0  # the rule says waiting gains nothing: no arrivals change that
+    assert wait_from_arrivals(0.5, [])[0] == 0.5
+
+
+def llama_tuning(tuned_wait_s=0.2513):
+    """The CPU Llama's tuning: batch 1 364 ms and 9 1.06 s, for its worst-case request."""
+    return {"probes": [{"batch_size": 1, "latency_s": 0.364, "outcome": "ok"},
+                       {"batch_size": 9, "latency_s": 1.06, "outcome": "ok"}],
+            "serve_latency_s": 1.06, "latency_budget_s": 10.0, "batch1_throughput": 1 / 0.364,
+            "serve_throughput": 9 / 1.06, "batch_wait_timeout_s": tuned_wait_s}
+
+
+def serve_batch(wait, size, start, took_s, spread_s=0.0, held_s=0.0, max_batch=9):
+    """One batch of `size` requests whose arrivals spread over `spread_s`, run `held_s` after its window."""
+    arrivals = [start + spread_s * i / max(1, size - 1) for i in range(size)]
+    return wait.record(arrivals, start + wait.current_s + held_s, took_s, max_batch, wait.current_s)
+
+
+def test_the_served_wait_scales_the_rule_then_cuts_it_to_what_arrivals_use():
+    wait = ServedWait(llama_tuning())
+    moved = [serve_batch(wait, 4, i, 0.1, spread_s=0.001) for i in range(19)]
+    assert not any(moved) and wait.wait_s is None  # 19 fast batches (1.9 s) are not enough
+    assert serve_batch(wait, 4, 19, 0.1, spread_s=0.001)
+    ratio = 0.1 / TunedLatency.from_tuning(llama_tuning())(4)
+    assert wait.ratio == pytest.approx(ratio)
+    ceiling = batch_wait_timeout_s(1.06 * ratio, 10.0, 0.364 * ratio, 1 / 0.364 / ratio, 9 / 1.06 / ratio)
+    assert wait.wait_s == pytest.approx(min(ceiling, 3 * 0.001))
+    assert "arrived within 1.0 ms" in wait.reason
+    for i in range(20):  # the same traffic again: no move
+        assert not serve_batch(wait, 4, 100 + i, 0.1, spread_s=0.001)
+
+
+def test_slow_batches_move_the_wait_after_three():
+    """The 8B Llama at one client: the tuning's 1.8 s wait, 1.2 s batches of one."""
+    wait = ServedWait({**llama_tuning(1.8), "probes": [{"batch_size": 1, "latency_s": 3.6, "outcome": "ok"},
+                                                       {"batch_size": 64, "latency_s": 6.0, "outcome": "ok"}],
+                       "serve_latency_s": 6.0, "batch1_throughput": 1 / 3.6, "serve_throughput": 64 / 6.0})
+    assert not serve_batch(wait, 1, 0, 1.2, max_batch=64)
+    assert not serve_batch(wait, 1, 10, 1.2, max_batch=64)
+    assert not serve_batch(wait, 1, 20, 1.2, max_batch=64)  # three batches, but 3.6 s: not yet enough
+    assert serve_batch(wait, 1, 30, 1.6, max_batch=64)
+    assert wait.wait_s == pytest.approx(0.001) and wait.current_s == wait.wait_s
+    # load arrives: batches formed at 1 ms sit behind the running one, so waiting is free again
+    moved = [serve_batch(wait, 2, 40 + i, 1.3, spread_s=0.0005, held_s=1.0, max_batch=64) for i in range(4)]
+    assert any(moved) and wait.wait_s > 0.5

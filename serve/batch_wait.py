@@ -1,0 +1,86 @@
+"""When a replica moves its batch wait, learning from the batches it serves.
+
+The tuning derives the wait (optimizer/select.py's `batch_wait_timeout_s`) from what it measured:
+the worst-case input, alone on the device. Serving shows two things the tuning cannot. How long
+batches really take: the same rule at those times gives the most worth waiting (the ceiling). And
+how requests arrive: how much of that window catches anyone (`wait_from_arrivals`). A lone
+client's request otherwise waits out the whole window: the 8B Llama's 1.8 s on an H200 served
+0.33x plain Ray Serve at 1 client.
+
+Checked every 20 batches, or every 3 once they took 5 s together (an 8B Llama's batches take
+seconds, and 20 of them are minutes of a wrong wait); applied when the wait moves by more than
+20%, so that noise does not churn @serve.batch. Policy stays in optimizer/select.py, recording in
+served_latency.py; this is the schedule and the bookkeeping.
+"""
+from __future__ import annotations
+
+from optimizer.select import batch_wait_timeout_s, wait_from_arrivals
+
+from .served_latency import ArrivalLog, ServedLatency, TunedLatency
+
+MOVE_FRACTION = 0.2  # a new wait is applied only when it differs from the current one by more
+
+
+class ServedWait:
+    """One tuning's wait as served. `record` each served batch; when it returns True, `wait_s`
+    (and `reason`) changed and the deployment hands the wait to @serve.batch."""
+
+    def __init__(self, tuning: dict):
+        self.tuning = tuning
+        self.tuned_wait_s = float(tuning["batch_wait_timeout_s"])
+        try:
+            self.latency: ServedLatency | None = ServedLatency(TunedLatency.from_tuning(tuning))
+        except ValueError:  # a tuning with no timed probe (nothing fit): nothing to scale
+            self.latency = None
+        self.arrivals = ArrivalLog(window=20)
+        self.wait_s: float | None = None  # None until served batches moved it: the tuning's wait holds
+        self.reason: str | None = None
+        self.batches, self.seconds = 0, 0.0
+        self._checked_at = (0, 0.0)
+
+    @property
+    def current_s(self) -> float:
+        return self.tuned_wait_s if self.wait_s is None else self.wait_s
+
+    @property
+    def ratio(self) -> float | None:
+        return self.latency.ratio if self.latency else None
+
+    def record(self, arrivals_s: list[float], started_s: float, elapsed_s: float, max_batch_size: int,
+               wait_s: float) -> bool:
+        """A batch whose requests reached @serve.batch at `arrivals_s` (perf_counter seconds), began
+        running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved."""
+        self.batches += 1
+        self.seconds += elapsed_s
+        if self.latency is not None:
+            self.latency.record(len(arrivals_s), elapsed_s)
+        self.arrivals.record(arrivals_s, started_s, max_batch_size, wait_s)
+        return self._check()
+
+    def _enough(self, batches: int, seconds: float) -> bool:
+        return batches >= 20 or (batches >= 3 and seconds >= 5.0)
+
+    def _check(self) -> bool:
+        if not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
+            return False
+        self._checked_at = (self.batches, self.seconds)
+        t, ratio = self.tuning, self.ratio
+        if ratio is not None:
+            batch1_s = self.latency.tuned(1)
+            ceiling_s = batch_wait_timeout_s(t["serve_latency_s"] * ratio, t["latency_budget_s"], batch1_s * ratio,
+                                             (t.get("batch1_throughput") or 1 / batch1_s) / ratio,
+                                             t["serve_throughput"] / ratio)
+            why = (f"served batches take {ratio:.2f}x the tuning's time for their size (batch 1: "
+                   f"{batch1_s * ratio * 1e3:.1f} ms), so the tuning's rule gives {ceiling_s * 1e3:.1f} ms")
+        else:
+            ceiling_s, why = self.tuned_wait_s, f"the tuning's {self.tuned_wait_s * 1e3:.1f} ms"
+        recent = self.arrivals.batches()
+        if len(recent) >= 3:
+            wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent)
+        else:
+            wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from"
+        current = self.current_s
+        if abs(wait_s - current) <= MOVE_FRACTION * max(current, 1e-3):
+            return False
+        self.wait_s, self.reason = wait_s, f"{why}; {arrivals_why}: {current * 1e3:.1f} -> {wait_s * 1e3:.1f} ms"
+        return True
