@@ -7,7 +7,7 @@ how requests arrive: how much of that window catches anyone (`wait_from_arrivals
 client's request otherwise waits out the whole window: the 8B Llama's 1.8 s on an H200 served
 0.33x plain Ray Serve at 1 client.
 
-Checked every 20 batches, or every 3 once they took 5 s together (an 8B Llama's batches take
+Checked every 20 batches, or every 3 once they took 2 s together (an 8B Llama's batches take
 seconds, and 20 of them are minutes of a wrong wait); applied when the wait moves by more than
 20%, so that noise does not churn @serve.batch. Policy stays in optimizer/select.py, recording in
 served_latency.py; this is the schedule and the bookkeeping.
@@ -58,7 +58,7 @@ class ServedWait:
         return self._check()
 
     def _enough(self, batches: int, seconds: float) -> bool:
-        return batches >= 20 or (batches >= 3 and seconds >= 5.0)
+        return batches >= 20 or (batches >= 3 and seconds >= 2.0)
 
     def _check(self) -> bool:
         if not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):

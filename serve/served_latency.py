@@ -58,10 +58,10 @@ class ServedLatency:
     """Served seconds / tuned seconds over the last `window` batches.
 
     Enough to trust: `min_batches` batches, or, when batches take seconds (an 8B Llama's 1-5 s),
-    `min_slow_batches` that took `min_slow_s` together, so that a wrong wait is not paid for minutes."""
+    `min_slow_batches` that took `min_slow_s` together (2 s: three of over 0.67 s), so that a wrong wait is not paid for minutes."""
 
     def __init__(self, tuned: TunedLatency, window: int = 50, min_batches: int = 20,
-                 min_slow_batches: int = 3, min_slow_s: float = 5.0):
+                 min_slow_batches: int = 3, min_slow_s: float = 2.0):
         self.tuned = tuned
         self.min_batches, self.min_slow_batches, self.min_slow_s = min_batches, min_slow_batches, min_slow_s
         self._ratios: deque[float] = deque(maxlen=window)
