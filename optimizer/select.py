@@ -115,43 +115,51 @@ def batch_wait_timeout_s(
 def wait_from_arrivals(
     ceiling_s: float,
     batches: list[tuple[float, float, float]],
+    limit_s: float | None = None,
     floor_s: float = 0.001,
     margin: float = 3.0,
     reach: float = 0.8,
 ) -> tuple[float, str]:
-    """How much of the rule's wait to keep, from how the requests of recent batches arrived.
+    """How long to wait, from how the requests of recent batches arrived.
 
-    `batch_wait_timeout_s` gives the most worth waiting (`ceiling_s`); whether anyone arrives in
-    that window is the clients' doing. `batches` are (spread_s, held_s, wait_s) of recent batches
-    that were not full (serve/served_latency.py's ArrivalLog):
-    - if arrivals reach the end of the window (in the 90th-percentile batch they spread over more
-      than `reach` of its wait), more may come after it; and if formed batches sat waiting for a
-      busy device longer than their wait (median), waiting longer was free: Ray Serve closes a
-      batch at its wait even while the device is busy, so a short wait splits the queue into small
-      batches. Either way: the ceiling.
-    - otherwise the window's tail catches no one: `margin` x the 90th-percentile spread, at least
+    `batch_wait_timeout_s` gives the most worth waiting on an idle device (`ceiling_s`); whether
+    anyone arrives in that window is the clients' doing. `batches` are (spread_s, held_s, wait_s)
+    of recent batches that were not full (serve/served_latency.py's ArrivalLog):
+    - Formed batches sat waiting for a busy device longer than their wait (the median batch):
+      Ray Serve closes a batch at its wait even while the device is busy, so a wait shorter than
+      a batch splits the queue into a convoy of small batches (4 closed-loop clients on the CPU
+      Llama: batches of 1.0 at a 61 ms wait behind 90 ms batches). The time they sat was free, so
+      the wait grows to what the median batch had anyway, up to `limit_s` (the latency budget's).
+    - Arrivals reach the end of the window (in the 90th-percentile batch they spread over more
+      than `reach` of its wait): more may come after it, so the ceiling.
+    - Otherwise the window's tail catches no one: `margin` x the 90th-percentile spread, at least
       `floor_s`. A lone client's batches of one spread over 0 s, so it waits `floor_s`, not the
-      8B Llama's 1.8 s; a burst of clients that lands within 20 ms waits 60 ms.
+      8B Llama's 1.8 s; 8 clients answered together land within ~50 ms and wait ~150 ms.
     BentoML's adaptive batching likewise waits only while the next request is expected soon.
     Returns the wait and why, for the log.
     """
     if ceiling_s <= 0 or not batches:
         return max(0.0, ceiling_s), "the rule's wait (no arrivals to learn from)"
 
-    def p90(values):
+    def p(values, q):
         values = sorted(values)
-        return values[min(len(values) - 1, int(0.9 * len(values)))]
+        return values[min(len(values) - 1, int(q * len(values)))]
 
-    spread_s = p90(s for s, _, _ in batches)
-    used = p90((s / w) if w > 0 else (1.0 if s > 0 else 0.0) for s, _, w in batches)
-    held = sorted(h > w for _, h, w in batches)[len(batches) // 2]
     n = len(batches)
+    held_until_s = p((w + h for _, h, w in batches), 0.5)
+    if p((h - w for _, h, w in batches), 0.5) > 0:
+        wait_s = max(ceiling_s, held_until_s)
+        if limit_s is not None:
+            wait_s = min(wait_s, limit_s)
+        return wait_s, (f"formed batches sat for a busy device longer than their wait (median of {n}: "
+                        f"{held_until_s * 1e3:.1f} ms from the first request to the run), so waiting that long is "
+                        f"free; at least the rule's {ceiling_s * 1e3:.1f} ms"
+                        + (f", at most the budget's {limit_s * 1e3:.1f} ms" if limit_s is not None else ""))
+    spread_s = p((s for s, _, _ in batches), 0.9)
+    used = p(((s / w) if w > 0 else (1.0 if s > 0 else 0.0) for s, _, w in batches), 0.9)
     if used > reach:
         return ceiling_s, (f"requests arrived until the end of the wait (90th percentile of {n} batches: "
-                           f"{used:.0%} of it), so the rule's wait")
-    if held:
-        return ceiling_s, (f"formed batches sat longer than their wait for the device (median of {n}), "
-                           f"so waiting longer is free: the rule's wait")
+                           f"{used:.0%} of it), so the rule's {ceiling_s * 1e3:.1f} ms")
     wait_s = min(ceiling_s, max(floor_s, margin * spread_s))
     return wait_s, (f"the requests of a batch arrived within {spread_s * 1e3:.1f} ms of each other (90th percentile "
                     f"of {n} batches, {used:.0%} of the wait), so {margin:g}x that, at least {floor_s * 1e3:g} ms, "

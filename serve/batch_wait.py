@@ -8,8 +8,9 @@ client's request otherwise waits out the whole window: the 8B Llama's 1.8 s on a
 0.33x plain Ray Serve at 1 client.
 
 Checked every 20 batches, or every 3 once they took 2 s together (an 8B Llama's batches take
-seconds, and 20 of them are minutes of a wrong wait); applied when the wait moves by more than
-20%, so that noise does not churn @serve.batch. Policy stays in optimizer/select.py, recording in
+seconds, and 20 of them are minutes of a wrong wait), and 3 batches after a move (a wait grown to
+merge a convoy of small batches is too long once they merged); applied when the wait moves by
+more than 20%, so that noise does not churn @serve.batch. Policy stays in optimizer/select.py, recording in
 served_latency.py; this is the schedule and the bookkeeping.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from optimizer.select import batch_wait_timeout_s, wait_from_arrivals
 from .served_latency import ArrivalLog, ServedLatency, TunedLatency
 
 MOVE_FRACTION = 0.2  # a new wait is applied only when it differs from the current one by more
+ARRIVALS_MAX_AGE_S = 10.0  # arrivals read from the batches of the last 10 s (at least 3 batches)
 
 
 class ServedWait:
@@ -37,6 +39,7 @@ class ServedWait:
         self.reason: str | None = None
         self.batches, self.seconds = 0, 0.0
         self._checked_at = (0, 0.0)
+        self._just_moved = False
 
     @property
     def current_s(self) -> float:
@@ -58,29 +61,37 @@ class ServedWait:
         return self._check()
 
     def _enough(self, batches: int, seconds: float) -> bool:
+        if self._just_moved:  # is the new wait right? its own batches say so soon, before they cost
+            return batches >= 3
         return batches >= 20 or (batches >= 3 and seconds >= 2.0)
 
     def _check(self) -> bool:
         if not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
             return False
-        self._checked_at = (self.batches, self.seconds)
+        self._checked_at, self._just_moved = (self.batches, self.seconds), False
         t, ratio = self.tuning, self.ratio
         if ratio is not None:
             batch1_s = self.latency.tuned(1)
             ceiling_s = batch_wait_timeout_s(t["serve_latency_s"] * ratio, t["latency_budget_s"], batch1_s * ratio,
                                              (t.get("batch1_throughput") or 1 / batch1_s) / ratio,
                                              t["serve_throughput"] / ratio)
+            serve_latency_s = t["serve_latency_s"] * ratio
             why = (f"served batches take {ratio:.2f}x the tuning's time for their size (batch 1: "
                    f"{batch1_s * ratio * 1e3:.1f} ms), so the tuning's rule gives {ceiling_s * 1e3:.1f} ms")
         else:
             ceiling_s, why = self.tuned_wait_s, f"the tuning's {self.tuned_wait_s * 1e3:.1f} ms"
-        recent = self.arrivals.batches()
+            serve_latency_s = t["serve_latency_s"]
+        budget_s = t.get("latency_budget_s")
+        limit_s = None if budget_s is None else max(ceiling_s, 0.5 * max(0.0, budget_s - serve_latency_s))
+        recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
         if len(recent) >= 3:
-            wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent)
+            wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, limit_s)
         else:
             wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from"
         current = self.current_s
         if abs(wait_s - current) <= MOVE_FRACTION * max(current, 1e-3):
             return False
         self.wait_s, self.reason = wait_s, f"{why}; {arrivals_why}: {current * 1e3:.1f} -> {wait_s * 1e3:.1f} ms"
+        self.arrivals.clear()  # batches formed under the old wait describe a window that is gone
+        self._just_moved = True
         return True

@@ -96,16 +96,26 @@ class ArrivalLog:
     early, so it says nothing about the wait and is not kept."""
 
     def __init__(self, window: int = 50):
-        self._batches: deque[tuple[float, float, float]] = deque(maxlen=window)  # (spread_s, held_s, wait_s)
+        self._batches: deque[tuple[float, float, float, float]] = deque(maxlen=window)  # spread, held, wait, started
         self.recorded = 0
 
     def record(self, arrivals_s: list[float], started_s: float, max_batch_size: int, wait_s: float) -> None:
         if not arrivals_s or len(arrivals_s) >= max_batch_size:
             return
         first, last = min(arrivals_s), max(arrivals_s)
-        self._batches.append((last - first, max(0.0, started_s - (first + wait_s)), wait_s))
+        self._batches.append((last - first, max(0.0, started_s - (first + wait_s)), wait_s, started_s))
         self.recorded += 1
 
-    def batches(self) -> list[tuple[float, float, float]]:
-        """(spread_s, held_s, wait_s) of the last batches recorded, oldest first."""
-        return list(self._batches)
+    def batches(self, max_age_s: float | None = None, at_least: int = 3) -> list[tuple[float, float, float]]:
+        """(spread_s, held_s, wait_s) of the last batches recorded, oldest first: those that started
+        within `max_age_s` of the newest, but at least the newest `at_least`. The age bound lets
+        a lone client's batches, seconds apart, replace a burst's sooner than 20 batches would."""
+        kept = list(self._batches)
+        if max_age_s is not None and kept:
+            newest = kept[-1][3]
+            recent = [b for b in kept if b[3] >= newest - max_age_s]
+            kept = recent if len(recent) >= at_least else kept[-at_least:]
+        return [(spread, held, wait) for spread, held, wait, _ in kept]
+
+    def clear(self) -> None:
+        self._batches.clear()

@@ -80,6 +80,20 @@ def test_the_arrival_log_keeps_spread_and_time_held_of_batches_short_of_full():
     assert spread1 == 0.0 and held1 == 0.0 and log.recorded == 2
 
 
+def test_arrivals_are_read_from_the_last_10_s_but_at_least_3_batches():
+    log = ArrivalLog(window=20)
+    for t in range(5):  # a burst's batches, then a lone client's, seconds apart
+        log.record([t, t + 0.1], started_s=t + 0.2, max_batch_size=8, wait_s=0.3)
+    for t in (20, 25):
+        log.record([t], started_s=t + 0.001, max_batch_size=8, wait_s=0.3)
+    assert [b[0] for b in log.batches(max_age_s=10)] == pytest.approx([0.1, 0.0, 0.0])  # fewer than 3 recent: newest 3
+    log.record([28], started_s=28.001, max_batch_size=8, wait_s=0.3)
+    assert [b[0] for b in log.batches(max_age_s=10)] == [0.0, 0.0, 0.0]
+    assert len(log.batches()) == 8
+    log.clear()
+    assert log.batches(max_age_s=10) == []
+
+
 def test_a_lone_clients_batches_wait_the_floor_not_the_rule():
     lone = [(0.0, 0.0, 1.8)] * 5  # batches of one, each run as soon as its window closed
     wait_s, why = wait_from_arrivals(1.8, lone)
@@ -98,6 +112,9 @@ def test_arrivals_that_fill_the_window_or_batches_held_by_a_busy_device_keep_the
     split = [(0.0, 0.9, 0.001)] * 6 + [(0.0, 0.0, 0.001)] * 4  # closed at 1 ms, then waited 0.9 s for the device
     wait_s, why = wait_from_arrivals(1.2, split)
     assert wait_s == 1.2 and "free" in why
+    convoy = [(0.0, 0.200, 0.061)] * 10  # 4 clients out of step: batches of one closed at 61 ms, run 200 ms later
+    assert wait_from_arrivals(0.061, convoy, limit_s=4.5)[0] == pytest.approx(0.261)  # long enough to merge them
+    assert wait_from_arrivals(0.061, convoy, limit_s=0.1)[0] == pytest.approx(0.1)  # never past the budget's
     assert wait_from_arrivals(0.0, filling)[0] == 0.0  # the rule says waiting gains nothing: no arrivals change that
     assert wait_from_arrivals(0.5, [])[0] == 0.5
 
@@ -126,7 +143,7 @@ def test_the_served_wait_scales_the_rule_then_cuts_it_to_what_arrivals_use():
     ceiling = batch_wait_timeout_s(1.06 * ratio, 10.0, 0.364 * ratio, 1 / 0.364 / ratio, 9 / 1.06 / ratio)
     assert wait.wait_s == pytest.approx(min(ceiling, 3 * 0.001))
     assert "arrived within 1.0 ms" in wait.reason
-    for i in range(20):  # the same traffic again: no move
+    for i in range(25):  # the same traffic again: no move (checked 3 batches after the move, then every 20)
         assert not serve_batch(wait, 4, 100 + i, 0.1, spread_s=0.001)
 
 
