@@ -40,6 +40,9 @@ class ServedWait:
         self.batches, self.seconds = 0, 0.0
         self._checked_at = (0, 0.0)
         self._just_moved = False
+        # Batches already formed (held for the device) when the wait moved were collected under the
+        # old one: their arrivals would be read against the wrong window, so they are not kept.
+        self._moved_at_s = float("-inf")
 
     @property
     def current_s(self) -> float:
@@ -57,8 +60,12 @@ class ServedWait:
         self.seconds += elapsed_s
         if self.latency is not None:
             self.latency.record(len(arrivals_s), elapsed_s)
-        self.arrivals.record(arrivals_s, started_s, max_batch_size, wait_s)
-        return self._check()
+        if arrivals_s and min(arrivals_s) >= self._moved_at_s:  # formed under the wait now in force
+            self.arrivals.record(arrivals_s, started_s, max_batch_size, wait_s)
+        moved = self._check()
+        if moved:
+            self._moved_at_s = started_s + elapsed_s  # the new wait applies to batches begun from here on
+        return moved
 
     def _enough(self, batches: int, seconds: float) -> bool:
         if self._just_moved:  # is the new wait right? its own batches say so soon, before they cost

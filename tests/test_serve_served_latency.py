@@ -156,6 +156,8 @@ def test_slow_batches_move_the_wait_after_three():
     assert not serve_batch(wait, 1, 10, 1.2, max_batch=64)
     assert serve_batch(wait, 1, 20, 1.2, max_batch=64)  # three batches, 3.6 s: enough
     assert wait.wait_s == pytest.approx(0.001) and wait.current_s == wait.wait_s
+    # batches formed under the old wait and run after the move are not read against the new one
+    assert not serve_batch(wait, 1, 22.5, 1.2, max_batch=64) and wait.arrivals.batches() == []  # arrived before 23.0
     # load arrives: batches formed at 1 ms sit behind the running one, so waiting is free again
     moved = [serve_batch(wait, 2, 40 + i, 1.3, spread_s=0.0005, held_s=1.0, max_batch=64) for i in range(4)]
     assert any(moved) and wait.wait_s > 0.5
