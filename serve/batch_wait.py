@@ -93,8 +93,10 @@ class ServedWait:
         recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
         if len(recent) >= 3:
             wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, limit_s)
-        else:
-            wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from"
+        elif self.wait_s is None:
+            wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from yet"
+        else:  # full batches (the wait did not matter) or batches formed before the last move: keep it
+            return False
         current = self.current_s
         if abs(wait_s - current) <= MOVE_FRACTION * max(current, 1e-3):
             return False

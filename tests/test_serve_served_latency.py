@@ -161,3 +161,7 @@ def test_slow_batches_move_the_wait_after_three():
     # load arrives: batches formed at 1 ms sit behind the running one, so waiting is free again
     moved = [serve_batch(wait, 2, 40 + i, 1.3, spread_s=0.0005, held_s=1.0, max_batch=64) for i in range(4)]
     assert any(moved) and wait.wait_s > 0.5
+    grown_s = wait.wait_s
+    for i in range(6):  # then the batches fill up: a full batch says nothing about the wait, which stays
+        assert not serve_batch(wait, 64, 60 + 10 * i, 2.0, spread_s=0.2, max_batch=64)
+    assert wait.wait_s == grown_s
