@@ -75,6 +75,11 @@ class ServedWait:
     def _check(self) -> bool:
         if not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
             return False
+        recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
+        if len(recent) < 3 and self.wait_s is not None:
+            # full batches (the wait did not matter) or batches formed before the last move: keep the
+            # wait, and look again at the next batch rather than 20 batches on
+            return False
         self._checked_at, self._just_moved = (self.batches, self.seconds), False
         t, ratio = self.tuning, self.ratio
         if ratio is not None:
@@ -90,13 +95,10 @@ class ServedWait:
             serve_latency_s = t["serve_latency_s"]
         budget_s = t.get("latency_budget_s")
         limit_s = None if budget_s is None else max(ceiling_s, 0.5 * max(0.0, budget_s - serve_latency_s))
-        recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
         if len(recent) >= 3:
             wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, limit_s)
-        elif self.wait_s is None:
+        else:
             wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from yet"
-        else:  # full batches (the wait did not matter) or batches formed before the last move: keep it
-            return False
         current = self.current_s
         if abs(wait_s - current) <= MOVE_FRACTION * max(current, 1e-3):
             return False
