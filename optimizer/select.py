@@ -119,13 +119,16 @@ def wait_from_arrivals(
     floor_s: float = 0.001,
     margin: float = 3.0,
     reach: float = 0.8,
+    held_fraction: float = 0.25,
+    held_min_s: float = 0.005,
 ) -> tuple[float, str]:
     """How long to wait, from how the requests of recent batches arrived.
 
     `batch_wait_timeout_s` gives the most worth waiting on an idle device (`ceiling_s`); whether
     anyone arrives in that window is the clients' doing. `batches` are (spread_s, held_s, wait_s)
     of recent batches that were not full (serve/served_latency.py's ArrivalLog):
-    - Formed batches sat waiting for a busy device longer than their wait (the median batch):
+    - Formed batches sat waiting for a busy device (the median batch: longer than a quarter of its
+      wait and 5 ms, so that the event loop's own delay does not count):
       Ray Serve closes a batch at its wait even while the device is busy, so a wait shorter than
       a batch splits the queue into a convoy of small batches (4 closed-loop clients on the CPU
       Llama: batches of 1.0 at a 61 ms wait behind 90 ms batches). The time they sat was free, so
@@ -147,11 +150,11 @@ def wait_from_arrivals(
 
     n = len(batches)
     held_until_s = p((w + h for _, h, w in batches), 0.5)
-    if p((h - w for _, h, w in batches), 0.5) > 0:
+    if p((h - max(held_fraction * w, held_min_s) for _, h, w in batches), 0.5) > 0:
         wait_s = max(ceiling_s, held_until_s)
         if limit_s is not None:
             wait_s = min(wait_s, limit_s)
-        return wait_s, (f"formed batches sat for a busy device longer than their wait (median of {n}: "
+        return wait_s, (f"formed batches sat for a busy device after their wait (median of {n}: "
                         f"{held_until_s * 1e3:.1f} ms from the first request to the run), so waiting that long is "
                         f"free; at least the rule's {ceiling_s * 1e3:.1f} ms"
                         + (f", at most the budget's {limit_s * 1e3:.1f} ms" if limit_s is not None else ""))

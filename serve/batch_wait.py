@@ -8,8 +8,8 @@ client's request otherwise waits out the whole window: the 8B Llama's 1.8 s on a
 0.33x plain Ray Serve at 1 client.
 
 Checked every 20 batches, or every 3 once they took 2 s together (an 8B Llama's batches take
-seconds, and 20 of them are minutes of a wrong wait), and 3 batches after a move (a wait grown to
-merge a convoy of small batches is too long once they merged); applied when the wait moves by
+seconds, and 20 of them are minutes of a wrong wait), and at the first batch formed under a new
+wait (a wait grown to merge a convoy of small batches is too long once they merged); applied when the wait moves by
 more than 20%, so that noise does not churn @serve.batch. Policy stays in optimizer/select.py, recording in
 served_latency.py; this is the schedule and the bookkeeping.
 """
@@ -68,18 +68,22 @@ class ServedWait:
         return moved
 
     def _enough(self, batches: int, seconds: float) -> bool:
-        if self._just_moved:  # is the new wait right? its own batches say so soon, before they cost
-            return batches >= 3
         return batches >= 20 or (batches >= 3 and seconds >= 2.0)
 
     def _check(self) -> bool:
-        if not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
-            return False
         recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
-        if len(recent) < 3 and self.wait_s is not None:
+        if self._just_moved:
+            # Is the new wait right? The first batch formed under it says so, before more batches pay
+            # for a wrong one (an 8B Llama's wait grown to merge a convoy costs seconds a batch).
+            if not recent:
+                return False
+        elif not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
+            return False
+        elif len(recent) < 3 and self.wait_s is not None:
             # full batches (the wait did not matter) or batches formed before the last move: keep the
             # wait, and look again at the next batch rather than 20 batches on
             return False
+        just_moved = self._just_moved
         self._checked_at, self._just_moved = (self.batches, self.seconds), False
         t, ratio = self.tuning, self.ratio
         if ratio is not None:
@@ -95,7 +99,7 @@ class ServedWait:
             serve_latency_s = t["serve_latency_s"]
         budget_s = t.get("latency_budget_s")
         limit_s = None if budget_s is None else max(ceiling_s, 0.5 * max(0.0, budget_s - serve_latency_s))
-        if len(recent) >= 3:
+        if len(recent) >= 3 or (just_moved and recent):
             wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, limit_s)
         else:
             wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from yet"
