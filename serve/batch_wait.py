@@ -8,8 +8,8 @@ client's request otherwise waits out the whole window: the 8B Llama's 1.8 s on a
 0.33x plain Ray Serve at 1 client.
 
 Checked every 20 batches, or every 3 once they took 2 s together (an 8B Llama's batches take
-seconds, and 20 of them are minutes of a wrong wait), and at the first batch formed under a new
-wait (a wait grown to merge a convoy of small batches is too long once they merged); applied when the wait moves by
+seconds, and 20 of them are minutes of a wrong wait), and once 3 batches formed under a new wait
+(a wait grown to merge a convoy of small batches is too long once they merged); applied when the wait moves by
 more than 20%, so that noise does not churn @serve.batch. Policy stays in optimizer/select.py, recording in
 served_latency.py; this is the schedule and the bookkeeping.
 """
@@ -73,9 +73,10 @@ class ServedWait:
     def _check(self) -> bool:
         recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
         if self._just_moved:
-            # Is the new wait right? The first batch formed under it says so, before more batches pay
-            # for a wrong one (an 8B Llama's wait grown to merge a convoy costs seconds a batch).
-            if not recent:
+            # Is the new wait right? Three batches formed under it say so, before many more pay for a
+            # wrong one (an 8B Llama's wait grown to merge a convoy costs seconds a batch). One batch
+            # was too few: the CPU Llama's wait then swung 17 <-> 130 ms at every batch.
+            if len(recent) < 3:
                 return False
         elif not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
             return False
@@ -83,7 +84,6 @@ class ServedWait:
             # full batches (the wait did not matter) or batches formed before the last move: keep the
             # wait, and look again at the next batch rather than 20 batches on
             return False
-        just_moved = self._just_moved
         self._checked_at, self._just_moved = (self.batches, self.seconds), False
         t, ratio = self.tuning, self.ratio
         if ratio is not None:
@@ -99,7 +99,7 @@ class ServedWait:
             serve_latency_s = t["serve_latency_s"]
         budget_s = t.get("latency_budget_s")
         limit_s = None if budget_s is None else max(ceiling_s, 0.5 * max(0.0, budget_s - serve_latency_s))
-        if len(recent) >= 3 or (just_moved and recent):
+        if len(recent) >= 3:
             wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, limit_s)
         else:
             wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from yet"
