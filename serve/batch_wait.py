@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from optimizer.select import batch_wait_timeout_s, wait_from_arrivals
 
-from .served_latency import ArrivalLog, ServedLatency, TunedLatency
+from .served_latency import ArrivalLog, ServedLatency, TunedLatency, enough_batches
 
 MOVE_FRACTION = 0.2  # a new wait is applied only when it differs from the current one by more
 ARRIVALS_MAX_AGE_S = 10.0  # arrivals read from the batches of the last 10 s (at least 3 batches)
@@ -67,9 +67,6 @@ class ServedWait:
             self._moved_at_s = started_s + elapsed_s  # the new wait applies to batches begun from here on
         return moved
 
-    def _enough(self, batches: int, seconds: float) -> bool:
-        return batches >= 20 or (batches >= 3 and seconds >= 2.0)
-
     def _check(self) -> bool:
         recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
         if self._just_moved:
@@ -78,7 +75,7 @@ class ServedWait:
             # was too few: the CPU Llama's wait then swung 17 <-> 130 ms at every batch.
             if len(recent) < 3:
                 return False
-        elif not self._enough(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
+        elif not enough_batches(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
             return False
         elif len(recent) < 3 and self.wait_s is not None:
             # full batches (the wait did not matter) or batches formed before the last move: keep the

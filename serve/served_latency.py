@@ -25,6 +25,14 @@ from collections import deque
 from typing import Iterable
 
 
+def enough_batches(batches: int, seconds: float, min_batches: int = 20, min_slow_batches: int = 3,
+                   min_slow_s: float = 2.0) -> bool:
+    """Whether `batches` batches that took `seconds` in all are enough to act on: `min_batches`,
+    or, when batches take seconds (an 8B Llama's 1-5 s), `min_slow_batches` that took `min_slow_s`
+    together (three of over 0.67 s), so that a wrong wait is not paid for minutes."""
+    return batches >= min_batches or (batches >= min_slow_batches and seconds >= min_slow_s)
+
+
 class TunedLatency:
     """The tuning's latency for any batch size: linear between the sizes it measured, the nearest
     measured size below the smallest, and per-sample proportional above the largest."""
@@ -55,10 +63,8 @@ class TunedLatency:
 
 
 class ServedLatency:
-    """Served seconds / tuned seconds over the last `window` batches.
-
-    Enough to trust: `min_batches` batches, or, when batches take seconds (an 8B Llama's 1-5 s),
-    `min_slow_batches` that took `min_slow_s` together (2 s: three of over 0.67 s), so that a wrong wait is not paid for minutes."""
+    """Served seconds / tuned seconds over the last `window` batches, once they are enough
+    (`enough_batches`)."""
 
     def __init__(self, tuned: TunedLatency, window: int = 50, min_batches: int = 20,
                  min_slow_batches: int = 3, min_slow_s: float = 2.0):
@@ -67,7 +73,6 @@ class ServedLatency:
         self._ratios: deque[float] = deque(maxlen=window)
         self._seconds: deque[float] = deque(maxlen=window)
         self.recorded = 0  # batches recorded since the tuning in use
-        self.recorded_s = 0.0  # their served seconds
 
     def record(self, batch_size: int, seconds: float) -> None:
         expected = self.tuned(batch_size)
@@ -75,16 +80,12 @@ class ServedLatency:
             self._ratios.append(seconds / expected)
             self._seconds.append(seconds)
             self.recorded += 1
-            self.recorded_s += seconds
-
-    def enough(self, batches: int, seconds: float) -> bool:
-        """Whether `batches` batches that took `seconds` in all are enough to act on."""
-        return batches >= self.min_batches or (batches >= self.min_slow_batches and seconds >= self.min_slow_s)
 
     @property
     def ratio(self) -> float | None:
-        """Median served/tuned ratio, or None until enough batches were recorded (`enough`)."""
-        if not self.enough(len(self._ratios), sum(self._seconds)):
+        """Median served/tuned ratio, or None until enough batches were recorded."""
+        if not enough_batches(len(self._ratios), sum(self._seconds), self.min_batches, self.min_slow_batches,
+                              self.min_slow_s):
             return None
         return statistics.median(self._ratios)
 
