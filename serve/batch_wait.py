@@ -68,16 +68,15 @@ class ServedWait:
         return moved
 
     def _check(self) -> bool:
-        recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
-        if self._just_moved:
-            # Is the new wait right? Three batches formed under it say so, before many more pay for a
-            # wrong one (an 8B Llama's wait grown to merge a convoy costs seconds a batch). One batch
-            # was too few: the CPU Llama's wait then swung 17 <-> 130 ms at every batch.
-            if len(recent) < 3:
-                return False
-        elif not enough_batches(self.batches - self._checked_at[0], self.seconds - self._checked_at[1]):
+        # After a move, is the new wait right? Three batches formed under it say so, before many more
+        # pay for a wrong one (an 8B Llama's wait grown to merge a convoy costs seconds a batch); one
+        # batch was too few (the CPU Llama's wait swung 17 <-> 130 ms at every batch). Otherwise the
+        # schedule of enough_batches.
+        if not self._just_moved and not enough_batches(self.batches - self._checked_at[0],
+                                                       self.seconds - self._checked_at[1]):
             return False
-        elif len(recent) < 3 and self.wait_s is not None:
+        recent = self.arrivals.batches(max_age_s=ARRIVALS_MAX_AGE_S)
+        if len(recent) < 3 and (self._just_moved or self.wait_s is not None):
             # full batches (the wait did not matter) or batches formed before the last move: keep the
             # wait, and look again at the next batch rather than 20 batches on
             return False

@@ -425,11 +425,11 @@ class AutobatchDeployment:
         return outcomes
 
     def _wait_moved(self) -> None:
-        """Served batches moved the wait (batch_wait.py): applied unless user_config pins it."""
+        """Served batches moved the wait (batch_wait.py); a user_config pin still wins in
+        _apply_batch_settings."""
         log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
                  self._served_wait.reason)
-        if not self._live["batch_wait_timeout_ms"]:
-            self._apply_batch_settings()
+        self._apply_batch_settings()
 
     def _on_serving_oom(self, batch_size: int, message: str) -> None:
         """Called by the runner after a real OOM: serve smaller batches from now on."""

@@ -58,8 +58,8 @@ METRICS: tuple[MetricDef, ...] = (
               "max_batch_size in effect on @serve.batch now: the tuned size unless pinned by reconfigure "
               "or lowered after an out-of-memory while serving."),
     MetricDef("autobatch_batch_wait_timeout_seconds", GAUGE,
-              "batch_wait_timeout_s in effect on @serve.batch now: the tuned wait, re-derived from served "
-              "batch times every 20 batches, or pinned by user_config."),
+              "batch_wait_timeout_s in effect on @serve.batch now: the tuned wait, re-derived while serving "
+              "from batch times and request arrivals (serve/batch_wait.py), or pinned by user_config."),
     MetricDef("autobatch_memory_budget_bytes", GAUGE, "Memory budget the tuning worked within."),
     MetricDef("autobatch_latency_budget_seconds", GAUGE, "Per-batch latency budget the tuning worked within."),
     MetricDef("autobatch_tuning_seconds", GAUGE,
