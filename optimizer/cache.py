@@ -31,6 +31,8 @@ log = logging.getLogger("autobatch.cache")
 
 FORMAT = "autobatch-tuning-cache"
 FORMAT_VERSION = 1
+
+
 LOCK_TIMEOUT_ENV = "AUTOBATCH_CACHE_LOCK_TIMEOUT_S"
 # A write holds the lock for milliseconds; a lock held this long has a stuck holder.
 DEFAULT_LOCK_TIMEOUT_S = 30.0
@@ -67,6 +69,7 @@ class TuningCache:
         self.unavailable: str | None = None
         self._memory: dict | None = None
         self._file_lock: FileLock | None = None
+        self._say_fallback = True  # log the fallback to memory (check_writable raises instead)
         self._distrusted: set[tuple[str, tuple[str, ...]]] = set()  # (key, reasons) already warned about
         self._lock = _CacheLock(self)
 
@@ -85,7 +88,7 @@ class TuningCache:
         except FileNotFoundError:
             return {}
         except IsADirectoryError:
-            self._use_memory(f"it is a directory; name a file, e.g. {self.path / 'tuning.json'}")
+            self._use_memory(self._is_a_directory())
             return {}
         except OSError as exc:
             self._use_memory(f"it cannot be read ({exc.strerror or exc})")
@@ -128,15 +131,22 @@ class TuningCache:
             self._write(keep)
         return keep
 
+    def _is_a_directory(self) -> str:
+        return f"it is a directory (name a file in it, e.g. {self.path / 'tuning.json'})"
+
     def _use_memory(self, reason: str) -> None:
         if self.unavailable is None:
             self.unavailable = reason
-            log.warning("tuning cache %s cannot be used: %s; tunings are kept in this process's memory only "
-                        "(a restart tunes again); to keep them, %s", self.path, reason, WHAT_TO_CHANGE)
+            if self._say_fallback:
+                log.warning("tuning cache %s cannot be used: %s; tunings are kept in this process's memory only "
+                            "(a restart tunes again); to keep them, %s", self.path, reason, WHAT_TO_CHANGE)
 
     def _take_file_lock(self) -> bool:
         """True when the file lock is now held; False (memory mode, one warning) when it cannot be."""
         if self.unavailable is not None:
+            return False
+        if self.path.is_dir():  # not even a lock file beside it: `--cache /tmp` must not leave /tmp.lock
+            self._use_memory(self._is_a_directory())
             return False
         lock_path = f"{self.path}.lock"
         try:
@@ -162,9 +172,14 @@ class TuningCache:
 
     def check_writable(self) -> None:
         """Raise CacheUnavailable unless the file can be changed: a command that exists to change
-        it (`autobatch cache clear`) says so instead of changing a copy in memory."""
-        with self._lock:
-            self._read()
+        it (`autobatch cache clear`) says so instead of changing a copy in memory. The exception is
+        the one report: the fallback's warning is not logged as well."""
+        self._say_fallback = False
+        try:
+            with self._lock:
+                self._read()
+        finally:
+            self._say_fallback = True
         if self.unavailable is not None:
             raise CacheUnavailable(f"tuning cache {self.path} cannot be changed: {self.unavailable}; {WHAT_TO_CHANGE}")
 

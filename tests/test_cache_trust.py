@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -262,18 +261,26 @@ def test_an_unusable_location_tunes_in_memory_with_one_warning(tmp_path, caplog,
     with pytest.raises(CacheUnavailable, match="cannot be changed.*AUTOBATCH_CACHE"):
         cache.delete()  # `autobatch cache clear` has nothing to change: it says so
     if where == "a directory":
-        assert os.listdir(path) == []  # nothing written into it, nothing renamed
+        assert os.listdir(path) == [] and not os.path.exists(f"{path}.lock")  # nothing written in it or beside it
 
 
 @pytest.mark.timeout(60)
-def test_cache_show_and_clear_on_proc_answer_at_once():
+def test_cache_show_and_clear_on_proc_answer_at_once(caplog):
     """`autobatch cache show|clear --cache /proc/x.json` used to wait on the lock file forever."""
     path = f"/proc/autobatch-test-{os.getpid()}.json"
     assert TuningCache(path).entries() == {}
-    with pytest.raises(CacheUnavailable, match=r"lock file .*\.lock cannot be created"):
-        TuningCache(path).delete()
-    with pytest.raises(CacheUnavailable):
-        TuningCache(path).check_writable()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        with pytest.raises(CacheUnavailable, match=r"lock file .*\.lock cannot be created"):
+            TuningCache(path).delete()
+    assert caplog.records == []  # the error is the one line `cache clear` prints
+
+
+@pytest.mark.timeout(60)
+def test_clear_on_a_directory_says_so_and_leaves_nothing_beside_it(tmp_path):
+    with pytest.raises(CacheUnavailable, match="is a directory .name a file in it"):
+        TuningCache(tmp_path).check_writable()
+    assert not os.path.exists(f"{tmp_path}.lock")
 
 
 _HOLD_LOCK = """
