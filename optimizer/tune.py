@@ -152,7 +152,7 @@ def autobatch(
     key = cache_key(key_fields)
     fp = resolved.fingerprint
     if cache is not None and not force:
-        hit = cache.get(key_fields)
+        hit = cache.get_trusted(key_fields)
         if hit is not None:
             say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}): max safe batch "
                 f"{hit['max_safe_batch']}, serving batch {hit['batch_size']}")
@@ -160,7 +160,7 @@ def autobatch(
 
     with tuning_lock(fp):
         if cache is not None and not force:  # another replica on this device may have just tuned it
-            hit = cache.get(key_fields)
+            hit = cache.get_trusted(key_fields)
             if hit is not None:
                 say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for another "
                     f"tuning on this device: serving batch {hit['batch_size']}")

@@ -122,14 +122,19 @@ def test_processes_writing_at_once_lose_nothing(tmp_path):
 
 def test_cache_hit_from_the_cli_imports_no_torch(tmp_path):
     """A second identical `autobatch tune` answers from the cache without loading anything heavy."""
-    from optimizer.devices import cpu_fingerprint
-    from optimizer.tune import resolve
+    from optimizer.devices import SimulatedDevice, cpu_fingerprint
+    from optimizer.tune import autobatch
     from deployments.registry import create_spec
 
     spec = create_spec("resnet50")
     settings = TuningSettings(device="cpu", memory_budget_bytes=3 * 2**30, latency_budget_s=0.5, max_batch=8)
-    resolved = resolve(spec, settings, cpu_fingerprint())
-    TuningCache(tmp_path / "c.json").put(resolved.key_fields(spec), {**RESULT, "max_safe_batch": 8, "batch_size": 2})
+    # A whole tuning under this CPU's key, measured in milliseconds on a simulated device wearing the
+    # CPU's fingerprint: a cache hit is checked against its key and its own probes before it is served.
+    device = SimulatedDevice(lambda b: 2**30 + 2**20 * b, lambda b: 0.1 + 0.001 * b,
+                             capacity_bytes=cpu_fingerprint().total_memory_bytes)
+    device.fingerprint = cpu_fingerprint()
+    autobatch(spec, settings, cache=TuningCache(tmp_path / "c.json"), meter=device, run_batch=device.run,
+              say=lambda line: None)
     script = (
         "import sys, json\n"
         "from optimizer.cli import main\n"
@@ -141,5 +146,5 @@ def test_cache_hit_from_the_cli_imports_no_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
-    assert answer["cache"] == "hit" and answer["batch_size"] == 2
+    assert answer["cache"] == "hit" and answer["batch_size"] == 8
     assert "TORCH_IMPORTED False" in done.stderr
