@@ -164,7 +164,9 @@ def main(argv=None) -> int:
     head = subprocess.Popen(ray_start_command(args), env=env, start_new_session=True)
     serve_run = None
     try:
-        wait_for_head(head, [args.port, args.dashboard_port], args.start_timeout)
+        # The metrics port is the raylet's agent's: listening means the node is up, not only the GCS
+        # (a driver connecting before that can time out on a loaded host).
+        wait_for_head(head, [args.port, args.dashboard_port, args.metrics_export_port], args.start_timeout)
         print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard http://{LOOPBACK}:{args.dashboard_port}, "
               f"metrics http://{LOOPBACK}:{args.metrics_export_port}/metrics; live changes: "
               f"`autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`", flush=True)
