@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from deployments.registry import create_spec  # noqa: E402
+from deployments.registry import create_spec, model_names  # noqa: E402
 from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
 from optimizer.tune import TuningSettings, autobatch  # noqa: E402
 
-MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+MODELS = tuple(model_names())
 
 
 def main(argv=None) -> int:

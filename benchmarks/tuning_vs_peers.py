@@ -63,12 +63,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import default_out, describe_environment, environment, markdown_table, say, table, write_json  # noqa: E402
 
-from deployments.registry import create_spec  # noqa: E402
+from deployments.registry import create_spec, model_names  # noqa: E402
 from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
 from optimizer.probe import OK, OOM, ProbeResult, probe  # noqa: E402
 from optimizer.tune import TuningSettings, autobatch  # noqa: E402
 
-MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+MODELS = tuple(model_names())
 NO_LATENCY_BOUND_S = 1e6
 CPU_OOM_TEXT = "DefaultCPUAllocator: can't allocate memory"  # what accelerate recognises as a CPU OOM
 

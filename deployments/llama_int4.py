@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, file_identity, torch_dtype
+from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, file_identity, torch_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,6 +49,7 @@ CONFIG_ENV = "AUTOBATCH_LLAMA_CONFIG"
 CACHE_ENV = "AUTOBATCH_MODEL_CACHE"
 MARKER = "autobatch-synthetic.json"
 ALLOWED_KEYS = ("prompt", "max_new_tokens")
+EXAMPLE_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
 @dataclass
@@ -115,6 +116,8 @@ def _count_linear4bit(model) -> int:
 
 class LlamaInt4Spec(ModelSpec):
     name: ClassVar[str] = "llama_int4"
+    usage: ClassVar[str] = ('POST JSON {"prompt": "<text>", "max_new_tokens": <optional>}; the answer is the greedy '
+                            "continuation with its token counts and why it stopped")
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers")
     # A batch is a whole generation (prefill + up to max_new_tokens steps): seconds, not milliseconds.
     default_latency_budget_s: ClassVar[float] = 10.0
@@ -176,6 +179,19 @@ class LlamaInt4Spec(ModelSpec):
         if self.weights_path:
             return f"{self.weights_path} (NF4 4-bit)"
         return f"synthetic: Llama '{self.config_name}' config with random weights, NF4 4-bit (nothing downloaded)"
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("text_input", "BYTES", (-1,), "one UTF-8 prompt per sample"),
+                TensorSpec("max_tokens", "INT32", (-1,), f"tokens to generate per sample, 1..{self.max_new_tokens} "
+                           f"(INT64 accepted too); left out: {self.default_new_tokens}", optional=True))
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("text_output", "BYTES", (-1,), "the generated continuation per sample, UTF-8, prompt not repeated"),)
+
+    @classmethod
+    def example_payload(cls, max_new_tokens: int | None = None) -> tuple[bytes, str]:
+        body = {"prompt": EXAMPLE_PROMPT} if max_new_tokens is None else {"prompt": EXAMPLE_PROMPT, "max_new_tokens": int(max_new_tokens)}
+        return json.dumps(body).encode(), "application/json"
 
     # --- weights
     def synthetic_folder(self) -> str:

@@ -373,16 +373,22 @@ DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
 def default_payloads(url: str, route: str, max_new_tokens: int | None = None, timeout: float = 30.0) -> list[tuple[bytes, str]]:
-    """Asks the route what it serves (GET /<route>/): a prompt for an LLM, else a generated JPEG."""
+    """Asks the route which model it serves (GET /<route>/) and sends that model's example payload."""
+    from deployments.base import SpecConfigError
+    from deployments.registry import spec_class
+
     model = ""
     try:
         r = httpx.get(url.rstrip("/") + route_path(route) + "/", timeout=timeout, trust_env=False)
         model = str(r.json().get("model", "")) if r.status_code == 200 else ""
     except (httpx.HTTPError, ValueError, AttributeError):
         pass
-    if "llama" in model or "llama" in route:
-        return [make_payload(DEFAULT_PROMPT, max_new_tokens=max_new_tokens)]
-    return [(generated_jpeg(), "image/jpeg")]
+    try:
+        spec = spec_class(model or route_path(route).strip("/"))
+    except SpecConfigError as exc:
+        raise BenchError(f"cannot tell which model {route_path(route)} serves ({exc}); "
+                         f"give --input FILE or --prompt TEXT") from None
+    return [spec.example_payload(max_new_tokens=max_new_tokens)]
 
 
 # ----- report -----
