@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from optimizer.stats import percentile
+
 from .client import DEFAULT_URL, make_payload, route_path
 
 DEFAULT_DURATION_S = 10.0
@@ -53,20 +55,6 @@ class BenchError(ValueError):
 
 
 # ----- statistics (pure) -----
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0 <= q <= 100) by linear interpolation between the closest ranks, the
-    definition numpy uses by default: rank (n - 1) * q / 100 of the sorted values. None when empty."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be between 0 and 100, got {q}")
-    if not values:
-        return None
-    xs = sorted(values)
-    rank = (len(xs) - 1) * q / 100.0
-    lo = math.floor(rank)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
-
-
 def latency_summary(latencies: Sequence[float]) -> dict:
     """count, mean, min, p50, p90, p99, max (seconds; None when there are none)."""
     if not latencies:
@@ -344,11 +332,6 @@ def run_load(load: Load, progress: bool = False) -> dict:
     """Run one bounded load and return its report (see format_report for the fields)."""
     load.validate()
     return asyncio.run(_Run(load, progress).run())
-
-
-async def run_load_async(load: Load, progress: bool = False) -> dict:
-    load.validate()
-    return await _Run(load, progress).run()
 
 
 # ----- payloads -----
