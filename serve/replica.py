@@ -231,8 +231,9 @@ class Replica:
             "model": self.model_name,
             "weights": self.spec.weights_description(),
             "device": self.device_label,
-            "usage": "POST the payload (image bytes: JPEG, PNG or WebP; for an LLM, JSON "
-                     "{\"prompt\": ..., \"max_new_tokens\": ...}) to this route; GET <route>/tuning for the tuning",
+            "usage": f"{self.spec.usage} POST it to this route; GET <route>/tuning for the tuning in use.",
+            "inputs": [t.metadata() for t in self.spec.inputs()],
+            "outputs": [t.metadata() for t in self.spec.outputs()],
             "max_batch_size": self._serving["max_batch_size"],
         }
 
