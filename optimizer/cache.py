@@ -4,7 +4,9 @@ Several replicas start at once and may write at once, so every write takes a fil
 the file under it (to keep the others' entries) and replaces it atomically (write a temporary file,
 then os.replace). A corrupt or foreign file is not fatal: it is logged, ignored and rewritten.
 An entry is returned only when its stored key fields equal the ones asked for, so a hash collision
-or a hand-edited file can never hand one device's answer to another.
+or a hand-edited file can never hand one device's answer to another, and only as a `Tuning` that
+`Tuning.from_dict` accepts: an entry it refuses (another version's shape, a hand edit) is a miss,
+so the model is tuned again and the entry replaced.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .tuning import Tuning, TuningFormatError
+
 log = logging.getLogger("autobatch.cache")
 
 FORMAT = "autobatch-tuning-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an entry's result is Tuning.stored(); files of version 1 are re-tuned
 
 
 def default_cache_path() -> Path:
@@ -40,6 +44,7 @@ class TuningCache:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_cache_path()
         self._lock = FileLock(str(self.path) + ".lock")
+        self._refused_keys: set[str] = set()  # entries already warned about: one warning each
 
     def _read(self) -> dict:
         """The entries on disk; {} (with a warning) for a missing, corrupt or foreign file."""
@@ -64,24 +69,31 @@ class TuningCache:
         entries = data.get("entries")
         return entries if isinstance(entries, dict) else {}
 
-    def get(self, key_fields: dict) -> dict | None:
-        """The cached result for exactly these key fields, or None."""
+    def get(self, key_fields: dict) -> Tuning | None:
+        """The cached tuning for exactly these key fields, or None."""
         key = cache_key(key_fields)
         with self._lock:
             entry = self._read().get(key)
         if not isinstance(entry, dict) or entry.get("key_fields") != json.loads(json.dumps(key_fields, default=str)):
             return None
-        result = entry.get("result")
-        return result if isinstance(result, dict) else None
+        try:
+            return Tuning.from_dict(entry.get("result"))
+        except TuningFormatError as exc:
+            if key in self._refused_keys:
+                return None
+            self._refused_keys.add(key)
+            log.warning("tuning cache %s: entry %s is not a tuning this version can use (%s); tuning again",
+                        self.path, key, exc)
+            return None
 
-    def put(self, key_fields: dict, result: dict) -> str:
+    def put(self, key_fields: dict, tuning: Tuning) -> str:
         key = cache_key(key_fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             entries = self._read()
             entries[key] = {
                 "key_fields": json.loads(json.dumps(key_fields, default=str)),
-                "result": result,
+                "result": tuning.stored(),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             self._write(entries)
