@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from deployments.registry import model_names
 from optimizer.cache import TuningCache
 from optimizer.devices import DeviceUnavailable
 from optimizer.tuning import Tuning, TuningFormatError
@@ -51,7 +52,7 @@ def _fraction(text: str) -> float:
 
 
 def add_tuning_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model name (resnet50, vit_b_16, yolo11n_pose, llama_int4)")
+    p.add_argument("model", help=f"model name ({', '.join(model_names())})")
     p.add_argument("--weights", default=None, help="local weights path (default: synthetic weights)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
