@@ -198,11 +198,11 @@ def _probe(data: Any) -> ProbeResult:
     return ProbeResult(
         batch_size=_typed(data, "batch_size", int),
         outcome=outcome,
-        peak_bytes=_typed(data, "peak_bytes", int, optional=True) if "peak_bytes" in data else None,
-        latency_s=_typed(data, "latency_s", float, optional=True) if "latency_s" in data else None,
-        throughput=_typed(data, "throughput", float, optional=True) if "throughput" in data else None,
-        predicted_bytes=_typed(data, "predicted_bytes", int, optional=True) if "predicted_bytes" in data else None,
-        repeats=_typed(data, "repeats", int) if "repeats" in data else 0,
+        peak_bytes=_typed(data, "peak_bytes", int, optional=True),
+        latency_s=_typed(data, "latency_s", float, optional=True),
+        throughput=_typed(data, "throughput", float, optional=True),
+        predicted_bytes=_typed(data, "predicted_bytes", int, optional=True),
+        repeats=_typed(data, "repeats", int),
     )
 
 

@@ -119,6 +119,14 @@ def test_from_dict_refuses_a_malformed_probe(probe_changes, message):
         Tuning.from_dict(broken)
 
 
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ProbeResult)])
+def test_from_dict_refuses_a_probe_missing_a_field(name):
+    broken = data()
+    del broken["probes"][0][name]
+    with pytest.raises(TuningFormatError, match=f"'{name}' is missing"):
+        Tuning.from_dict(broken)
+
+
 def test_from_dict_refuses_what_is_not_an_object():
     for value in (None, [], "tuning", 3):
         with pytest.raises(TuningFormatError, match="must be a JSON object"):
