@@ -114,3 +114,42 @@ def test_the_console_script_is_the_cli_of_this_tree():
     assert project["project"]["scripts"]["autobatch"] == "autobatch.cli:main"
     assert set(PACKAGES) <= set(project["tool"]["setuptools"]["packages"])
     assert callable(main)
+
+
+def protocol_members() -> set[str]:
+    from optimizer.model import TunableModel
+
+    return {name for name in vars(TunableModel) if not name.startswith("_")} | set(TunableModel.__annotations__)
+
+
+def test_tunable_model_names_exactly_what_the_optimizer_uses_of_a_model():
+    """Every `spec.X` / `model.X` the optimizer reads is a TunableModel member, and every member is read."""
+    used = set()
+    for path in modules("optimizer"):
+        source = open(os.path.join(ROOT, path)).read()
+        if "TunableModel" not in source:  # (devices.py's `spec` is an importlib ModuleSpec)
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.Attribute):
+                continue
+            owner = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", None)
+            if owner in ("spec", "_model"):  # tune.py's spec, ExampleBatches' self._model
+                used.add(node.attr)
+    assert used == protocol_members(), f"used but not in the Protocol: {used - protocol_members()}; " \
+                                       f"in the Protocol but unused: {protocol_members() - used}"
+
+
+def test_every_model_family_is_a_tunable_model():
+    import inspect
+
+    from deployments.registry import create_spec, model_names
+    from optimizer.model import TunableModel
+
+    for name in model_names():
+        spec = create_spec(name)
+        assert isinstance(spec, TunableModel), name
+        for member in protocol_members():
+            expected = getattr(TunableModel, member, None)
+            if callable(expected):  # a method: it takes the Protocol's arguments
+                wanted = len(inspect.signature(expected).parameters) - 1  # without self
+                assert len(inspect.signature(getattr(spec, member)).parameters) == wanted, (name, member)
