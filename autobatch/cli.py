@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from deployments.registry import model_names
+from deployments.registry import create_spec, model_names
 from optimizer.cache import TuningCache
 from optimizer.devices import DeviceUnavailable
 from optimizer.tuning import Tuning, TuningFormatError
@@ -82,8 +82,6 @@ def settings_from_args(args):
 
 
 def cmd_tune(args) -> int:
-    from deployments.registry import create_spec
-
     from optimizer.tune import autobatch
 
     spec = create_spec(args.model, args.weights)
