@@ -37,6 +37,7 @@ from bench_common import default_out, describe_environment, start_cluster, envir
 import httpx  # noqa: E402
 
 from deployments.registry import model_names, spec_class  # noqa: E402
+from optimizer.tuning import Tuning  # noqa: E402
 from serve.bench import Load, run_load  # noqa: E402
 from serve.client import make_payload  # noqa: E402
 
@@ -98,12 +99,13 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
     info = {"variant": variant, "ready_s": ready_s}
     http = httpx.Client(base_url=base, timeout=120, trust_env=False)
     if is_autobatch(variant):
-        t = http.get(route + "/tuning").json()
-        info.update(batch_size=t["batch_size"], max_safe_batch=t["max_safe_batch"], wait_ms=t["batch_wait_timeout_s"] * 1e3,
-                    tuning_s=t["tuning_s"], cache=t["cache"], max_ongoing=t["serving"]["max_ongoing_requests"],
-                    latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"],
-                    warm_sizes=(t.get("warm_sizes") or {}).get("summary") or (t.get("warm_sizes") or {}).get("skipped"))
-        info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms at start, ongoing {t['serving']['max_ongoing_requests']}"
+        report = http.get(route + "/tuning").json()  # the Tuning's fields, plus what the replica serves with
+        t, serving, warm = Tuning.from_dict(report), report["serving"], report.get("warm_sizes") or {}
+        info.update(batch_size=t.batch_size, max_safe_batch=t.max_safe_batch, wait_ms=t.batch_wait_timeout_s * 1e3,
+                    tuning_s=t.tuning_s, cache=t.cache, max_ongoing=serving["max_ongoing_requests"],
+                    latency_budget_ms=t.latency_budget_s * 1e3, decision=t.decision,
+                    warm_sizes=warm.get("summary") or warm.get("skipped"))
+        info["batching"] = f"max {serving['max_batch_size']}, wait {serving['batch_wait_timeout_s'] * 1e3:.0f} ms at start, ongoing {serving['max_ongoing_requests']}"
     else:
         info["batching"] = {"plain batched": "max 10, wait 10 ms, ongoing 5", "unbatched": "none, ongoing 5",
                             "plain batched, high ongoing": f"max 10, wait 10 ms, ongoing {2 * args.max_batch}"}[variant]

@@ -56,19 +56,19 @@ def main(argv=None) -> int:
             settings.memory_budget_bytes = meter.current_bytes() + 400 * 2**20
             settings.repeats = 1
             settings.latency_budget_s = 30.0  # a shared 2-core CI machine: only memory should bound it
-        result = autobatch(spec, settings, cache=None, loaded=True, meter=meter,
+        tuning = autobatch(spec, settings, cache=None, loaded=True, meter=meter,
                            say=lambda line: print(line, file=sys.stderr, flush=True))
-        chosen = next(p for p in result["probes"] if p["batch_size"] == result["batch_size"] and p["latency_s"])
+        chosen = next(p for p in tuning.probes if p.batch_size == tuning.batch_size and p.latency_s)
         rows.append({
-            "model": name, "device": result["device"]["label"], "dtype": result["dtype"],
-            "memory_budget_gib": result["memory_budget_bytes"] / 2**30,
-            "latency_budget_ms": result["latency_budget_s"] * 1e3,
-            "max_safe_batch": result["max_safe_batch"], "batch_size": result["batch_size"],
-            "throughput": result["serve_throughput"], "batch1_throughput": result["batch1_throughput"],
-            "speedup": result["serve_throughput"] / result["batch1_throughput"] if result["batch1_throughput"] else None,
-            "peak_gib_at_batch": chosen["peak_bytes"] / 2**30, "latency_ms_at_batch": chosen["latency_s"] * 1e3,
-            "probes": result["probe_count"], "ooms": result["oom_events"], "tuning_s": result["tuning_s"],
-            "load_s": load_s, "stopped_by": result["stopped_by"],
+            "model": name, "device": tuning.device.label, "dtype": tuning.dtype,
+            "memory_budget_gib": tuning.memory_budget_bytes / 2**30,
+            "latency_budget_ms": tuning.latency_budget_s * 1e3,
+            "max_safe_batch": tuning.max_safe_batch, "batch_size": tuning.batch_size,
+            "throughput": tuning.serve_throughput, "batch1_throughput": tuning.batch1_throughput,
+            "speedup": tuning.serve_throughput / tuning.batch1_throughput if tuning.batch1_throughput else None,
+            "peak_gib_at_batch": chosen.peak_bytes / 2**30, "latency_ms_at_batch": chosen.latency_s * 1e3,
+            "probes": tuning.probe_count, "ooms": tuning.oom_events, "tuning_s": tuning.tuning_s,
+            "load_s": load_s, "stopped_by": tuning.stopped_by,
         })
         del spec
         gc.collect()

@@ -9,7 +9,9 @@ entries kept). A location that cannot be written or locked (a read-only filesyst
 directory, a lock held past `lock_timeout_s`) is never fatal nor a hang either: the cache then
 keeps its entries in this process's memory, after one warning, and still reads what the file holds.
 An entry is returned only when its stored key fields equal the ones asked for, so a hash collision
-or a hand-edited file can never hand one device's answer to another.
+or a hand-edited file can never hand one device's answer to another, and only as a `Tuning` that
+`Tuning.from_dict` accepts: an entry it refuses (another version's shape, a hand edit) is a miss,
+so the model is tuned again and the entry replaced.
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ from filelock import FileLock, Timeout
 
 from .trust import check_against_key
 
+from .tuning import Tuning, TuningFormatError
+
 log = logging.getLogger("autobatch.cache")
 
 FORMAT = "autobatch-tuning-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an entry's result is Tuning.stored(); files of version 1 are re-tuned
 
 
 LOCK_TIMEOUT_ENV = "AUTOBATCH_CACHE_LOCK_TIMEOUT_S"
@@ -72,6 +76,7 @@ class TuningCache:
         self._say_fallback = True  # log the fallback to memory (check_writable raises instead)
         self._distrusted: set[tuple[str, tuple[str, ...]]] = set()  # (key, reasons) already warned about
         self._lock = _CacheLock(self)
+        self._refused_keys: set[str] = set()  # entries Tuning.from_dict refused: one warning each
 
     def _read(self) -> dict:
         """The entries: the file's (set aside when unreadable), or this process's in memory mode."""
@@ -183,23 +188,30 @@ class TuningCache:
         if self.unavailable is not None:
             raise CacheUnavailable(f"tuning cache {self.path} cannot be changed: {self.unavailable}; {WHAT_TO_CHANGE}")
 
-    def get(self, key_fields: dict) -> dict | None:
-        """The cached result for exactly these key fields, or None."""
+    def get(self, key_fields: dict) -> Tuning | None:
+        """The cached tuning for exactly these key fields, or None."""
         key = cache_key(key_fields)
         with self._lock:
             entry = self._read().get(key)
         if not isinstance(entry, dict) or entry.get("key_fields") != json.loads(json.dumps(key_fields, default=str)):
             return None
-        result = entry.get("result")
-        return result if isinstance(result, dict) else None
+        try:
+            return Tuning.from_dict(entry.get("result"))
+        except TuningFormatError as exc:
+            if key in self._refused_keys:
+                return None
+            self._refused_keys.add(key)
+            log.warning("tuning cache %s: entry %s is not a tuning this version can use (%s); tuning again",
+                        self.path, key, exc)
+            return None
 
-    def put(self, key_fields: dict, result: dict) -> str:
+    def put(self, key_fields: dict, tuning: Tuning) -> str:
         key = cache_key(key_fields)
         with self._lock:
             entries = self._read()
             entries[key] = {
                 "key_fields": json.loads(json.dumps(key_fields, default=str)),
-                "result": result,
+                "result": tuning.stored(),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             self._write(entries)

@@ -104,14 +104,12 @@ class Replica:
         settings = self.config.tuning_settings(self.meter.fingerprint.kind)
         async with self._model_lock:  # no batch runs while the model is measured
             started = time.perf_counter()
-            result = await loop.run_in_executor(
+            tuning: Tuning = await loop.run_in_executor(
                 self._executor,
                 lambda: autobatch(self.spec, settings, cache=self.cache, force=force, meter=self.meter,
                                   loaded=True, say=log.info),
             )
             wall_s = time.perf_counter() - started
-        # until autobatch() returns Tuning (h1-optimizer)
-        tuning = result if isinstance(result, Tuning) else Tuning.from_dict(result)
         self._tunings += 1
         self._tuning_wall_s = wall_s
         self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
