@@ -19,7 +19,7 @@ from deployments.device_images import (ImageInput, LetterboxGeometry, Torchvisio
                                        map_by_shape, pipeline_for, pixels_to_device)
 from deployments.images import check_image_header, example_jpeg
 from deployments.registry import create_spec
-from deployments.testing import image_bytes
+from model_helpers import image_bytes
 from serve.batch_runner import BatchRunner, Item
 
 
