@@ -110,6 +110,7 @@ class Prober:
         self.repeats = repeats
         self.on_probe = on_probe or (lambda r: None)
         self.probes: list[ProbeResult] = []
+        self.predicted_latency_s: dict[int, float] = {}  # what the latency fit said before each probe
 
     def by_size(self, batch_size: int) -> ProbeResult | None:
         for p in self.probes:
@@ -123,11 +124,27 @@ class Prober:
             points.append((0, float(self.base_bytes)))
         return fit_affine(points)
 
-    def prediction_error_bytes(self) -> float:
-        """The largest miss of the memory prediction over the probes run so far (past batch 1)."""
-        misses = [abs(p.peak_bytes - p.predicted_bytes) for p in self.probes
-                  if p.peak_bytes is not None and p.predicted_bytes is not None and p.batch_size > 1]
-        return max(misses, default=0.0)
+    def verified_errors(self, within: float = 0.10) -> tuple[float | None, float | None]:
+        """How far off the latest memory and latency predictions were (bytes, seconds), when they
+        landed within `within` of what the batch added (peak - base) or took. None when the latest
+        prediction missed by more, or none was made yet: that fit is not verified. Only the latest:
+        an earlier miss came from a longer extrapolation (64 to 512, say) and would keep the steps
+        near the limit needlessly short.
+
+        Measured against the whole peak instead, a GPU's batches 1 and 2 (a few MiB over a GiB of
+        weights) would always look "predicted" while saying nothing about the slope, and the search
+        would leap 500x on a guess (seen on an H200)."""
+        def misses(pairs) -> float | None:
+            for measured, predicted, added in pairs:
+                if predicted is None or abs(measured - predicted) > within * max(added, 1e-12):
+                    return None
+                return abs(measured - predicted)
+            return None
+
+        ran = [p for p in reversed(self.probes) if p.peak_bytes is not None]
+        memory = misses((p.peak_bytes, p.predicted_bytes, p.peak_bytes - self.base_bytes) for p in ran)
+        latency = misses((p.latency_s, self.predicted_latency_s.get(p.batch_size), p.latency_s) for p in ran)
+        return memory, latency
 
     def latency_fit(self) -> AffineFit | None:
         return fit_affine([(p.batch_size, p.latency_s) for p in self.probes if p.latency_s is not None])
@@ -143,6 +160,9 @@ class Prober:
         if known is not None and known.ran:
             return known
         fit = self.memory_fit()
+        latency_fit = self.latency_fit()
+        if latency_fit is not None:
+            self.predicted_latency_s[batch_size] = latency_fit.predict(batch_size)
         result = probe(
             self.run_batch,
             batch_size,
@@ -158,16 +178,7 @@ class Prober:
         return result
 
 
-def _fit_is_trusted(probes: list[ProbeResult], base_bytes: int, within: float = 0.10) -> bool:
-    """The last measured probe landed within 10% of what the fit predicted for the part of its
-    memory that the batch adds (peak - base). Measured against the whole peak instead, a GPU's
-    batches 1 and 2 (a few MiB over a GiB of weights) would always look "predicted" while saying
-    nothing about the slope, and the search would leap 500x on a guess (seen on an H200)."""
-    for p in reversed(probes):
-        if p.peak_bytes is not None:
-            added = max(p.peak_bytes - base_bytes, 1)
-            return p.predicted_bytes is not None and abs(p.peak_bytes - p.predicted_bytes) <= within * added
-    return False
+GROWTH_UNVERIFIED = 8  # the most a size grows over the last good one while the memory fit is unverified
 
 
 def find_max_safe_batch(
@@ -175,13 +186,33 @@ def find_max_safe_batch(
     *,
     max_batch: int = 1024,
     margin: float = 0.10,
-    tolerance: float = 0.02,
+    tolerance: float = 0.03,
     max_jump: int = 64,
     model_name: str = "model",
 ) -> SearchResult:
+    """The largest size that ran within both budgets, within `tolerance` of the largest that may fit.
+
+    Stop rule, and why it keeps >= 95% of the largest size that fits without a size over it: let
+    f be the memory fit and E the largest miss of its predictions since it was verified (each within
+    10% of what its batch added). Assume near the limit the fit is no further off than it has
+    been, |m(b) - f(b)| <= E. Then no size past U = max{b : f(b) <= budget + E} fits, and the search
+    stops once the last good size g >= (1 - tolerance) U: g ran within the budget, and the largest
+    size that fits, b*, is <= U, so g >= 0.97 b*. The target it jumps to, the largest b with
+    f(b) + E + margin (f(b) - m(g)) <= budget, fits under the same assumption with room to spare
+    (the margin scales with how far it extrapolates past the last measurement), and it lies within
+    (2E + margin (f(b) - m(g))) / slope of U: when E is small next to the memory of the batch,
+    one verified jump ends the search. When it is not (noise, a curve that bends), the next target
+    is computed again from the larger E, and a size over the budget is a bound like any other.
+    Latency is bounded the same way with its own fit and misses.
+
+    Where the assumption fails (memory that steps up past the last measurement) the answer is still
+    a size that ran within the budget: only the 95% then rests on the bracket of measured sizes.
+    Ultralytics AutoBatch fits a line to batches 1-16 and takes its solution unverified: 5-7 probes,
+    but a curve that bends or steps past 16 gives an answer over the budget (or far under it).
+    """
     budget = prober.memory_budget_bytes
-    guarded_budget = budget / (1 + margin)
     latency_budget = prober.latency_budget_s
+    base = prober.base_bytes
 
     first = prober.run(1)
     if first.outcome in (OOM, OVER_MEMORY):
@@ -192,30 +223,13 @@ def find_max_safe_batch(
             f"dtype, or a larger device"
         )
     if first.outcome == OVER_LATENCY:
-        return SearchResult(1, prober.probes, prober.base_bytes, "latency", prober.memory_fit(), [
+        return SearchResult(1, prober.probes, base, "latency", prober.memory_fit(), [
             f"batch 1 already takes {first.latency_s * 1e3:.0f} ms, over the latency budget of "
             f"{latency_budget * 1e3:.0f} ms: serving unbatched (raise --latency-budget-ms to batch)"
         ])
 
     good, hard_bad = 1, None  # largest size measured good; smallest size that ran and failed
     bad_reason = "max_batch"
-
-    def predicted_limit(memory_limit: float) -> int:
-        """Largest size the fits say stays within memory_limit and the latency budget."""
-        limit = max_batch
-        mem = prober.memory_fit()
-        if mem is not None:
-            limit = min(limit, mem.max_batch_within(memory_limit))
-        lat = prober.latency_fit()
-        if lat is not None and latency_budget is not None:
-            limit = min(limit, lat.max_batch_within(latency_budget))
-        return limit
-
-    def proportional_latency_limit() -> int:
-        measured = prober.by_size(good)
-        if latency_budget is None or measured is None or not measured.latency_s:
-            return max_batch
-        return max(good + 1, int(good * latency_budget / measured.latency_s))
 
     def run(size: int) -> None:
         nonlocal good, hard_bad, bad_reason
@@ -226,54 +240,76 @@ def find_max_safe_batch(
             hard_bad = size
             bad_reason = {OOM: "oom", OVER_MEMORY: "memory", OVER_LATENCY: "latency"}[result.outcome]
 
-    # Grow: double until the fit is trusted, then jump to the largest size predicted to fit
-    # budget / (1 + margin). A size predicted over that is recorded as skipped, never run.
-    while hard_bad is None and good < max_batch:
-        # No fit yet (sizes so small that the allocator rounds them to the same peak) means no
-        # prediction at all: keep doubling rather than leap to max_batch unguarded.
-        trusted = prober.memory_fit() is not None and _fit_is_trusted(prober.probes, prober.base_bytes)
-        # Even a trusted fit is not extrapolated more than max_jump x past what was measured, nor
-        # past the size whose latency would reach the budget if latency grew in proportion to the
-        # batch (it grows no faster than that: per-sample cost only falls with batching), so a
-        # CPU, where latency is proportional, never leaps to a size that takes seconds a run.
-        size = min(predicted_limit(guarded_budget), max_jump * good, proportional_latency_limit()) if trusted else 2 * good
-        size = min(size, max_batch)
-        fit = prober.memory_fit()
-        if fit is not None and fit.predict(size) > guarded_budget:
-            if prober.by_size(size) is None:
-                prober.skip(size, fit.predict(size))
-            size = min(size - 1, predicted_limit(guarded_budget))
-        if size <= good:
-            break
-        run(size)
+    def guarded(anchor_bytes: float, error_bytes: float) -> float:
+        """The memory a target may be predicted to take: budget - error - margin x what it adds
+        over the last good measurement, solved for the prediction."""
+        return (budget - error_bytes + margin * anchor_bytes) / (1 + margin)
 
-    # Refine between the last good and the first bad size, now against the budget itself: the
-    # margin kept the jumps safe; here the measurements on both sides keep the steps small.
-    last_guess_was_slow = False
+    def within_latency(latency_error_s: float | None) -> int:
+        """Sizes past this would exceed the latency budget: by the latency fit, once its last
+        prediction held (less its miss); before that, also if latency grew in proportion to the
+        batch (it grows no faster: per-sample cost only falls with batching), so a CPU, where
+        latency is proportional, never leaps to a size that takes seconds a run."""
+        measured = prober.by_size(good)
+        if latency_budget is None or not measured.latency_s:
+            return max_batch
+        lat = prober.latency_fit()
+        if lat is not None and latency_error_s is not None:
+            return max(good + 1, lat.max_batch_within(latency_budget - latency_error_s))
+        limit = max(good + 1, int(good * latency_budget / measured.latency_s))
+        return min(limit, lat.max_batch_within(latency_budget)) if lat is not None else limit
+
     while good < max_batch:
-        upper = hard_bad if hard_bad is not None else max_batch + 1
         fit = prober.memory_fit()
-        if fit is not None:
-            # A size is ruled out unrun only when predicted over the budget by more than the fit
-            # has been wrong so far: step-shaped memory (CPU workspaces) is then measured, while an
-            # affine model (no error) skips it and so never goes near an OOM.
-            predicted_upper = fit.max_batch_within(budget + prober.prediction_error_bytes()) + 1
-            if predicted_upper < upper:
-                upper = max(predicted_upper, good + 1)
-                if prober.by_size(upper) is None:
-                    prober.skip(upper, fit.predict(upper))
-                if hard_bad is None or upper < hard_bad:
-                    bad_reason = "memory"
-        if upper - good <= max(1, tolerance * upper):
+        memory_error, latency_error = prober.verified_errors()
+        if fit is None:
+            memory_error = None
+        limit, reason = (max_batch, "max_batch") if hard_bad is None else (hard_bad - 1, bad_reason)
+        if memory_error is not None and fit.max_batch_within(budget + memory_error) < limit:
+            limit, reason = max(good, fit.max_batch_within(budget + memory_error)), "memory"
+        lat = prober.latency_fit()
+        if latency_budget is not None and lat is not None and latency_error is not None:
+            if lat.max_batch_within(latency_budget + latency_error) < limit:
+                limit, reason = max(good, lat.max_batch_within(latency_budget + latency_error)), "latency"
+        if good >= (1 - tolerance) * limit or limit - good <= 1 and prober.by_size(limit) is not None:
+            bad_reason = reason
             break
-        guess = predicted_limit(budget)
-        # A fit's guess may crawl towards a curved limit one step at a time; when the last guess did
-        # not halve the bracket, bisect instead, so refinement never takes more than log2 steps.
-        use_guess = good < guess < upper and prober.by_size(guess) is None and not last_guess_was_slow
-        size = guess if use_guess else (good + upper) // 2
-        gap = upper - good
-        run(size)
-        new_upper = hard_bad if hard_bad is not None else max_batch + 1
-        last_guess_was_slow = use_guess and (min(new_upper, upper) - good) > gap / 2
+        anchor = prober.by_size(good).peak_bytes
+        if memory_error is not None:  # verified: jump as far as the fit and its error allow
+            target = fit.max_batch_within(guarded(anchor, memory_error))
+            if target <= good:
+                target = fit.max_batch_within(budget - memory_error)
+            target = min(target, max_jump * good)
+        else:
+            # Unverified: memory that grows no faster than in proportion to the batch (a fixed
+            # workspace plus a per-sample cost) stays under base + b x (anchor - base) / good.
+            per_sample = (anchor - base) / good
+            targets = [GROWTH_UNVERIFIED * good]
+            for slope, intercept in ([(per_sample, base)] if per_sample > 0 else []) + (
+                    [(fit.slope, fit.intercept)] if fit is not None else []):
+                line = AffineFit(intercept, slope)
+                step = line.max_batch_within(guarded(anchor, 0.0))
+                targets.append(step if step > good else line.max_batch_within(budget))
+            target = min(targets)
+        target = min(target, within_latency(latency_error), limit, max_batch)
+        latest = next(p for p in reversed(prober.probes) if p.ran)
+        if not latest.ok:  # the fit just failed to predict a size: it does not pick the next one alone
+            target = min(target, (good + hard_bad) // 2)
+        if target <= good:
+            if hard_bad is None and memory_error is None:
+                bad_reason = "memory"  # nothing larger is predicted to fit, unverified as that is
+                break
+            target = (good + limit + 1) // 2  # a bracket of measurements: bisect it
+        if prober.by_size(target) is not None:
+            bad_reason = reason
+            break
+        run(target)
 
-    return SearchResult(good, prober.probes, prober.base_bytes, bad_reason, prober.memory_fit())
+    fit = prober.memory_fit()
+    if bad_reason == "memory" and fit is not None and hard_bad != good + 1 and good < max_batch:
+        skipped = prober.by_size(good + 1)
+        if skipped is None:  # say in the log what stopped the search without running it
+            prober.skip(good + 1, fit.predict(good + 1))
+    if good >= max_batch:
+        bad_reason = "max_batch"
+    return SearchResult(good, prober.probes, base, bad_reason, fit)
