@@ -104,12 +104,17 @@ def run_one(name, memory, latency, worst_memory, budget_gib: float, capacity: fl
     chosen = select_serve_batch(prober.probes, result.max_safe_batch, latency_budget)
     true = brute_force(worst_memory or memory, latency, budget, latency_budget, max_batch)
     ran = [p for p in prober.probes if p.ran]
+    # the knee the selection aims at, from every size: the smallest within 95% of the best throughput
+    throughput = {b: b / latency(b) for b in range(1, result.max_safe_batch + 1)}
+    best = max(throughput.values())
+    knee = min(b for b, t in throughput.items() if t >= 0.95 * best)
     return {
         "curve": name, "budget_gib": budget_gib, "search_probes": search_probes,
         "knee_probes": len(ran) - search_probes, "ooms": device.oom_count,
         "over": sum(p.outcome in ("oom", "over_memory") for p in ran),
         "found": result.max_safe_batch, "true_max": true,
-        "ratio": result.max_safe_batch / true if true else None, "serve": chosen.batch_size,
+        "ratio": result.max_safe_batch / true if true else None, "serve": chosen.batch_size, "knee": knee,
+        "serve_throughput_vs_best": throughput[chosen.batch_size] / best,
         "sizes": [p.batch_size for p in ran],
     }
 
@@ -127,16 +132,18 @@ def main(argv=None) -> int:
         for name, (memory, latency, *worst) in curves(args.seed).items():
             rows.append(run_one(name, memory, latency, worst[0] if worst else None, budget, args.capacity, args.max_batch))
     print(f"{'curve':<38} {'GiB':>4} {'search':>6} {'knee':>4} {'OOMs':>4} {'over':>4} {'found':>6} {'true':>6} "
-          f"{'ratio':>6} {'serve':>5}  sizes run")
+          f"{'ratio':>6} {'serve':>5} {'knee':>5} {'T/best':>6}  sizes run")
     for r in rows:
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         print(f"{r['curve']:<38} {r['budget_gib']:>4g} {r['search_probes']:>6} {r['knee_probes']:>4} {r['ooms']:>4} "
-              f"{r['over']:>4} {r['found']:>6} {r['true_max']:>6} {ratio:>6} {r['serve']:>5}  {r['sizes']}")
+              f"{r['over']:>4} {r['found']:>6} {r['true_max']:>6} {ratio:>6} {r['serve']:>5} {r['knee']:>5} "
+              f"{r['serve_throughput_vs_best']:>6.3f}  {r['sizes']}")
     n = len(rows)
     print(f"\n{n} runs: search probes mean {sum(r['search_probes'] for r in rows) / n:.2f}, max "
           f"{max(r['search_probes'] for r in rows)}; knee probes max {max(r['knee_probes'] for r in rows)}; "
           f"OOMs {sum(r['ooms'] for r in rows)}; over-budget runs {sum(r['over'] for r in rows)}; "
-          f"worst found/true {min(r['ratio'] for r in rows if r['ratio'] is not None):.3f}; "
+          f"serving throughput / best {min(r['serve_throughput_vs_best'] for r in rows):.3f}-"
+          f"{max(r['serve_throughput_vs_best'] for r in rows):.3f}; worst found/true {min(r['ratio'] for r in rows if r['ratio'] is not None):.3f}; "
           f"any answer over the true max: {any(r['found'] > r['true_max'] for r in rows)}")
     if args.json:
         with open(args.json, "w") as f:
