@@ -247,17 +247,16 @@ def find_max_safe_batch(
 
     def within_latency(latency_error_s: float | None) -> int:
         """Sizes past this would exceed the latency budget: by the latency fit, once its last
-        prediction held (less its miss); before that, also if latency grew in proportion to the
-        batch (it grows no faster: per-sample cost only falls with batching), so a CPU, where
-        latency is proportional, never leaps to a size that takes seconds a run."""
+        prediction held (less its miss); before that, if latency grew in proportion to the batch
+        (it grows no faster: per-sample cost only falls with batching), so a CPU, where latency is
+        proportional, never leaps to a size that takes seconds a run."""
         measured = prober.by_size(good)
         if latency_budget is None or not measured.latency_s:
             return max_batch
         lat = prober.latency_fit()
         if lat is not None and latency_error_s is not None:
             return max(good + 1, lat.max_batch_within(latency_budget - latency_error_s))
-        limit = max(good + 1, int(good * latency_budget / measured.latency_s))
-        return min(limit, lat.max_batch_within(latency_budget)) if lat is not None else limit
+        return max(good + 1, int(good * latency_budget / measured.latency_s))
 
     while good < max_batch:
         fit = prober.memory_fit()
@@ -265,8 +264,18 @@ def find_max_safe_batch(
         if fit is None:
             memory_error = None
         limit, reason = (max_batch, "max_batch") if hard_bad is None else (hard_bad - 1, bad_reason)
-        if memory_error is not None and fit.max_batch_within(budget + memory_error) < limit:
-            limit, reason = max(good, fit.max_batch_within(budget + memory_error)), "memory"
+        if memory_error is not None:
+            predicted = fit.max_batch_within(budget + memory_error)
+            if hard_bad is not None:
+                # A fit through sizes on both sides of a bend (memory that curves up) cuts above the
+                # curve in between; the slope between the last two good sizes does not, there.
+                (b0, m0), (b1, m1) = sorted((p.batch_size, p.peak_bytes) for p in prober.probes if p.ok)[-2:] \
+                    if sum(p.ok for p in prober.probes) >= 2 else ((0, base), (good, prober.by_size(good).peak_bytes))
+                if m1 > m0:
+                    predicted = max(predicted, AffineFit(m1 - (m1 - m0) / (b1 - b0) * b1, (m1 - m0) / (b1 - b0))
+                                    .max_batch_within(budget + memory_error))
+            if predicted < limit:
+                limit, reason = max(good, predicted), "memory"
         lat = prober.latency_fit()
         if latency_budget is not None and lat is not None and latency_error is not None:
             if lat.max_batch_within(latency_budget + latency_error) < limit:
@@ -291,15 +300,38 @@ def find_max_safe_batch(
                 step = line.max_batch_within(guarded(anchor, 0.0))
                 targets.append(step if step > good else line.max_batch_within(budget))
             target = min(targets)
-        target = min(target, within_latency(latency_error), limit, max_batch)
-        latest = next(p for p in reversed(prober.probes) if p.ran)
-        if not latest.ok:  # the fit just failed to predict a size: it does not pick the next one alone
-            target = min(target, (good + hard_bad) // 2)
-        if target <= good:
-            if hard_bad is None and memory_error is None:
-                bad_reason = "memory"  # nothing larger is predicted to fit, unverified as that is
+            goods = sorted((p.batch_size, p.peak_bytes) for p in prober.probes if p.ok)[-2:]
+            if target <= good and len(goods) == 2 and goods[1][1] > goods[0][1]:
+                # The fit may still lean on sizes before a bend (a workspace that stepped up at
+                # batch 2): the slope between the last two good sizes says how memory grows here.
+                (b0, m0), (b1, m1) = goods
+                line = AffineFit(m1 - (m1 - m0) / (b1 - b0) * b1, (m1 - m0) / (b1 - b0))
+                target = min(GROWTH_UNVERIFIED * good, line.max_batch_within(guarded(anchor, 0.0)))
+        latency_bound = within_latency(latency_error)
+        if target <= good and latency_bound > good and hard_bad is None and memory_error is None:
+            # Nothing larger is predicted to fit, but by a fit that just missed: a size is ruled out
+            # unrun only when predicted over the budget by more than that miss (a workspace that
+            # stepped up between the last two sizes throws both the fit and the slope off).
+            latest = next(p for p in reversed(prober.probes) if p.peak_bytes is not None)
+            miss = abs(latest.peak_bytes - latest.predicted_bytes) if latest.predicted_bytes is not None else 0.0
+            if fit is None or fit.predict(good + 1) > budget + miss:
+                bad_reason = "memory"
                 break
-            target = (good + limit + 1) // 2  # a bracket of measurements: bisect it
+            target = good + 1
+        target = min(target, latency_bound, limit, max_batch)
+        if hard_bad is not None or memory_error is not None:
+            # A bracket (good, limit] of measurements or a verified fit: it must shrink by a quarter
+            # at least, so a fit that a bend has pulled off cannot creep up (or, against a measured
+            # failure, down) one size at a time; right after a failed size the fit does not pick the
+            # next one alone (at most halfway).
+            span = limit + 1 - good
+            target = max(target, good + max(1, span // 4))
+            if hard_bad is not None:
+                latest = next(p for p in reversed(prober.probes) if p.ran)
+                target = min(target, good + max(1, span // 2 if not latest.ok else span * 3 // 4))
+        elif target <= good:
+            bad_reason = "latency"  # nothing larger is predicted within the latency budget
+            break
         if prober.by_size(target) is not None:
             bad_reason = reason
             break
