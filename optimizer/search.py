@@ -146,6 +146,19 @@ class Prober:
         latency = misses((p.latency_s, self.predicted_latency_s.get(p.batch_size), p.latency_s) for p in ran)
         return memory, latency
 
+    def memory_predictions_held(self, within: float = 0.10) -> int:
+        """How many of the latest measured probes in a row the memory fit predicted within `within`
+        of what they added: one can be luck (a workspace that stepped up between batch 1 and 8 can
+        make the line through them look right), two in a row are evidence."""
+        held = 0
+        for p in reversed(self.probes):
+            if p.peak_bytes is None:
+                continue
+            if p.predicted_bytes is None or abs(p.peak_bytes - p.predicted_bytes) > within * max(p.peak_bytes - self.base_bytes, 1):
+                break
+            held += 1
+        return held
+
     def latency_fit(self) -> AffineFit | None:
         return fit_affine([(p.batch_size, p.latency_s) for p in self.probes if p.latency_s is not None])
 
@@ -264,6 +277,7 @@ def find_max_safe_batch(
         if fit is None:
             memory_error = None
         limit, reason = (max_batch, "max_batch") if hard_bad is None else (hard_bad - 1, bad_reason)
+        bracketed = hard_bad is not None  # (good, limit] bounded by a measurement or a fit's word
         if memory_error is not None:
             predicted = fit.max_batch_within(budget + memory_error)
             if hard_bad is not None:
@@ -274,12 +288,14 @@ def find_max_safe_batch(
                 if m1 > m0:
                     predicted = max(predicted, AffineFit(m1 - (m1 - m0) / (b1 - b0) * b1, (m1 - m0) / (b1 - b0))
                                     .max_batch_within(budget + memory_error))
-            if predicted < limit:
-                limit, reason = max(good, predicted), "memory"
+            # Stopping short of a measured failure on the fit's word alone takes two predictions
+            # in a row that held; jumping on it takes one.
+            if predicted < limit and (hard_bad is not None or prober.memory_predictions_held() >= 2):
+                limit, reason, bracketed = max(good, predicted), "memory", True
         lat = prober.latency_fit()
         if latency_budget is not None and lat is not None and latency_error is not None:
             if lat.max_batch_within(latency_budget + latency_error) < limit:
-                limit, reason = max(good, lat.max_batch_within(latency_budget + latency_error)), "latency"
+                limit, reason, bracketed = max(good, lat.max_batch_within(latency_budget + latency_error)), "latency", True
         if good >= (1 - tolerance) * limit or limit - good <= 1 and prober.by_size(limit) is not None:
             bad_reason = reason
             break
@@ -308,10 +324,10 @@ def find_max_safe_batch(
                 line = AffineFit(m1 - (m1 - m0) / (b1 - b0) * b1, (m1 - m0) / (b1 - b0))
                 target = min(GROWTH_UNVERIFIED * good, line.max_batch_within(guarded(anchor, 0.0)))
         latency_bound = within_latency(latency_error)
-        if target <= good and latency_bound > good and hard_bad is None and memory_error is None:
-            # Nothing larger is predicted to fit, but by a fit that just missed: a size is ruled out
-            # unrun only when predicted over the budget by more than that miss (a workspace that
-            # stepped up between the last two sizes throws both the fit and the slope off).
+        if target <= good and latency_bound > good and not bracketed:
+            # Nothing larger is predicted to fit, by a fit not yet shown to hold near here: a size is
+            # ruled out unrun only when predicted over the budget by more than the fit's last miss
+            # (a workspace that stepped up between the last two sizes throws fit and slope off).
             latest = next(p for p in reversed(prober.probes) if p.peak_bytes is not None)
             miss = abs(latest.peak_bytes - latest.predicted_bytes) if latest.predicted_bytes is not None else 0.0
             if fit is None or fit.predict(good + 1) > budget + miss:
@@ -319,8 +335,8 @@ def find_max_safe_batch(
                 break
             target = good + 1
         target = min(target, latency_bound, limit, max_batch)
-        if hard_bad is not None or memory_error is not None:
-            # A bracket (good, limit] of measurements or a verified fit: it must shrink by a quarter
+        if bracketed:
+            # A bracket (good, limit] of measurements or a verified fit's: it must shrink by a quarter
             # at least, so a fit that a bend has pulled off cannot creep up (or, against a measured
             # failure, down) one size at a time; right after a failed size the fit does not pick the
             # next one alone (at most halfway).
@@ -329,8 +345,8 @@ def find_max_safe_batch(
             if hard_bad is not None:
                 latest = next(p for p in reversed(prober.probes) if p.ran)
                 target = min(target, good + max(1, span // 2 if not latest.ok else span * 3 // 4))
-        elif target <= good:
-            bad_reason = "latency"  # nothing larger is predicted within the latency budget
+        elif target <= good:  # only the latency budget is left to stop at
+            bad_reason = "latency"
             break
         if prober.by_size(target) is not None:
             bad_reason = reason
