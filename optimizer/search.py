@@ -40,7 +40,7 @@ class AffineFit:
         """Largest b with predict(b) <= limit (huge when the slope is flat)."""
         if self.slope <= 0:
             return 1 << 30 if self.intercept <= limit else 0
-        return int(math.floor((limit - self.intercept) / self.slope))
+        return int(math.floor((limit - self.intercept) / self.slope + 1e-9))  # a size exactly at the limit fits
 
 
 def fit_affine(points: list[tuple[int, float]]) -> AffineFit | None:
@@ -134,11 +134,14 @@ class Prober:
         Measured against the whole peak instead, a GPU's batches 1 and 2 (a few MiB over a GiB of
         weights) would always look "predicted" while saying nothing about the slope, and the search
         would leap 500x on a guess (seen on an H200)."""
-        def misses(pairs) -> float | None:
+        def misses(pairs, needed: int = 1) -> float | None:
+            found = []
             for measured, predicted, added in pairs:
                 if predicted is None or abs(measured - predicted) > within * max(added, 1e-12):
                     return None
-                return abs(measured - predicted)
+                found.append(abs(measured - predicted))
+                if len(found) == needed:
+                    return found[0]
             return None
 
         ran = [p for p in reversed(self.probes) if p.peak_bytes is not None]
@@ -146,15 +149,19 @@ class Prober:
         latency = misses((p.latency_s, self.predicted_latency_s.get(p.batch_size), p.latency_s) for p in ran)
         return memory, latency
 
-    def memory_predictions_held(self, within: float = 0.10) -> int:
-        """How many of the latest measured probes in a row the memory fit predicted within `within`
-        of what they added: one can be luck (a workspace that stepped up between batch 1 and 8 can
-        make the line through them look right), two in a row are evidence."""
+    def predictions_held(self, within: float = 0.10, latency: bool = False) -> int:
+        """How many of the latest measured probes in a row the memory (or latency) fit predicted
+        within `within` of what they added (took): one can be luck (a workspace that stepped up
+        between batches 1 and 8 can make the line through them look right; batches that fit in one
+        wave of a GPU take the same time, so a flat line predicts 4 -> 5 and says nothing about
+        5 -> 200), two in a row are evidence."""
         held = 0
         for p in reversed(self.probes):
             if p.peak_bytes is None:
                 continue
-            if p.predicted_bytes is None or abs(p.peak_bytes - p.predicted_bytes) > within * max(p.peak_bytes - self.base_bytes, 1):
+            measured, predicted, added = ((p.latency_s, self.predicted_latency_s.get(p.batch_size), p.latency_s)
+                                          if latency else (p.peak_bytes, p.predicted_bytes, p.peak_bytes - self.base_bytes))
+            if predicted is None or abs(measured - predicted) > within * max(added, 1e-12):
                 break
             held += 1
         return held
@@ -267,9 +274,24 @@ def find_max_safe_batch(
         if latency_budget is None or not measured.latency_s:
             return max_batch
         lat = prober.latency_fit()
+        proportional = max(good + 1, int(good * latency_budget / measured.latency_s))
         if lat is not None and latency_error_s is not None:
-            return max(good + 1, lat.max_batch_within(latency_budget - latency_error_s))
-        return max(good + 1, int(good * latency_budget / measured.latency_s))
+            # a flat line (batches within one wave of the GPU) is not extrapolated past 8x
+            return max(good + 1, min(lat.max_batch_within(latency_budget - latency_error_s),
+                                     max(proportional, GROWTH_UNVERIFIED * good)))
+        return proportional
+
+    def local_limit(value: Callable[[ProbeResult], float], bound: float) -> int:
+        """Where the line through the last two good sizes reaches `bound`. A fit through sizes on
+        both sides of a bend (memory or latency that curves or steps up) cuts above the curve
+        between them and would stop the search short; this line does not, there."""
+        goods = sorted((p.batch_size, value(p)) for p in prober.probes if p.ok)[-2:]
+        if len(goods) < 2:
+            return max_batch  # batch 1 alone: the measured failure above is the only bound
+        (b0, y0), (b1, y1) = goods
+        if y1 <= y0:
+            return max_batch
+        return AffineFit(y1 - (y1 - y0) / (b1 - b0) * b1, (y1 - y0) / (b1 - b0)).max_batch_within(bound)
 
     while good < max_batch:
         fit = prober.memory_fit()
@@ -281,21 +303,19 @@ def find_max_safe_batch(
         if memory_error is not None:
             predicted = fit.max_batch_within(budget + memory_error)
             if hard_bad is not None:
-                # A fit through sizes on both sides of a bend (memory that curves up) cuts above the
-                # curve in between; the slope between the last two good sizes does not, there.
-                (b0, m0), (b1, m1) = sorted((p.batch_size, p.peak_bytes) for p in prober.probes if p.ok)[-2:] \
-                    if sum(p.ok for p in prober.probes) >= 2 else ((0, base), (good, prober.by_size(good).peak_bytes))
-                if m1 > m0:
-                    predicted = max(predicted, AffineFit(m1 - (m1 - m0) / (b1 - b0) * b1, (m1 - m0) / (b1 - b0))
-                                    .max_batch_within(budget + memory_error))
+                predicted = max(predicted, local_limit(lambda p: p.peak_bytes, budget + memory_error))
             # Stopping short of a measured failure on the fit's word alone takes two predictions
             # in a row that held; jumping on it takes one.
-            if predicted < limit and (hard_bad is not None or prober.memory_predictions_held() >= 2):
+            if predicted < limit and (hard_bad is not None or prober.predictions_held() >= 2):
                 limit, reason, bracketed = max(good, predicted), "memory", True
         lat = prober.latency_fit()
-        if latency_budget is not None and lat is not None and latency_error is not None:
-            if lat.max_batch_within(latency_budget + latency_error) < limit:
-                limit, reason, bracketed = max(good, lat.max_batch_within(latency_budget + latency_error)), "latency", True
+        if latency_budget is not None and lat is not None and latency_error is not None \
+                and (hard_bad is not None or prober.predictions_held(latency=True) >= 2):
+            predicted = lat.max_batch_within(latency_budget + latency_error)
+            if hard_bad is not None:
+                predicted = max(predicted, local_limit(lambda p: p.latency_s, latency_budget + latency_error))
+            if predicted < limit:
+                limit, reason, bracketed = max(good, predicted), "latency", True
         if good >= (1 - tolerance) * limit or limit - good <= 1 and prober.by_size(limit) is not None:
             bad_reason = reason
             break
@@ -341,7 +361,7 @@ def find_max_safe_batch(
             # failure, down) one size at a time; right after a failed size the fit does not pick the
             # next one alone (at most halfway).
             span = limit + 1 - good
-            target = max(target, good + max(1, span // 4))
+            target = max(target, good + max(1, span // 4 if span > 8 else span // 2))
             if hard_bad is not None:
                 latest = next(p for p in reversed(prober.probes) if p.ran)
                 target = min(target, good + max(1, span // 2 if not latest.ok else span * 3 // 4))

@@ -319,7 +319,8 @@ def test_curves_that_bend_past_the_measured_sizes_never_give_an_answer_over_budg
     if bend_at >= 16 and severity <= 0.5:
         assert chosen >= 0.95 * expected, [(p.batch_size, p.outcome) for p in prober.probes]
         assert device.oom_count <= 1
-        assert prober.search_ran <= 12, [(p.batch_size, p.outcome) for p in prober.probes]
+        if latency_jump_at is None:  # a latency that triples past a size is found by bisection
+            assert prober.search_ran <= 12, [(p.batch_size, p.outcome) for p in prober.probes]
 
 
 @settings(max_examples=200, deadline=None)
