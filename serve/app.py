@@ -40,7 +40,7 @@ class AppArgs(BaseModel):
     memory_fraction: float | None = Field(None, gt=0, le=1, description="of the device; default 0.9 of the GPU share, 0.5 of CPU RAM")
     latency_budget_ms: float | None = Field(None, gt=0, description="per batch; default: the model's")
     max_batch: int = Field(256, ge=1, description="largest batch the tuning may try")
-    cache_path: str | None = Field(None, description="tuning cache file; default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
+    cache_path: str | None = Field(None, description="tuning cache: a file, or a URL every node reads (s3://, gs://, file://...; see docs/cluster.md); default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 * max_batch")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (fractions allowed)")

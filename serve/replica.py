@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 from deployments.registry import create_spec
-from optimizer.cache import TuningCache
+from optimizer.cache import open_cache
 from optimizer.devices import make_meter, resolve_device_kind
 from optimizer.tune import autobatch, resolve
 from optimizer.tuning import Tuning
@@ -57,7 +57,7 @@ class Replica:
                  max_ongoing: Callable[[], int | None]):
         self.builder, self.config = builder, config
         self.model_name = builder.model
-        self.cache = TuningCache(builder.cache_path) if builder.cache_path else TuningCache()
+        self.cache = open_cache(builder.cache_path)
         self._knobs = knobs
         self._max_ongoing = max_ongoing
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
