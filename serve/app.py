@@ -50,6 +50,14 @@ class AppArgs(BaseModel):
     warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
                                        "size it may serve once (a size's first run pays its set-up; see serve/warmup.py); 0: off")
     options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica, to place "
+                                        "replicas on a kind of node (e.g. {\"gpu_type_h200\": 1}); see docs/cluster.md")
+    tuning_group: str | None = Field(None, description="a label added to the device fingerprint, so nodes it cannot tell "
+                                     "apart (same GPU model, other host) tune and cache apart; default $AUTOBATCH_TUNING_GROUP")
+    single_flight: bool = Field(True, description="replicas of one GPU type across the cluster tune once: one measures, "
+                                "the others wait for its answer (serve/single_flight.py)")
+    share_cap: Literal["serve", "tune", "off"] = Field("serve", description="a replica with a share of a GPU caps its "
+                                                       "allocator at its budget: after tuning (serve), before it (tune), or not (off)")
     user_config: dict | None = Field(None, description="initial user_config (see serve/settings.py)")
 
     @field_validator("model")
@@ -85,7 +93,10 @@ def placement(args: AppArgs) -> dict:
         raise ValueError(f"{args.model}: device cuda was asked for, but the Ray cluster has no GPUs; "
                          f"use device auto or cpu")
     on_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
-    return {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus if on_gpu else 0}
+    options = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus if on_gpu else 0}
+    if args.resources:
+        options["resources"] = dict(args.resources)
+    return options
 
 
 def build(args: AppArgs):
@@ -116,4 +127,7 @@ def build(args: AppArgs):
         gpu_share=actor_options["num_gpus"] or 1.0,
         max_ongoing_requests=max_ongoing,
         options=args.options,
+        tuning_group=args.tuning_group,
+        single_flight=args.single_flight,
+        share_cap=args.share_cap,
     )
