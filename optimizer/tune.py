@@ -21,6 +21,7 @@ from typing import Callable
 from filelock import FileLock
 
 from .cache import TuningCache, cache_key
+from .fast_probe import tune_with_fast_probes
 from .flight import SingleFlight, trusted_answer
 from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerprint, make_meter, package_version,
                       resolve_device_kind)
@@ -53,6 +54,7 @@ class TuningSettings:
     warmup: int = 1
     repeats: int = 3
     knee_fraction: float = 0.95
+    fast_probes: bool = True  # probe through the model's probe_batch where it has one (optimizer/fast_probe.py)
 
     def validate(self) -> None:
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
@@ -273,18 +275,30 @@ def autobatch(
             started = time.perf_counter()
             if meter is None:
                 meter = make_meter(resolved.kind, settings.device_index)
+            fast = run_batch is None and settings.fast_probes and spec.probe_batch is not None
             if run_batch is None:
                 if not loaded:
                     say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
                     spec.load(meter.torch_device, resolved.dtype)
                 run_batch = ExampleBatches(spec)
             meter.cleanup()
-            prober = Prober(run_batch, meter, memory_budget_bytes=resolved.memory_budget_bytes,
-                            latency_budget_s=resolved.latency_budget_s, base_bytes=meter.current_bytes(),
-                            warmup=settings.warmup, repeats=settings.repeats,
-                            on_probe=lambda p: say(describe_probe(p)))
-            tuning = tune_on(prober, settings, model=spec.name, weights=spec.weights_description(),
-                             dtype=resolved.dtype, say=say, started_at_s=started)
+            base_bytes = meter.current_bytes()
+
+            def make_prober(run, warmup=None, repeats=None) -> Prober:
+                return Prober(run, meter, memory_budget_bytes=resolved.memory_budget_bytes,
+                              latency_budget_s=resolved.latency_budget_s, base_bytes=base_bytes,
+                              warmup=settings.warmup if warmup is None else warmup,
+                              repeats=settings.repeats if repeats is None else repeats,
+                              on_probe=lambda p: say(describe_probe(p)))
+
+            def decide(prober: Prober) -> Tuning:
+                return tune_on(prober, settings, model=spec.name, weights=spec.weights_description(),
+                               dtype=resolved.dtype, say=say, started_at_s=started)
+
+            if fast:
+                tuning = tune_with_fast_probes(spec, make_prober, decide, say, started)
+            else:
+                tuning = decide(make_prober(run_batch))
 
         if cache is not None:
             cache.put(key_fields, tuning)
