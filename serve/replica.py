@@ -78,6 +78,7 @@ class Replica:
         self._warmer = SizeWarmer(self._run_example_batch, budget_s=builder.warm_sizes_budget_s,
                                   on_error=lambda: self.meter.cleanup())
         self._warm_report: dict | None = None
+        self._warm_task: asyncio.Task | None = None  # sizes warmed between served batches
         self._flights = None  # the cluster's single-flight hook, set at start
         self._allocator_cap: float | None = None  # the fraction of the card this replica's allocator may hold
         # A new replica takes the cache even when the config carries a retune value: retune means
@@ -187,7 +188,8 @@ class Replica:
         self.meter.synchronize()
 
     async def _warm_sizes(self) -> None:
-        """Run each batch size @serve.batch may form and this process has not run yet (see warmup.py)."""
+        """Before traffic, the sizes a batch queue forms first; the rest between served batches
+        (warmup.py). A new call (reconfigure) replaces a warm-up still running."""
         if not self.spec.fixed_sample_shape or self._warmer.budget_s <= 0:
             if self._warm_report is None:
                 why = ("its batch shapes also follow the input (prompt lengths)" if not self.spec.fixed_sample_shape
@@ -195,9 +197,37 @@ class Replica:
                 self._warm_report = {"skipped": why}
                 log.info("autobatch: %s: batch sizes not warmed before traffic: %s", self.model_name, why)
             return
+        if self._warm_task is not None:
+            self._warm_task.cancel()
         loop = asyncio.get_running_loop()
+        size = self.settings.size
         async with self._model_lock:
-            report = await loop.run_in_executor(self._executor, self._warmer.warm, self.settings.size)
+            report = await loop.run_in_executor(self._executor, self._warmer.warm, size, self._warmer.first_sizes(size))
+        report.before_traffic = list(report.warmed)
+        report.background = "running" if self._warmer.cold_sizes(size) and not report.left_cold else None
+        self._warm_report = report.to_dict()
+        log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
+        if report.background:
+            self._warm_task = asyncio.get_running_loop().create_task(self._warm_between_batches(report))
+
+    async def _warm_between_batches(self, report) -> None:
+        """One cold size at a time under the model lock, so a batch waits at most one size's run."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        size = report.max_batch_size
+        for cold in self._warmer.cold_sizes(size):
+            if time.perf_counter() - started >= self._warmer.budget_s:
+                report.left_cold = self._warmer.cold_sizes(size)
+                report.stopped_by = f"the {self._warmer.budget_s:g} s warm-up budget ran out"
+                break
+            async with self._model_lock:
+                part = await loop.run_in_executor(self._executor, self._warmer.warm, size, [cold])
+            report.absorb(part)
+            self._warm_report = report.to_dict()
+            if part.left_cold:
+                break
+        report.already_warm = [s for s in self._warmer.warm_sizes(size) if s not in report.warmed]
+        report.background = "done"
         self._warm_report = report.to_dict()
         log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
 
