@@ -40,7 +40,8 @@ def tune_with_fast_probes(
     the check went and its tuning_s counting every probe and the check."""
     scale, notes = 1.0, []
     for attempt in range(max_corrections + 1):
-        tuning = decide(make_prober(ExampleBatches(spec, fast=True, latency_scale=scale), None, None))
+        # One timed run per fast probe: its decode time is already a median of several steps.
+        tuning = decide(make_prober(ExampleBatches(spec, fast=True, latency_scale=scale), None, 1))
         check = make_prober(ExampleBatches(spec), 0, 1).run(tuning.batch_size)
         if check.outcome in (OOM, OVER_MEMORY):
             note = (f"one real batch of {tuning.batch_size} went {check.outcome.replace('_', ' ')} although its fast "
