@@ -12,7 +12,7 @@ import os
 import sys
 
 from deployments.registry import create_spec, model_names
-from optimizer.cache import TuningCache
+from optimizer.cache import TuningCache, open_cache
 from optimizer.devices import DeviceUnavailable
 from optimizer.tuning import Tuning, TuningFormatError
 
@@ -63,7 +63,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=_positive_int, default=1024)
     p.add_argument("--margin", type=float, default=0.10, help="predictive OOM guard headroom (default 0.10)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per probe (median)")
-    p.add_argument("--cache", default=None, help="cache file (default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json)")
+    p.add_argument("--cache", default=None, help="cache file or URL (s3://, gs://, file://; default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json)")
 
 
 def settings_from_args(args):
@@ -86,7 +86,7 @@ def cmd_tune(args) -> int:
 
     spec = create_spec(args.model, args.weights)
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    tuning = autobatch(spec, settings_from_args(args), cache=TuningCache(args.cache), force=args.force, say=say)
+    tuning = autobatch(spec, settings_from_args(args), cache=open_cache(args.cache), force=args.force, say=say)
     if args.json:
         print(json.dumps(tuning.to_dict(), indent=1))
     else:
@@ -129,7 +129,7 @@ def cached_tunings(cache: TuningCache) -> list[tuple[str, str, Tuning]]:
 
 
 def cmd_show(args) -> int:
-    cache = TuningCache(args.cache)
+    cache = open_cache(args.cache)
     tunings = cached_tunings(cache)
     if not tunings:
         print(f"no cached tunings in {cache.path}")
@@ -143,7 +143,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    cache = TuningCache(args.cache)
+    cache = open_cache(args.cache)
     if args.action == "path":
         print(cache.path)
     elif args.action == "clear":
@@ -154,7 +154,7 @@ def cmd_cache(args) -> int:
 def cmd_plot(args) -> int:
     from optimizer.plot import plot_tuning
 
-    matches = [t for key, _, t in cached_tunings(TuningCache(args.cache))
+    matches = [t for key, _, t in cached_tunings(open_cache(args.cache))
                if t.model == args.model and (args.key is None or key.startswith(args.key))]
     if not matches:
         raise UsageError(f"no cached tuning for {args.model!r}; run `autobatch tune {args.model}` first (or check --cache)")

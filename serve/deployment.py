@@ -64,13 +64,17 @@ class AutobatchDeployment:
         gpu_share: float = 1.0,
         max_ongoing_requests: int | None = None,
         options: dict | None = None,
+        tuning_group: str | None = None,
+        single_flight: bool = True,
+        share_cap: str = "serve",
     ):
         builder = ReplicaConfig(model=model, weights=weights, device=device, dtype=dtype,
                                 memory_fraction=memory_fraction, latency_budget_ms=latency_budget_ms,
                                 max_batch=int(max_batch), cache_path=cache_path, repeats=int(repeats),
                                 warmup=int(warmup), warm_sizes_budget_s=float(warm_sizes_budget_s),
                                 gpu_share=float(gpu_share), max_ongoing_requests=max_ongoing_requests,
-                                options=dict(options or {}))
+                                options=dict(options or {}), tuning_group=tuning_group,
+                                single_flight=bool(single_flight), share_cap=share_cap)
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
         config = builder.with_user_config(_initial_user_config())

@@ -98,6 +98,9 @@ class ReplicaConfig:
     gpu_share: float = 1.0
     max_ongoing_requests: int | None = None  # what the builder set; Ray's own value wins where readable
     options: dict = field(default_factory=dict)
+    tuning_group: str | None = None  # added to the device fingerprint (the cache key); else $AUTOBATCH_TUNING_GROUP
+    single_flight: bool = True  # one tuning per key across the Ray cluster (serve/single_flight.py)
+    share_cap: str = "serve"  # cap the allocator at a GPU share's budget: serve | tune | off (optimizer/share_cap.py)
     # --- from user_config only ---
     pins: Pins = Pins()
     retune: Any = None  # a new truthy value re-tunes the running replicas, skipping the cache
