@@ -8,9 +8,10 @@ once tuned: the batch size, how long a batch takes, the wait and the latency bud
 Rules (pure, no Ray; `Admission` holds the counts, the route glue calls it):
   wait     a request of n samples arriving behind `pending` samples completes after about
            ceil((pending + n) / batch_size) batches of `batch_time_s` each, plus one batch wait.
-  bound    that expected time may be at most max(2 x latency budget, one batch + its wait): a
-           served request's latency stays within twice the budget plus the batch in flight. A
-           replica with nothing pending admits every request whose samples fit one batch.
+  bound    that expected time may be at most 2 latency budgets + one batch + its wait: a served
+           request's latency stays within twice the budget plus the batch in flight. A budget is
+           never taken as shorter than a batch in force (a pinned size or a slow device may take
+           longer): then the bound is 3 batches + the wait. A replica with nothing pending admits.
   deadline a client may send its own bound (DEADLINE_HEADER, milliseconds from arrival, or the
            Open Inference Protocol's `timeout` parameter, through `admit(deadline_s=...)`): a
            request whose expected time exceeds it is refused before it takes a batch slot, and one
@@ -77,9 +78,9 @@ class Capacity:
     headroom_bytes: float | None = None  # memory budget above the base; None: not bounded by memory
     per_sample_bytes: float = 0.0
 
-    @property
-    def bound_s(self) -> float:
-        return max(BOUND_LATENCY_BUDGETS * self.latency_budget_s, self.batch_time_s + self.wait_s)
+    def bound_s(self, batch_time_s: float) -> float:
+        """The most a request may expect to wait, when a batch takes `batch_time_s` (served or tuned)."""
+        return BOUND_LATENCY_BUDGETS * max(self.latency_budget_s, batch_time_s) + batch_time_s + self.wait_s
 
 
 class Ticket:
@@ -170,11 +171,13 @@ class Admission:
                           f"this request cannot be answered within its {DEADLINE_HEADER} of {deadline_s * 1e3:.0f} ms: "
                           f"{self._pending_samples} samples are ahead of it, about {expected:.2f} s of work; "
                           f"retry later or allow more time", retry_after_s=max(drain_s, 1.0))
-        if self._pending_samples > 0 and expected > cap.bound_s:
+        bound_s = cap.bound_s(self.batch_time_s())
+        if self._pending_samples > 0 and expected > bound_s:
             raise Refused(503, "overload",
                           f"the replica is at capacity: {self._pending_samples} samples are ahead of this request, "
-                          f"about {expected:.2f} s of work, over its bound of {cap.bound_s:.2f} s "
-                          f"({BOUND_LATENCY_BUDGETS:g} x the latency budget); retry later", retry_after_s=max(drain_s, 1.0))
+                          f"about {expected:.2f} s of work, over its bound of {bound_s:.2f} s "
+                          f"({BOUND_LATENCY_BUDGETS:g} latency budgets + one batch); retry later",
+                          retry_after_s=max(drain_s, 1.0))
         if cap.headroom_bytes is None:
             return
         need = min(samples, cap.batch_size) * cap.per_sample_bytes + body_bytes
@@ -202,7 +205,7 @@ class Admission:
         if cap is None:
             return {"capacity": None}
         return {"pending_samples": self._pending_samples, "pending_body_bytes": self._pending_body_bytes,
-                "batch_time_s": self.batch_time_s(), "bound_s": cap.bound_s,
+                "batch_time_s": self.batch_time_s(), "bound_s": cap.bound_s(self.batch_time_s()),
                 "expected_s_for_one_more": self.expected_s(1),
                 "memory_headroom_bytes": cap.headroom_bytes, "per_sample_bytes": cap.per_sample_bytes}
 

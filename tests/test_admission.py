@@ -26,25 +26,31 @@ def admission(**cap) -> Admission:
 
 
 def test_admits_up_to_the_bound_then_refuses_with_retry_after():
-    a = admission()  # bound: 2 x 1.0 s; a batch of 4 takes 0.5 s -> 3 batches (12 samples) + wait fit, 16 do not
-    tickets = [a.admit() for _ in range(12)]
-    assert a.pending_samples == 12
+    a = admission()  # bound: 2 x 1.0 s + 0.5 s + wait; a batch of 4 takes 0.5 s -> 5 batches (20 samples) fit, 21 do not
+    tickets = [a.admit() for _ in range(20)]
+    assert a.pending_samples == 20
     with pytest.raises(Refused) as refused:
         a.admit()
     assert refused.value.status == 503 and refused.value.reason == "overload"
     assert "retry later" in refused.value.message
-    assert refused.value.headers() == {"retry-after": "2"}  # 3 batches ahead drain in 1.5 s, rounded up
+    assert refused.value.headers() == {"retry-after": "3"}  # 5 batches ahead drain in 2.5 s, rounded up
     tickets[0].release()
     tickets[0].release()  # idempotent
-    assert a.pending_samples == 11
+    assert a.pending_samples == 19
     a.admit()
 
 
-def test_an_idle_replica_admits_even_when_one_batch_is_over_the_bound():
-    a = admission(batch_time_s=5.0)  # a batch takes longer than 2 budgets: the bound is one batch + wait
-    a.admit()
+def test_a_batch_slower_than_the_budget_bounds_the_queue_at_three_batches():
+    a = admission(batch_time_s=5.0)  # a pinned size over the budget: 2 x 5 s + 5 s + wait
+    for _ in range(12):
+        a.admit()
     with pytest.raises(Refused):
-        a.admit(samples=4)
+        a.admit()
+
+
+def test_an_idle_replica_admits_what_fits_no_bound():
+    a = admission(batch_size=1, batch_time_s=50.0)
+    a.admit(samples=8)
 
 
 def test_deadline_refused_before_it_takes_a_slot_and_carried_on_the_ticket():
@@ -64,10 +70,10 @@ def test_served_batches_slower_than_tuned_tighten_the_bound():
         a.record_batch(4, 1.0)
     a.record_batch(2, 9.0)  # a partial batch says nothing about a full one
     assert a.batch_time_s() == pytest.approx(1.0, rel=0.01)
-    for _ in range(4):
+    for _ in range(12):
         a.admit()
     with pytest.raises(Refused):
-        a.admit()  # 2 batches of 1 s + wait > 2 s
+        a.admit()  # 4 batches of 1 s + wait > 2 x 1 s + 1 s + wait
 
 
 def test_memory_share_refuses_what_cannot_fit_now_or_ever():
@@ -121,5 +127,5 @@ def test_capacity_from_a_tuning_uses_the_measured_time_at_the_served_size():
     cap = capacity_from(t, 4, 0.02)
     assert cap.batch_time_s == pytest.approx(0.3) and cap.wait_s == 0.02
     assert cap.headroom_bytes == 1950 and cap.per_sample_bytes == 100
-    assert cap.bound_s == 2.0
+    assert cap.bound_s(0.3) == pytest.approx(2.32)
     assert capacity_from(make_tuning(), 8, 0.01).headroom_bytes is None  # no memory fit: not bounded by memory
