@@ -172,7 +172,9 @@ class Admission:
                           f"{self._pending_samples} samples are ahead of it, about {expected:.2f} s of work; "
                           f"retry later or allow more time", retry_after_s=max(drain_s, 1.0))
         bound_s = cap.bound_s(self.batch_time_s())
-        if self._pending_samples > 0 and expected > bound_s:
+        # A batch time not known yet (nothing timed, nothing served): one batch computing, one filling.
+        unknown_over = self.batch_time_s() <= 0 and self._pending_samples + samples > 2 * cap.batch_size
+        if self._pending_samples > 0 and (expected > bound_s or unknown_over):
             raise Refused(503, "overload",
                           f"the replica is at capacity: {self._pending_samples} samples are ahead of this request, "
                           f"about {expected:.2f} s of work, over its bound of {bound_s:.2f} s "
@@ -216,9 +218,9 @@ def capacity_from(tuning, size: int, wait_s: float) -> Capacity:
     fitted. The headroom is never below what the tuning ran within budget (max_safe_batch samples)."""
     from optimizer.wait import TunedLatency
 
-    try:
-        batch_time_s = TunedLatency.from_probes(tuning.probes)(size)
-    except ValueError:  # no timed probe (a hand-made tuning): the one latency it states
+    try:  # every timed probe counts, over the latency budget too: a pinned size may be one of those
+        batch_time_s = TunedLatency((p.batch_size, p.latency_s) for p in tuning.probes if p.latency_s)(size)
+    except ValueError:  # no timed probe (a hand-made tuning): the one latency it states, if any
         batch_time_s = float(tuning.serve_latency_s or 0.0)
     latency_budget_s = tuning.latency_budget_s or batch_time_s
     fit = tuning.memory_fit

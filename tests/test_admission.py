@@ -129,3 +129,20 @@ def test_capacity_from_a_tuning_uses_the_measured_time_at_the_served_size():
     assert cap.headroom_bytes == 1950 and cap.per_sample_bytes == 100
     assert cap.bound_s(0.3) == pytest.approx(2.32)
     assert capacity_from(make_tuning(), 8, 0.01).headroom_bytes is None  # no memory fit: not bounded by memory
+
+
+def test_without_a_known_batch_time_one_batch_computes_and_one_fills():
+    a = admission(batch_time_s=0.0)
+    for _ in range(8):
+        a.admit()
+    with pytest.raises(Refused):
+        a.admit()
+    a.record_batch(4, 0.1)  # served batches tell: now the time bound decides
+    a.admit()
+
+
+def test_probes_over_the_latency_budget_still_time_a_pinned_size():
+    from optimizer.probe import ProbeResult
+
+    probes = (ProbeResult(1, "over_latency", 100, 0.6, 1.6), ProbeResult(2, "over_latency", 200, 1.1, 1.8))
+    assert capacity_from(make_tuning(probes=probes, serve_latency_s=0.0), 2, 0.02).batch_time_s == pytest.approx(1.1)
