@@ -28,6 +28,9 @@ from .deployment import AutobatchDeployment
 from .settings import parse_user_config
 
 BACKPRESSURE_RETRY_AFTER_S = 1.0
+# A replica whose process died is noticed by the controller's health check (Ray's default period is
+# 10 s: a killed replica's route then waited ~15 s for its replacement); the check is a cheap call.
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 class AppArgs(BaseModel):
@@ -107,6 +110,7 @@ def build(args: AppArgs):
         # fixed before any tuning exists. Ray answers past it with a plain-text 503 and this Retry-After.
         max_queued_requests=args.max_queued_requests if args.max_queued_requests is not None else max_ongoing,
         backpressure_config={"status_code": 503, "retry_after_s": BACKPRESSURE_RETRY_AFTER_S},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options=actor_options,
         user_config=args.user_config,
     )
