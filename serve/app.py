@@ -27,6 +27,11 @@ from deployments.registry import model_names
 from .deployment import AutobatchDeployment
 from .settings import parse_user_config
 
+BACKPRESSURE_RETRY_AFTER_S = 1.0
+# A replica whose process died is noticed by the controller's health check (Ray's default period is
+# 10 s: a killed replica's route then waited ~15 s for its replacement); the check is a cheap call.
+HEALTH_CHECK_PERIOD_S = 2.0
+
 
 class AppArgs(BaseModel):
     """The builder's arguments; an unknown key is an error that lists the known ones."""
@@ -42,6 +47,9 @@ class AppArgs(BaseModel):
     max_batch: int = Field(256, ge=1, description="largest batch the tuning may try")
     cache_path: str | None = Field(None, description="tuning cache: a file, or a URL every node reads (s3://, gs://, file://...; see docs/cluster.md); default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 * max_batch")
+    max_queued_requests: int | None = Field(None, ge=-1, description="requests Ray Serve's proxy holds for this app "
+                                            "while every replica is at max_ongoing_requests (starting, restarting); "
+                                            "past it: 503 with Retry-After. Default: max_ongoing_requests; -1: no bound")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (fractions allowed)")
     num_gpus: float = Field(1.0, gt=0, le=1, description="share of one GPU per replica, used when it runs on a GPU")
@@ -130,6 +138,11 @@ def build(args: AppArgs):
         name=args.model,
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing,
+        # The replicas bound their own queues once tuned (serve/admission.py); this bound is the proxy's,
+        # fixed before any tuning exists. Ray answers past it with a plain-text 503 and this Retry-After.
+        max_queued_requests=args.max_queued_requests if args.max_queued_requests is not None else max_ongoing,
+        backpressure_config={"status_code": 503, "retry_after_s": BACKPRESSURE_RETRY_AFTER_S},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options=actor_options,
         user_config=args.user_config,
     )

@@ -30,6 +30,7 @@ class Item:
     sample: object
     poisoned: bool = False
     arrived_s: float = field(default_factory=time.perf_counter)  # when it reached @serve.batch: the wait learns from it
+    deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
 
 
 @dataclass

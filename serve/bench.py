@@ -102,6 +102,8 @@ def summarize(records: Sequence[Record], wall_s: float) -> dict:
         "samples_per_s": len(ok) / wall,
         "tokens_per_s": sum(tokens) / wall if tokens else None,
         "latency_s": latency_summary([r.latency_s for r in ok]),
+        # how fast the errors came back (a shed 503 should take milliseconds, not a queue's wait)
+        "error_latency_s": latency_summary([r.latency_s for r in answered if not r.ok]),
     }
 
 
@@ -395,6 +397,10 @@ def format_report(report: dict) -> str:
         f"latency ms p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}  "
         f"mean {_ms(lat['mean'])}  (over {lat['count']} ok requests)",
     ]
+    err = report.get("error_latency_s") or {}
+    if err.get("count"):
+        lines.append(f"errors ms  p50 {_ms(err['p50'])}  p99 {_ms(err['p99'])}  max {_ms(err['max'])}  "
+                     f"(over {err['count']} answered errors)")
     return "\n".join(lines)
 
 

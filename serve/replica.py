@@ -33,6 +33,7 @@ from optimizer.share_cap import cap_allocator, share_cap_applies
 from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
+from .admission import Admission, capacity_from, expired_message, run_unexpired
 from .batch_runner import BatchRunner, Item, Outcome
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
@@ -69,6 +70,7 @@ class Replica:
         self._model_lock = asyncio.Lock()  # one user of the model at a time: a batch, a tuning or a warm-up
         self._started_at = time.time()
         self.stats = ServingStats()
+        self.admission = Admission()  # what this replica takes in: serve/admission.py
         self.tuning: Tuning | None = None
         self._tunings, self._tuning_wall_s = 0, 0.0
         self._wait: WaitController | None = None  # the wait as served batches show it; new with each tuning
@@ -162,6 +164,7 @@ class Replica:
                          "tuned_batch_wait_timeout_s": float(self.tuning.batch_wait_timeout_s),
                          "faults": self.config.faults.describe()}
         self.metrics.batch_settings(s.size, s.wait_s)
+        self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
 
     async def reconfigure(self, user_config: dict | None) -> None:
         config = self.builder.with_user_config(user_config)
@@ -239,7 +242,7 @@ class Replica:
         self.stats.batch_formed(n)
         async with self._model_lock:
             started = time.perf_counter()
-            outcomes = await self._runner.run(items)
+            outcomes = await run_unexpired(items, self._run_live, started, self._expired)
             elapsed_s = time.perf_counter() - started
         served = sum(o.ok for o in outcomes)
         # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
@@ -253,6 +256,21 @@ class Replica:
         self.metrics.inc("autobatch_samples_served", served)
         self._update_memory_gauge()
         return outcomes
+
+    async def _run_live(self, items: list[Item]) -> list[Outcome]:
+        started = time.perf_counter()
+        outcomes = await self._runner.run(items)
+        self.admission.record_batch(len(items), time.perf_counter() - started)
+        return outcomes
+
+    def _expired(self, item: Item) -> Outcome:
+        """An item whose client deadline passed while it queued: answered without computing it."""
+        self.count_shed("expired")
+        return Outcome.error(504, expired_message(time.perf_counter() - item.arrived_s))
+
+    def count_shed(self, reason: str) -> None:
+        self.stats.shed[reason] += 1
+        self.metrics.inc("autobatch_requests_shed", reason=reason)
 
     def _on_serving_oom(self, batch_size: int, message: str) -> None:
         """Called by the runner after a real OOM: serve smaller batches from now on."""
@@ -302,7 +320,8 @@ class Replica:
             # the ratio as of now; the wait moves only when the controller checks (optimizer/wait.py)
             "serving": {**self._serving,
                         "served_vs_tuned_latency": wait.ratio if wait else None,
-                        "served_batches_compared": wait.batches if wait else 0},
+                        "served_batches_compared": wait.batches if wait else 0,
+                        "admission": self.admission.describe()},
             "warm_sizes": self._warm_report,
             "stats": self.stats.to_dict(self._runner.item_retries),
         }

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from deployments.base import PayloadError
 
+from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
 from .batch_runner import Item, Outcome
 from .replica import Replica
 
@@ -65,6 +66,27 @@ class HttpRoutes:
             body = await request.body()
         except Exception as exc:  # noqa: BLE001 - client went away / broken stream
             return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
+        ticket = self.admit(request, len(body))
+        if isinstance(ticket, Response):
+            return ticket
+        with ticket:
+            return await self._decode_and_infer(request, body, ticket)
+
+    def admit(self, request: Request, body_bytes: int) -> Ticket | Response:
+        """A ticket for this request (serve/admission.py), or the answer that refuses it."""
+        try:
+            deadline_s = parse_deadline_ms(request.headers.get(DEADLINE_HEADER))
+        except ValueError as exc:
+            return self._reply_error(400, str(exc))
+        try:
+            return self._replica.admission.admit(deadline_s, samples=1, body_bytes=body_bytes)
+        except Refused as refused:
+            self._replica.count_shed(refused.reason)
+            self._replica.count_error(refused.status)
+            return JSONResponse({"error": refused.message}, status_code=refused.status, headers=refused.headers())
+
+    async def _decode_and_infer(self, request: Request, body: bytes, ticket: Ticket) -> Response:
+        replica = self._replica
         content_type = request.headers.get("content-type")
         try:
             sample = await asyncio.to_thread(replica.spec.decode, body, content_type)
@@ -74,7 +96,7 @@ class HttpRoutes:
             log.exception("autobatch: %s decode raised outside PayloadError", replica.model_name)
             return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
                                           f"check it is what GET / describes")
-        item = Item(sample, poisoned=replica.config.faults.is_poisoned(request.headers))
+        item = Item(sample, poisoned=replica.config.faults.is_poisoned(request.headers), deadline_at=ticket.deadline_at)
         try:
             outcome: Outcome = await self._infer(item)
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
