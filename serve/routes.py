@@ -38,6 +38,14 @@ def subpath(request: Request) -> str:
     return "/" + path.strip("/")
 
 
+def _declared_length(request: Request) -> int:
+    """The body's size as its Content-Length says (0 when absent or not a number: charged once read)."""
+    try:
+        return max(0, int(request.headers.get("content-length") or 0))
+    except ValueError:
+        return 0
+
+
 class HttpRoutes:
     """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
 
@@ -62,14 +70,15 @@ class HttpRoutes:
             return error_response(405, f"method {request.method} is not served; use POST / with the payload, or GET /tuning")
         if path != "/":
             return error_response(404, f"no such path {path!r}; POST the payload to the route itself")
-        try:
-            body = await request.body()
-        except Exception as exc:  # noqa: BLE001 - client went away / broken stream
-            return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
-        ticket = self.admit(request, len(body))
+        # Admitted before the body is read: a refused request costs no transfer of its body from the proxy.
+        ticket = self.admit(request, _declared_length(request))
         if isinstance(ticket, Response):
             return ticket
         with ticket:
+            try:
+                body = await request.body()
+            except Exception as exc:  # noqa: BLE001 - client went away / broken stream
+                return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
             return await self._decode_and_infer(request, body, ticket)
 
     def admit(self, request: Request, body_bytes: int) -> Ticket | Response:
