@@ -91,6 +91,7 @@ class Record:
     status: str  # "200", "415", ..., or a transport error: "timeout", "ConnectError", DROPPED, UNFINISHED
     ok: bool
     tokens: int | None = None
+    samples: int = 1  # an Open Inference Protocol request may carry many
 
 
 def summarize(records: Sequence[Record], wall_s: float) -> dict:
@@ -111,7 +112,8 @@ def summarize(records: Sequence[Record], wall_s: float) -> dict:
         "errors": dict(sorted(errors.items())),
         "error_count": len(records) - len(ok),
         "requests_per_s": len(answered) / wall,
-        "samples_per_s": len(ok) / wall,
+        "samples": sum(r.samples for r in ok),
+        "samples_per_s": sum(r.samples for r in ok) / wall,
         "tokens_per_s": sum(tokens) / wall if tokens else None,
         "latency_s": latency_summary([r.latency_s for r in ok]),
     }
@@ -146,6 +148,9 @@ class Load:
     allow_remote: bool = False
     seed: int = 0
     headers: dict = field(default_factory=dict)
+    # Another protocol's sender (serve/oip/commands.py V2Sender): open(), send(index) ->
+    # (status, ok, tokens, samples), close(). None: POST the payloads to the route.
+    sender: object | None = None
 
     def validate(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -168,6 +173,8 @@ class Load:
             raise BenchError(f"--warmup must be between 0 and {MAX_REQUESTS}, got {self.warmup_requests}")
         if not self.payloads:
             raise BenchError("no payload to send; give --input FILE or --prompt TEXT")
+        if self.sender is not None:
+            return  # the sender checks its own address
         if urlsplit(self.url).scheme not in ("http", "https"):
             raise BenchError(f"--url must be an http(s) URL, got {self.url!r}")
         if not self.allow_remote and not is_loopback(self.url):
@@ -198,6 +205,10 @@ class _Run:
         sent = time.perf_counter()
         began = sent if scheduled is None else scheduled
         tokens = None
+        if self.load.sender is not None:
+            status, ok, tokens, samples = await self.load.sender.send(index)
+            self.records.append(Record(sent - self.start, time.perf_counter() - began, status, ok, tokens, samples))
+            return
         try:
             response = await self._post(client, index)
             status, ok = str(response.status_code), 200 <= response.status_code < 300
@@ -271,6 +282,8 @@ class _Run:
         load = self.load
         connections = load.concurrency if load.mode == "closed" else load.max_in_flight
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        if load.sender is not None:
+            await load.sender.open()
         async with httpx.AsyncClient(base_url=load.url, timeout=load.timeout_s, limits=limits, trust_env=False) as client:
             if load.warmup_requests:
                 await self._warmup(client)
@@ -304,6 +317,8 @@ class _Run:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
                 bar.close()
+        if load.sender is not None:
+            await load.sender.close()
         summary = summarize(self.records, wall)
         return {
             "url": load.url, "route": self.route, "mode": load.mode, "concurrency": load.concurrency,
@@ -311,6 +326,8 @@ class _Run:
             "duration_bound_s": load.duration_s, "requests_bound": load.max_requests,
             "stopped_by": self.stopped_by or "duration", "warmup_requests": load.warmup_requests,
             "payloads": len(load.payloads), **summary,
+            **({"protocol": "v2", "transport": load.sender.transport, "samples_per_request": load.sender.samples,
+                "target": load.sender.url} if load.sender is not None else {}),
         }
 
     async def _warmup(self, client) -> None:
@@ -320,6 +337,9 @@ class _Run:
         async def worker():
             while queue:
                 index = queue.pop()
+                if self.load.sender is not None:
+                    await self.load.sender.send(index)
+                    continue
                 try:
                     await self._post(client, index)
                 except httpx.HTTPError:
@@ -402,6 +422,7 @@ def format_report(report: dict) -> str:
         f"{report['requests_bound']} requests, stopped by {report['stopped_by']} after {report['wall_s']:.2f} s",
         f"requests   {report['requests']} issued, {report['answered']} answered, {report['ok']} ok; errors by status: {errors}",
         f"throughput {report['requests_per_s']:.2f} requests/s, {report['samples_per_s']:.2f} samples/s"
+        + (f" ({report['samples_per_request']} per request, v2 over {report['transport']})" if report.get("protocol") else "")
         + (f", {report['tokens_per_s']:.1f} tokens/s" if report.get("tokens_per_s") else ""),
         f"latency ms p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}  "
         f"mean {_ms(lat['mean'])}  (over {lat['count']} ok requests)",
@@ -432,6 +453,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--protocol", choices=["simple", "v2"], default="simple",
+                   help="simple: POST one payload per request to the route; v2: the Open Inference Protocol, "
+                        "--samples-per-request samples per request to /v2/models/<route>/infer or gRPC")
+    p.add_argument("--transport", choices=["http", "grpc"], default="http", help="v2: HTTP (--url) or gRPC (--grpc-url)")
+    p.add_argument("--grpc-url", default=None, help="v2 over gRPC: host:port (default 127.0.0.1:9000, or $AUTOBATCH_GRPC_URL)")
+    p.add_argument("--samples-per-request", type=int, default=1, metavar="N", help="v2: samples in each request")
+
+
+def v2_sender(args, payloads: list[tuple[bytes, str]]):
+    """The Open Inference Protocol sender for --protocol v2: the payloads' bytes as samples (images;
+    for an LLM, the prompt text out of the simple route's JSON)."""
+    from .oip.commands import DEFAULT_GRPC_URL, V2Sender, check_loopback
+
+    url = (args.grpc_url or DEFAULT_GRPC_URL) if args.transport == "grpc" else args.url
+    try:
+        check_loopback(url, args.allow_remote)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    samples = []
+    for body, content_type in payloads:
+        if content_type == "application/json":
+            try:
+                samples.append(json.loads(body)["prompt"])
+                continue
+            except (ValueError, KeyError, TypeError):
+                pass
+        samples.append(body)
+    if args.samples_per_request < 1:
+        raise BenchError(f"--samples-per-request must be at least 1, got {args.samples_per_request}")
+    connections = args.concurrency if args.concurrency else args.max_in_flight if args.rate else 8
+    return V2Sender(url, args.transport, route_path(args.route).strip("/"), samples, args.samples_per_request,
+                    args.max_new_tokens, args.timeout, connections)
 
 
 def cmd_bench(args) -> int:
@@ -451,6 +504,8 @@ def cmd_bench(args) -> int:
         load.validate()  # before anything is sent, the default-payload query included
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)
+        if getattr(args, "protocol", "simple") == "v2":
+            load.sender = v2_sender(args, load.payloads)
         report = run_load(load, progress=not args.no_progress)
     except BenchError as exc:
         print(f"autobatch bench: error: {exc}", file=sys.stderr)

@@ -57,6 +57,21 @@ class InferResponse:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class InferFailure:
+    """A request the model's replica refused (a bad element, an over-long prompt): returned, not
+    raised, so its status and message cross the actor boundary intact. The message names the
+    element's index where one element is at fault."""
+
+    status: int
+    message: str
+
+    @classmethod
+    def of(cls, error: PayloadError, index: int | None = None) -> "InferFailure":
+        where = f"element {index}: " if index is not None else ""
+        return cls(error.status, where + error.message)
+
+
 # ----------------------------------------------------------------- validation against a model
 def describe_tensor(spec) -> str:
     return f"{spec.name} ({spec.datatype} {list(spec.shape)})"
