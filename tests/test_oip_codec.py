@@ -343,3 +343,26 @@ def test_route_errors():
     assert err.status == 404 and "serves version 1" in err.message
     metadata.check_version("resnet50", None)
     metadata.check_version("resnet50", "1")
+
+
+# ----------------------------------------------------------------- our own v2 client (autobatch client/bench)
+def test_v2_client_request_and_response_forms_agree_with_the_server_codec():
+    from serve.oip.client import decode_http_response, encode_http_request, per_sample, samples_request
+
+    meta = metadata.model_metadata("llama_int4", TEXT_INPUTS, (Spec("text_output", "BYTES", (-1,)),))
+    request = samples_request("llama_int4", meta, ["hello", b"\xff raw"], max_tokens=4)
+    assert [t.name for t in request.inputs] == ["text_input", "max_tokens"]
+    for binary in (True, False):
+        if not binary:
+            request.inputs[0].data[1] = b"raw"  # JSON carries text only
+        body, headers = encode_http_request(request, binary_input=binary)
+        parsed = validate(parse(body, headers, model="llama_int4"), TEXT_INPUTS, (Spec("text_output", "BYTES", (-1,)),))
+        assert list(parsed.input("text_input").data) == list(request.inputs[0].data)
+        assert parsed.input("max_tokens").data.tolist() == [4, 4]
+    text = np.array([b"one", b"two"], dtype=object)
+    response = InferResponse("llama_int4", [Tensor("text_output", "BYTES", (2,), text)])
+    body, headers = rest.encode_infer_response(response, parsed)
+    decoded = decode_http_response("llama_int4", body, headers)
+    assert per_sample(decoded) == [{"text_output": "one"}, {"text_output": "two"}]
+    with pytest.raises(ValueError, match="no BYTES input"):
+        samples_request("m", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}], "outputs": []}, [b"a"])
