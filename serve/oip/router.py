@@ -63,7 +63,12 @@ class ModelDirectory:
     async def handle(self, model: str):
         self.check_known(model)
         if model not in self._handles:  # the controller lookup blocks: keep it off the event loop
-            self._handles[model] = await asyncio.to_thread(serve.get_deployment_handle, model, model)
+            try:
+                self._handles[model] = await asyncio.to_thread(serve.get_deployment_handle, model, model)
+            except KeyError:
+                raise PayloadError(f"model {model!r} is not deployed: the router serves it, but there is no "
+                                   f"application {model!r} with a deployment {model!r}; deploy it, or take it out "
+                                   f"of the router's models", status=503) from None
         return self._handles[model]
 
     async def metadata(self, model: str) -> dict:
