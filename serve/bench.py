@@ -461,32 +461,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-request", type=int, default=1, metavar="N", help="v2: samples in each request")
 
 
-def v2_sender(args, payloads: list[tuple[bytes, str]]):
-    """The Open Inference Protocol sender for --protocol v2: the payloads' bytes as samples (images;
-    for an LLM, the prompt text out of the simple route's JSON)."""
-    from .oip.commands import DEFAULT_GRPC_URL, V2Sender, check_loopback
-
-    url = (args.grpc_url or DEFAULT_GRPC_URL) if args.transport == "grpc" else args.url
-    try:
-        check_loopback(url, args.allow_remote)
-    except ValueError as exc:
-        raise BenchError(str(exc)) from None
-    samples = []
-    for body, content_type in payloads:
-        if content_type == "application/json":
-            try:
-                samples.append(json.loads(body)["prompt"])
-                continue
-            except (ValueError, KeyError, TypeError):
-                pass
-        samples.append(body)
-    if args.samples_per_request < 1:
-        raise BenchError(f"--samples-per-request must be at least 1, got {args.samples_per_request}")
-    connections = args.concurrency if args.concurrency else args.max_in_flight if args.rate else 8
-    return V2Sender(url, args.transport, route_path(args.route).strip("/"), samples, args.samples_per_request,
-                    args.max_new_tokens, args.timeout, connections)
-
-
 def cmd_bench(args) -> int:
     try:
         payloads = []
@@ -505,6 +479,8 @@ def cmd_bench(args) -> int:
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)
         if getattr(args, "protocol", "simple") == "v2":
+            from .oip.commands import v2_sender
+
             load.sender = v2_sender(args, load.payloads)
         report = run_load(load, progress=not args.no_progress)
     except BenchError as exc:

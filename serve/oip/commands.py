@@ -99,3 +99,30 @@ def check_loopback(url: str, allow_remote: bool) -> None:
     if not loopback and not allow_remote:
         raise ValueError(f"{url} is not a loopback address; load goes to 127.0.0.1/localhost unless you pass "
                          f"--allow-remote (only against servers you run)")
+
+
+def v2_sender(args, payloads: list[tuple[bytes, str]]):
+    """The Open Inference Protocol sender for --protocol v2: the payloads' bytes as samples (images;
+    for an LLM, the prompt text out of the simple route's JSON)."""
+    from ..bench import BenchError
+    from ..client import route_path
+
+    url = (args.grpc_url or DEFAULT_GRPC_URL) if args.transport == "grpc" else args.url
+    try:
+        check_loopback(url, args.allow_remote)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    samples = []
+    for body, content_type in payloads:
+        if content_type == "application/json":
+            try:
+                samples.append(json.loads(body)["prompt"])
+                continue
+            except (ValueError, KeyError, TypeError):
+                pass
+        samples.append(body)
+    if args.samples_per_request < 1:
+        raise BenchError(f"--samples-per-request must be at least 1, got {args.samples_per_request}")
+    connections = args.concurrency if args.concurrency else args.max_in_flight if args.rate else 8
+    return V2Sender(url, args.transport, route_path(args.route).strip("/"), samples, args.samples_per_request,
+                    args.max_new_tokens, args.timeout, connections)
