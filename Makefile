@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install serve test clean
+.PHONY: install serve retune test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A local Ray listening on 127.0.0.1 only, token auth on, then `serve run serve_config.yaml` (serve/local.py);
+# Ctrl-C stops both.
 serve: $(STAMP)
-	$(VENV)/bin/serve run serve_config.yaml
+	$(PY) -m serve.local serve_config.yaml
+
+# Re-measure a running route live: make retune ROUTE=resnet50 (autobatch config ROUTE KEY=VALUE for the rest)
+retune: $(STAMP)
+	@test -n "$(ROUTE)" || { echo "give the route: make retune ROUTE=resnet50"; exit 2; }
+	$(VENV)/bin/autobatch retune $(ROUTE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -22,10 +22,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import default_out, describe_environment, environment, markdown_table, say, table, write_json  # noqa: E402
 
-from serve.bench import DEFAULT_PROMPT, generated_jpeg  # noqa: E402
-from serve.client import make_payload  # noqa: E402
+from deployments.registry import model_names  # noqa: E402
 
-MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+MODELS = tuple(model_names())
 COLUMNS = [("batch", "batch", ""), ("first run ms", "first_ms", ".1f"), ("later runs ms", "later_ms", ".1f"),
            ("first / later", "ratio", ".1f")]
 
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     say(describe_environment(env))
     spec = create_spec(args.model)
     spec.load("cuda:0" if kind == "cuda" else "cpu", spec.default_dtype(kind))
-    payload = make_payload(DEFAULT_PROMPT, max_new_tokens=8) if args.model == "llama_int4" else (generated_jpeg(), "image/jpeg")
+    payload = spec.example_payload(max_new_tokens=8)
     sample = spec.decode(*payload)
     sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
 

@@ -24,6 +24,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, environment, markdown_table, say, start_cluster, table, write_json  # noqa: E402
 
+from optimizer.tuning import Tuning  # noqa: E402
 from serve.bench import Load, default_payloads, run_load  # noqa: E402
 
 COLUMNS = [("model", "model", ""), ("variant", "variant", ""), ("batch", "batching", ""),
@@ -56,10 +57,11 @@ def drive(http, base: str, app: dict, variant: str, args) -> dict:
            "ok": report["ok"], "errors": sum(report["errors"].values()), "errors_by_status": report["errors"],
            "mean_batch": (s1 - s0) / (b1 - b0) if b1 > b0 else None}
     if autobatch:
-        t = http.get(route + "/tuning").json()
-        row.update(batching=f"tuned {t['serving']['max_batch_size']} (max safe {t['max_safe_batch']})",
-                   tuned_batch=t["batch_size"], max_safe_batch=t["max_safe_batch"], tuning_s=t["tuning_s"],
-                   wait_ms=t["batch_wait_timeout_s"] * 1e3, device=t["device"]["label"])
+        report = http.get(route + "/tuning").json()  # the Tuning's fields, plus what the replica serves with
+        t = Tuning.from_dict(report)
+        row.update(batching=f"tuned {report['serving']['max_batch_size']} (max safe {t.max_safe_batch})",
+                   tuned_batch=t.batch_size, max_safe_batch=t.max_safe_batch, tuning_s=t.tuning_s,
+                   wait_ms=t.batch_wait_timeout_s * 1e3, device=t.device.label)
     else:
         row["batching"] = "defaults: 10, 10 ms, ongoing 5"
         row["device"] = http.get(route + "/stats").json().get("device")

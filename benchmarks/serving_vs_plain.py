@@ -36,10 +36,12 @@ from bench_common import default_out, describe_environment, start_cluster, envir
 
 import httpx  # noqa: E402
 
-from serve.bench import DEFAULT_PROMPT, Load, generated_jpeg, run_load  # noqa: E402
+from deployments.registry import model_names, spec_class  # noqa: E402
+from optimizer.tuning import Tuning  # noqa: E402
+from serve.bench import Load, run_load  # noqa: E402
 from serve.client import make_payload  # noqa: E402
 
-MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+MODELS = tuple(model_names())
 PINNED = "autobatch, plain's batching"
 VARIANTS = ("autobatch", "plain batched", "unbatched", "plain batched, high ongoing", PINNED)
 DEFAULT_VARIANTS = VARIANTS[:3]
@@ -97,12 +99,13 @@ def serve_variant(variant: str, args, base: str, payloads, on_gpu: bool, cache_p
     info = {"variant": variant, "ready_s": ready_s}
     http = httpx.Client(base_url=base, timeout=120, trust_env=False)
     if is_autobatch(variant):
-        t = http.get(route + "/tuning").json()
-        info.update(batch_size=t["batch_size"], max_safe_batch=t["max_safe_batch"], wait_ms=t["batch_wait_timeout_s"] * 1e3,
-                    tuning_s=t["tuning_s"], cache=t["cache"], max_ongoing=t["serving"]["max_ongoing_requests"],
-                    latency_budget_ms=t["latency_budget_s"] * 1e3, decision=t["decision"],
-                    warm_sizes=(t.get("warm_sizes") or {}).get("summary") or (t.get("warm_sizes") or {}).get("skipped"))
-        info["batching"] = f"max {t['serving']['max_batch_size']}, wait {t['serving']['batch_wait_timeout_s'] * 1e3:.0f} ms at start, ongoing {t['serving']['max_ongoing_requests']}"
+        report = http.get(route + "/tuning").json()  # the Tuning's fields, plus what the replica serves with
+        t, serving, warm = Tuning.from_dict(report), report["serving"], report.get("warm_sizes") or {}
+        info.update(batch_size=t.batch_size, max_safe_batch=t.max_safe_batch, wait_ms=t.batch_wait_timeout_s * 1e3,
+                    tuning_s=t.tuning_s, cache=t.cache, max_ongoing=serving["max_ongoing_requests"],
+                    latency_budget_ms=t.latency_budget_s * 1e3, decision=t.decision,
+                    warm_sizes=warm.get("summary") or warm.get("skipped"))
+        info["batching"] = f"max {serving['max_batch_size']}, wait {serving['batch_wait_timeout_s'] * 1e3:.0f} ms at start, ongoing {serving['max_ongoing_requests']}"
     else:
         info["batching"] = {"plain batched": "max 10, wait 10 ms, ongoing 5", "unbatched": "none, ongoing 5",
                             "plain batched, high ongoing": f"max 10, wait 10 ms, ongoing {2 * args.max_batch}"}[variant]
@@ -227,8 +230,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-repeats", type=int, default=3, help="autobatch: timed runs per tuning probe")
     parser.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per replica (default: CUDA 1, CPU all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in replicas and the raw loop (default: CPU all cores; CUDA Ray's)")
-    parser.add_argument("--input", default=None, help="payload file (default: a generated 640x480 JPEG, or a prompt for llama_int4)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="llama_int4: tokens per request")
+    parser.add_argument("--input", default=None, help="payload file (default: the model's example payload: a generated 640x480 JPEG, a prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="models that generate: tokens per request")
     parser.add_argument("--llama-config", default=None, help="synthetic Llama shape: small or llama3-8b")
     parser.add_argument("--raw-sizes", type=int, nargs="*", default=None, help="raw-loop batch sizes (default: 1, 10, the tuned size, powers of 2 up to it)")
     parser.add_argument("--raw-repeats", type=int, default=5)
@@ -258,10 +261,8 @@ def main(argv=None) -> int:
 
     if args.input:
         payload = make_payload(open(args.input, "rb").read())
-    elif args.model == "llama_int4":
-        payload = make_payload(DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens)
     else:
-        payload = (generated_jpeg(), "image/jpeg")
+        payload = spec_class(args.model).example_payload(max_new_tokens=args.max_new_tokens)
 
     cache_dir = tempfile.mkdtemp(prefix="autobatch-bench-cache-")
     cache_path = args.cache or os.path.join(cache_dir, "tuning.json")

@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from deployments.registry import create_spec  # noqa: E402
+from deployments.registry import create_spec, model_names  # noqa: E402
 from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
 from optimizer.tune import TuningSettings, autobatch  # noqa: E402
 
-MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+MODELS = tuple(model_names())
 
 
 def main(argv=None) -> int:
@@ -56,19 +56,19 @@ def main(argv=None) -> int:
             settings.memory_budget_bytes = meter.current_bytes() + 400 * 2**20
             settings.repeats = 1
             settings.latency_budget_s = 30.0  # a shared 2-core CI machine: only memory should bound it
-        result = autobatch(spec, settings, cache=None, loaded=True, meter=meter,
+        tuning = autobatch(spec, settings, cache=None, loaded=True, meter=meter,
                            say=lambda line: print(line, file=sys.stderr, flush=True))
-        chosen = next(p for p in result["probes"] if p["batch_size"] == result["batch_size"] and p["latency_s"])
+        chosen = next(p for p in tuning.probes if p.batch_size == tuning.batch_size and p.latency_s)
         rows.append({
-            "model": name, "device": result["device"]["label"], "dtype": result["dtype"],
-            "memory_budget_gib": result["memory_budget_bytes"] / 2**30,
-            "latency_budget_ms": result["latency_budget_s"] * 1e3,
-            "max_safe_batch": result["max_safe_batch"], "batch_size": result["batch_size"],
-            "throughput": result["serve_throughput"], "batch1_throughput": result["batch1_throughput"],
-            "speedup": result["serve_throughput"] / result["batch1_throughput"] if result["batch1_throughput"] else None,
-            "peak_gib_at_batch": chosen["peak_bytes"] / 2**30, "latency_ms_at_batch": chosen["latency_s"] * 1e3,
-            "probes": result["probe_count"], "ooms": result["oom_events"], "tuning_s": result["tuning_s"],
-            "load_s": load_s, "stopped_by": result["stopped_by"],
+            "model": name, "device": tuning.device.label, "dtype": tuning.dtype,
+            "memory_budget_gib": tuning.memory_budget_bytes / 2**30,
+            "latency_budget_ms": tuning.latency_budget_s * 1e3,
+            "max_safe_batch": tuning.max_safe_batch, "batch_size": tuning.batch_size,
+            "throughput": tuning.serve_throughput, "batch1_throughput": tuning.batch1_throughput,
+            "speedup": tuning.serve_throughput / tuning.batch1_throughput if tuning.batch1_throughput else None,
+            "peak_gib_at_batch": chosen.peak_bytes / 2**30, "latency_ms_at_batch": chosen.latency_s * 1e3,
+            "probes": tuning.probe_count, "ooms": tuning.oom_events, "tuning_s": tuning.tuning_s,
+            "load_s": load_s, "stopped_by": tuning.stopped_by,
         })
         del spec
         gc.collect()

@@ -25,7 +25,7 @@ same memory meter (CUDA: torch's reserved peak + what the card holds outside tor
                 so an answer can run under the cap yet reserve more than the budget uncapped (on an
                 H200: YOLO11n-pose 46 and 50 ran under a 1672 MiB cap, read 1818 and 1926 MiB
                 uncapped), which is why the meter is the default.
-- brute force   the true maximum: from 0.8 x autobatch's answer, coarse steps (~2%) to the first
+- brute force   the true maximum (bruteforce.py): from 0.8 x autobatch's answer, coarse steps (~2%) to the first
                 failure, then every size in that last step (exact if memory grows with batch size);
                 each size measured exactly like a tuner probe.
 Then every answer is measured once more with that same probe: "fits" = its peak <= the budget.
@@ -62,52 +62,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import default_out, describe_environment, environment, markdown_table, say, table, write_json  # noqa: E402
+from bruteforce import Measurer, brute_force  # noqa: E402
 
-from deployments.registry import create_spec  # noqa: E402
+from deployments.registry import create_spec, model_names  # noqa: E402
 from optimizer.devices import make_meter, resolve_device_kind  # noqa: E402
-from optimizer.probe import OK, OOM, ProbeResult, probe  # noqa: E402
+from optimizer.probe import OK, ProbeResult  # noqa: E402
 from optimizer.tune import TuningSettings, autobatch  # noqa: E402
 
-MODELS = ("resnet50", "vit_b_16", "yolo11n_pose", "llama_int4")
+MODELS = tuple(model_names())
 NO_LATENCY_BOUND_S = 1e6
 CPU_OOM_TEXT = "DefaultCPUAllocator: can't allocate memory"  # what accelerate recognises as a CPU OOM
-
-
-class Batches:
-    """run_batch(n) for probes: one worst-case example batch held at a time (its memory counts)."""
-
-    def __init__(self, spec):
-        self.spec = spec
-        self.held: dict[int, list] = {}
-
-    def __call__(self, n: int) -> None:
-        if n not in self.held:
-            self.held.clear()
-            self.held[n] = self.spec.example_batch(n)
-        self.spec.predict(self.held[n])
-
-    def clear(self) -> None:
-        self.held.clear()
-
-
-class Measurer:
-    """One probe per size, cached: the brute-force scan and the final check share measurements."""
-
-    def __init__(self, spec, meter, budget: int, repeats: int):
-        self.batches = Batches(spec)
-        self.meter, self.budget, self.repeats = meter, budget, repeats
-        self.results: dict[int, ProbeResult] = {}
-
-    def __call__(self, size: int) -> ProbeResult:
-        if size not in self.results:
-            self.batches.clear()
-            self.meter.cleanup()
-            self.results[size] = probe(self.batches, size, self.meter, memory_budget_bytes=self.budget,
-                                       latency_budget_s=None, warmup=1, repeats=self.repeats)
-            self.batches.clear()
-            say(f"    measure b={size}: {self.results[size].outcome} peak "
-                f"{(self.results[size].peak_bytes or 0) / 2**20:.0f} MiB (budget {self.budget / 2**20:.0f})")
-        return self.results[size]
 
 
 class FreshMeasurer:
@@ -126,44 +90,6 @@ class FreshMeasurer:
             self.seconds[size] = found.pop("seconds", 0.0)
             self.results[size] = ProbeResult.from_dict(found)
         return self.results[size]
-
-
-def brute_force(measure: Measurer, hint: int, limit: int, resolution: float = 0.0) -> dict:
-    """The largest size whose probe fits, scanning linearly around `hint` (see the module doc).
-    resolution > 0 (a fraction, e.g. 0.005): the last stage steps by that share of the answer
-    instead of by 1 (for large batches on a GPU); the answer is then exact to within that step."""
-    started = time.perf_counter()
-    before = set(measure.results)
-    start = max(1, min(limit, int(hint * 0.8)))
-    step = max(1, start // 50)
-    lo, hi = 0, None  # lo: largest size known to fit; hi: smallest known not to
-    if measure(start).ok:
-        lo, size = start, start + step
-        while size <= limit:
-            if not measure(size).ok:
-                hi = size
-                break
-            lo, size = size, size + step
-        if hi is None and lo < limit:  # the last coarse step overshot the limit: scan up to it
-            hi = limit + 1
-    else:
-        hi, size = start, start - step
-        while size >= 1:
-            if measure(size).ok:
-                lo = size
-                break
-            hi, size = size, size - step
-    fine = max(1, int(lo * resolution)) if resolution > 0 else 1
-    if hi is not None:
-        for size in range(lo + fine, hi, fine):
-            if not measure(size).ok:
-                break
-            lo = size
-    scanned = [s for s in measure.results if s not in before]
-    seconds = sum(measure.seconds.get(s, 0.0) for s in scanned) if hasattr(measure, "seconds") else time.perf_counter() - started
-    return {"found": lo or None, "probes": len(scanned),
-            "ooms": sum(measure.results[s].outcome == OOM for s in scanned), "seconds": seconds,
-            "note": f"scan from {start} in steps of {step}, then by {fine}"}
 
 
 # ----- peers -----
@@ -316,13 +242,13 @@ def run_autobatch(spec, meter, kind: str, dtype: str, budget: int, max_batch: in
     settings = TuningSettings(device=kind, dtype=dtype, memory_budget_bytes=budget, latency_budget_s=NO_LATENCY_BOUND_S,
                               max_batch=max_batch, repeats=repeats)
     try:
-        result = autobatch(spec, settings, cache=None, loaded=True, meter=meter, say=lambda line: say("    " + line))
+        tuning = autobatch(spec, settings, cache=None, loaded=True, meter=meter, say=lambda line: say("    " + line))
     except Exception as exc:  # noqa: BLE001 - e.g. batch 1 does not fit the budget: a row, not a crash
         return {"found": None, "note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"}
-    return {"found": result["max_safe_batch"], "probes": result["probe_count"], "ooms": result["oom_events"],
-            "seconds": result["tuning_s"], "serve_batch": result["batch_size"],
-            "note": f"{result['search_probe_count']} search + {result['probe_count'] - result['search_probe_count']} knee "
-                    f"probes, {result['predicted_skips']} predicted skips; serves {result['batch_size']}"}
+    return {"found": tuning.max_safe_batch, "probes": tuning.probe_count, "ooms": tuning.oom_events,
+            "seconds": tuning.tuning_s, "serve_batch": tuning.batch_size,
+            "note": f"{tuning.search_probe_count} search + {tuning.probe_count - tuning.search_probe_count} knee "
+                    f"probes, {tuning.predicted_skips} predicted skips; serves {tuning.batch_size}"}
 
 
 # ----- the run -----

@@ -1,14 +1,18 @@
 """The ModelSpec protocol: what a model family provides, named after a request's journey.
 
 load -> example_batch (tuning) ; decode -> predict -> encode (serving). The optimizer only sees
-`load`, `example_batch` and `predict`; Ray Serve sees all of them. No Ray imports here, so a spec
-is usable and testable in a plain process.
+`load`, `example_batch` and `predict`; Ray Serve sees all of them. Each spec also declares its wire
+format (`inputs`, `outputs` as Open Inference Protocol v2 tensors, a `usage` line, an
+`example_payload`), so the serving layer, the clients and the benchmarks ask the spec instead of
+keeping a table per model. No Ray imports here, so a spec is usable and testable in a plain process.
 """
 from __future__ import annotations
 
 import abc
 import hashlib
 import os
+import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -45,10 +49,58 @@ def file_identity(path: str | None) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
+# The tensor data types of the Open Inference Protocol v2 (KServe inference_rest.md), plus Triton's BF16.
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "FP32", "FP64", "BF16", "BYTES")
+_TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor of a model, in Open Inference Protocol v2 terms (what
+    `GET /v2/models/<model>` lists and tritonclient builds requests from).
+
+    shape: -1 marks a dimension that varies by request. The first dimension is always the sample
+    count (-1), so one request may carry many samples and they batch by sample. A BYTES element is
+    one whole byte string (one encoded image, one UTF-8 text), not one byte. `optional`: a request
+    may leave the tensor out (the description says what happens then)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    description: str
+    optional: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+        where = f"tensor {self.name!r}"
+        if not isinstance(self.name, str) or not _TENSOR_NAME.fullmatch(self.name):
+            raise SpecConfigError(f"{where}: a tensor name is letters, digits and underscores, not starting with a digit")
+        if self.datatype not in DATATYPES:
+            raise SpecConfigError(f"{where}: datatype {self.datatype!r} is not an Open Inference Protocol type; "
+                                  f"use one of {', '.join(DATATYPES)}")
+        if not self.shape or self.shape[0] != -1:
+            raise SpecConfigError(f"{where}: shape {list(self.shape)} must start with -1, the sample count")
+        if any(isinstance(d, bool) or not isinstance(d, int) or not (d == -1 or d >= 1) for d in self.shape):
+            raise SpecConfigError(f"{where}: shape {list(self.shape)} may hold only positive sizes and -1 (varies)")
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise SpecConfigError(f"{where}: give a description (what an element holds, its units and layout)")
+
+    def metadata(self) -> dict:
+        """The tensor as Open Inference Protocol model metadata lists it."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
 class ModelSpec(abc.ABC):
-    """One model family. Subclasses set `name`, `library_packages` and the hooks below."""
+    """One model family. Subclasses set `name`, `usage`, `library_packages` and the hooks below.
+
+    A new family is one module with a subclass plus one registration under its `name` (the
+    registry's table, the `autobatch.models` entry-point group, or $AUTOBATCH_MODELS; see
+    deployments/registry.py); nothing in serve/, the clients or the benchmarks names a family."""
 
     name: ClassVar[str]
+    # One line for a person reading GET <route>/: what to POST on the simple route, what comes back.
+    usage: ClassVar[str]
     # The packages whose versions change memory or speed: part of the tuning cache key.
     library_packages: ClassVar[tuple[str, ...]] = ("torch",)
     # A whole batch's compute must fit this unless the deployment says otherwise.
@@ -104,3 +156,33 @@ class ModelSpec(abc.ABC):
 
     def encode(self, output: Any) -> dict:
         return output
+
+    # --- the wire format (cheap: no model is loaded)
+    @abc.abstractmethod
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """What a request carries, as Open Inference Protocol tensors (first dimension: samples)."""
+
+    @abc.abstractmethod
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """What the answer carries per sample, as Open Inference Protocol tensors."""
+
+    @classmethod
+    @abc.abstractmethod
+    def example_payload(cls, max_new_tokens: int | None = None) -> tuple[bytes, str]:
+        """One request body for the simple POST route and its content type: what `autobatch bench`
+        sends when told nothing else. Made in code (no file). `max_new_tokens`: for a model that
+        generates, the tokens the example asks for (None: the deployment's default); others ignore it."""
+
+
+def check_wire_format(spec: ModelSpec) -> None:
+    """A spec's declarations are usable: a usage line, at least one input and one output, unique
+    names. The tensors check themselves when made. SpecConfigError says what to fix."""
+    usage = getattr(type(spec), "usage", None)
+    if not isinstance(usage, str) or not usage.strip():
+        raise SpecConfigError(f"{type(spec).__name__} sets no `usage`; give one line saying what to POST and what comes back")
+    for kind, tensors in (("inputs", spec.inputs()), ("outputs", spec.outputs())):
+        if not tensors or not all(isinstance(t, TensorSpec) for t in tensors):
+            raise SpecConfigError(f"{type(spec).__name__}.{kind}() must return one or more TensorSpec, got {tensors!r}")
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise SpecConfigError(f"{type(spec).__name__}.{kind}() names a tensor twice: {names}")

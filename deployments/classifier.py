@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from .base import ModelSpec, SpecConfigError, torch_dtype
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg
 
 
 def top_k(probabilities, k: int, categories: list[str] | None) -> list[list[dict]]:
@@ -49,6 +49,8 @@ def crop_extreme_aspect(image):
 
 
 class TorchvisionClassifierSpec(ModelSpec):
+    usage: ClassVar[str] = ("POST one image (JPEG, PNG or WebP bytes); the answer is its top-k classes, "
+                            "best first, each with its class id and softmax score")
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision")
     builder_name: ClassVar[str]  # torchvision.models.<builder_name>
     weights_enum: ClassVar[str]  # torchvision.models.<weights_enum>, for transforms and categories
@@ -84,6 +86,18 @@ class TorchvisionClassifierSpec(ModelSpec):
 
     def input_signature(self) -> dict:
         return {"image": [3, self.crop_size, self.crop_size]}
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return IMAGE_INPUTS
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        k = self.top_k
+        return (TensorSpec("scores", "FP32", (-1, k), f"per sample the {k} highest softmax scores, best first"),
+                TensorSpec("class_ids", "INT64", (-1, k), f"per sample the class ids of `scores`, in the same order"))
+
+    @classmethod
+    def example_payload(cls, max_new_tokens: int | None = None) -> tuple[bytes, str]:
+        return example_jpeg(), "image/jpeg"
 
     def load(self, device: str, dtype: str):
         import torch

@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from .base import PayloadError
+from .base import PayloadError, TensorSpec
 
 
 def _pillow_open():
@@ -28,6 +28,14 @@ _PIL_OPEN = _pillow_open()
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+# The inputs of every image model here: one image per sample, encoded or as pixels.
+IMAGE_INPUTS = (
+    TensorSpec("images", "BYTES", (-1,), "one encoded image per sample: JPEG, PNG or WebP file bytes; "
+               "send this or `pixels`", optional=True),
+    TensorSpec("pixels", "UINT8", (-1, -1, -1, 3), "decoded images as height x width x RGB, one per "
+               "sample, every sample of a request the same size; send this or `images`", optional=True),
+)
 
 
 def _describe(payload: bytes, content_type: str | None) -> str:
@@ -81,3 +89,18 @@ def decode_image(
             422,
         ) from None
     return image.convert("RGB")
+
+
+def example_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
+    """A real JPEG made in code: gradients plus noise, so it compresses like a photo, not like a
+    flat colour. 640x480 by default, the size `autobatch bench` has always sent."""
+    import numpy as np
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), (x + y) % 256], -1).astype(np.uint8)
+    pixels = np.clip(pixels.astype(int) + rng.integers(-20, 20, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()

@@ -28,13 +28,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, file_identity, torch_dtype
+from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, file_identity, torch_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
-TOKENIZER_LAYOUT = "bytes256+bos+eos+pad/v1"  # part of the synthetic folder's hash
+from .byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_LAYOUT, build_byte_tokenizer  # noqa: F401
 
 # Every Linear dimension a multiple of 64: bitsandbytes' CPU 4-bit kernels work in blocks of 64.
 SYNTHETIC_CONFIGS: dict[str, dict] = {
@@ -49,6 +47,7 @@ CONFIG_ENV = "AUTOBATCH_LLAMA_CONFIG"
 CACHE_ENV = "AUTOBATCH_MODEL_CACHE"
 MARKER = "autobatch-synthetic.json"
 ALLOWED_KEYS = ("prompt", "max_new_tokens")
+EXAMPLE_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
 @dataclass
@@ -67,32 +66,6 @@ def default_model_cache_dir() -> str:
         return os.environ[CACHE_ENV]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "autobatch", "models")
-
-
-def build_byte_tokenizer():
-    """A byte-level tokenizer made in code: ids 0-255 are the bytes, then BOS, EOS, PAD. Lossless for
-    any UTF-8 text; ids the model may emit beyond these decode to nothing."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    byte_to_char, extra = {}, 0
-    for b in range(256):  # GPT-2's byte -> printable character map, as ByteLevel expects
-        if b in printable:
-            byte_to_char[b] = chr(b)
-        else:
-            byte_to_char[b] = chr(256 + extra)
-            extra += 1
-    vocab = {byte_to_char[b]: b for b in range(256)}
-    vocab.update({BOS: BOS_ID, EOS: EOS_ID, PAD: PAD_ID})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (BOS, EOS, PAD)])
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                       special_tokens=[(BOS, BOS_ID)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   padding_side="left", model_max_length=10**9)
 
 
 def trim_completion(tokens: list[int], max_new_tokens: int, eos_ids) -> tuple[list[int], str]:
@@ -115,6 +88,8 @@ def _count_linear4bit(model) -> int:
 
 class LlamaInt4Spec(ModelSpec):
     name: ClassVar[str] = "llama_int4"
+    usage: ClassVar[str] = ('POST JSON {"prompt": "<text>", "max_new_tokens": <optional>}; the answer is the greedy '
+                            "continuation with its token counts and why it stopped")
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers")
     # A batch is a whole generation (prefill + up to max_new_tokens steps): seconds, not milliseconds.
     default_latency_budget_s: ClassVar[float] = 10.0
@@ -176,6 +151,19 @@ class LlamaInt4Spec(ModelSpec):
         if self.weights_path:
             return f"{self.weights_path} (NF4 4-bit)"
         return f"synthetic: Llama '{self.config_name}' config with random weights, NF4 4-bit (nothing downloaded)"
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("text_input", "BYTES", (-1,), "one UTF-8 prompt per sample"),
+                TensorSpec("max_tokens", "INT32", (-1,), f"tokens to generate per sample, 1..{self.max_new_tokens} "
+                           f"(INT64 accepted too); left out: {self.default_new_tokens}", optional=True))
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("text_output", "BYTES", (-1,), "the generated continuation per sample, UTF-8, prompt not repeated"),)
+
+    @classmethod
+    def example_payload(cls, max_new_tokens: int | None = None) -> tuple[bytes, str]:
+        body = {"prompt": EXAMPLE_PROMPT} if max_new_tokens is None else {"prompt": EXAMPLE_PROMPT, "max_new_tokens": int(max_new_tokens)}
+        return json.dumps(body).encode(), "application/json"
 
     # --- weights
     def synthetic_folder(self) -> str:

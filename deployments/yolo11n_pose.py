@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, torch_dtype
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg
 
 ARCHITECTURE_YAML = "yolo11n-pose.yaml"  # packaged with ultralytics; the 'n' scale comes from the name
 NUM_KEYPOINTS = 17
@@ -130,6 +130,8 @@ def scale_keypoints(keypoints, gain: tuple[float, float], pad: tuple[float, floa
 # ---------------------------------------------------------------- the spec
 class YOLO11nPoseSpec(ModelSpec):
     name: ClassVar[str] = "yolo11n_pose"
+    usage: ClassVar[str] = ("POST one image (JPEG, PNG or WebP bytes); the answer is each detected person's box, "
+                            "score and 17 COCO keypoints (x, y, confidence), in the image's own pixels")
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision", "ultralytics", "opencv-python")
     default_latency_budget_s: ClassVar[float] = 0.5
 
@@ -169,6 +171,24 @@ class YOLO11nPoseSpec(ModelSpec):
 
     def input_signature(self) -> dict:
         return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det, "max_candidates": self.max_candidates}
+
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return IMAGE_INPUTS
+
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        # One row per sample; detections padded to the most any sample of the request has (Triton's
+        # usual layout for variable detections), so `count` says how many rows of each are real.
+        padded = (f"padded with zeros to the largest detection count in the request (at most {self.max_det}); "
+                  f"the first count[i] rows of sample i are its detections, best score first")
+        return (TensorSpec("boxes", "FP32", (-1, -1, 4), f"person boxes as x1, y1, x2, y2 in the image's pixels, {padded}"),
+                TensorSpec("scores", "FP32", (-1, -1), f"each box's confidence in [0, 1], {padded}"),
+                TensorSpec("keypoints", "FP32", (-1, -1, NUM_KEYPOINTS, 3),
+                           f"per box the {NUM_KEYPOINTS} COCO keypoints as x, y (image pixels), confidence, {padded}"),
+                TensorSpec("count", "INT64", (-1,), "detections per sample: how many rows of boxes, scores and keypoints are real"))
+
+    @classmethod
+    def example_payload(cls, max_new_tokens: int | None = None) -> tuple[bytes, str]:
+        return example_jpeg(), "image/jpeg"
 
     # --- load
     def _build(self):

@@ -16,9 +16,10 @@ OOM = "oom"
 OVER_MEMORY = "over_memory"  # ran, but its peak exceeded the memory budget
 OVER_LATENCY = "over_latency"  # ran, but one batch took longer than the latency budget
 PREDICTED = "predicted"  # not run: the memory fit predicted it over budget
+OUTCOMES = (OK, OOM, OVER_MEMORY, OVER_LATENCY, PREDICTED)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeResult:
     batch_size: int
     outcome: str
@@ -83,17 +84,18 @@ def probe(
         return ProbeResult(batch_size, OOM, peak_bytes=None, predicted_bytes=predicted_bytes)
     meter.cleanup()
     latency = statistics.median(latencies)
-    result = ProbeResult(
+    if peak > memory_budget_bytes:
+        outcome = OVER_MEMORY
+    elif latency_budget_s is not None and latency > latency_budget_s:
+        outcome = OVER_LATENCY
+    else:
+        outcome = OK
+    return ProbeResult(
         batch_size,
-        OK,
+        outcome,
         peak_bytes=int(peak),
         latency_s=latency,
         throughput=batch_size / latency if latency > 0 else float("inf"),
         predicted_bytes=predicted_bytes,
         repeats=len(latencies),
     )
-    if peak > memory_budget_bytes:
-        result.outcome = OVER_MEMORY
-    elif latency_budget_s is not None and latency > latency_budget_s:
-        result.outcome = OVER_LATENCY
-    return result

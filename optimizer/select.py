@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from .probe import ProbeResult
+from .wait import batch_wait_timeout_s  # noqa: F401 - the wait's rule lives in wait.py; re-exported for tune.py until it imports from there
 
 
 @dataclass(frozen=True)
@@ -83,87 +84,3 @@ def next_knee_probe(
     middle = int(round(math.sqrt(lower * chosen.batch_size)))
     middle = min(max(middle, lower + 1), chosen.batch_size - 1)
     return None if middle in measured else middle
-
-
-def batch_wait_timeout_s(
-    serve_latency_s: float,
-    latency_budget_s: float | None,
-    batch1_latency_s: float,
-    batch1_throughput: float,
-    serve_throughput: float,
-    fraction: float = 0.5,
-) -> float:
-    """How long a partial batch waits for more requests before it runs.
-
-    Waiting pays only while requests arrive faster than batch 1 can serve them; at such a rate
-    the next one comes within one batch-1 compute time, so that is the most worth waiting. It is
-    scaled by what batching gains (1 - batch-1 throughput / serving throughput): a CPU whose
-    throughput is flat in the batch gains nothing by waiting, a GPU nearly all of it. A request's
-    latency is at most its wait plus the batch's compute, so the wait never spends more than a
-    `fraction` of what the budget leaves after the compute. (Measured on a CPU: a wait of one
-    serving batch's compute, 82 ms, halved a lone client's throughput against Ray's 10 ms default.)
-    A serving replica calls this again with the latencies scaled to what its batches really take
-    (serve/served_latency.py): the tuning times the worst case, alone on the device.
-    """
-    gain = 0.0 if serve_throughput <= 0 else max(0.0, 1.0 - batch1_throughput / serve_throughput)
-    wait = batch1_latency_s * gain
-    if latency_budget_s is not None:
-        wait = min(wait, fraction * max(0.0, latency_budget_s - serve_latency_s))
-    return max(0.0, wait)
-
-
-def wait_from_arrivals(
-    ceiling_s: float,
-    batches: list[tuple[float, float, float]],
-    limit_s: float | None = None,
-    floor_s: float = 0.001,
-    margin: float = 3.0,
-    reach: float = 0.8,
-    held_fraction: float = 0.25,
-    held_min_s: float = 0.005,
-) -> tuple[float, str]:
-    """How long to wait, from how the requests of recent batches arrived.
-
-    `batch_wait_timeout_s` gives the most worth waiting on an idle device (`ceiling_s`); whether
-    anyone arrives in that window is the clients' doing. `batches` are (spread_s, held_s, wait_s)
-    of recent batches that were not full (serve/served_latency.py's ArrivalLog):
-    - Formed batches sat waiting for a busy device (the median batch: longer than a quarter of its
-      wait and 5 ms, so that the event loop's own delay does not count):
-      Ray Serve closes a batch at its wait even while the device is busy, so a wait shorter than
-      a batch splits the queue into a convoy of small batches (4 closed-loop clients on the CPU
-      Llama: batches of 1.0 at a 61 ms wait behind 90 ms batches). The time they sat was free, so
-      the wait grows to what the median batch had anyway, up to `limit_s` (the latency budget's).
-    - Arrivals reach the end of the window (in the 90th-percentile batch they spread over more
-      than `reach` of its wait): more may come after it, so the ceiling.
-    - Otherwise the window's tail catches no one: `margin` x the 90th-percentile spread, at least
-      `floor_s`. A lone client's batches of one spread over 0 s, so it waits `floor_s`, not the
-      8B Llama's 1.8 s; 8 clients answered together land within ~50 ms and wait ~150 ms.
-    BentoML's adaptive batching likewise waits only while the next request is expected soon.
-    Returns the wait and why, for the log.
-    """
-    if ceiling_s <= 0 or not batches:
-        return max(0.0, ceiling_s), "the rule's wait (no arrivals to learn from)"
-
-    def p(values, q):
-        values = sorted(values)
-        return values[min(len(values) - 1, int(q * len(values)))]
-
-    n = len(batches)
-    held_until_s = p((w + h for _, h, w in batches), 0.5)
-    if p((h - max(held_fraction * w, held_min_s) for _, h, w in batches), 0.5) > 0:
-        wait_s = max(ceiling_s, held_until_s)
-        if limit_s is not None:
-            wait_s = min(wait_s, limit_s)
-        return wait_s, (f"formed batches sat for a busy device after their wait (median of {n}: "
-                        f"{held_until_s * 1e3:.1f} ms from the first request to the run), so waiting that long is "
-                        f"free; at least the rule's {ceiling_s * 1e3:.1f} ms"
-                        + (f", at most the budget's {limit_s * 1e3:.1f} ms" if limit_s is not None else ""))
-    spread_s = p((s for s, _, _ in batches), 0.9)
-    used = p(((s / w) if w > 0 else (1.0 if s > 0 else 0.0) for s, _, w in batches), 0.9)
-    if used > reach:
-        return ceiling_s, (f"requests arrived until the end of the wait (90th percentile of {n} batches: "
-                           f"{used:.0%} of it), so the rule's {ceiling_s * 1e3:.1f} ms")
-    wait_s = min(ceiling_s, max(floor_s, margin * spread_s))
-    return wait_s, (f"the requests of a batch arrived within {spread_s * 1e3:.1f} ms of each other (90th percentile "
-                    f"of {n} batches, {used:.0%} of the wait), so {margin:g}x that, at least {floor_s * 1e3:g} ms, "
-                    f"at most the rule's {ceiling_s * 1e3:.1f} ms")

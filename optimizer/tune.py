@@ -1,8 +1,12 @@
-"""autobatch(): the whole decision in one function that logs every number it decided on.
+"""The decision: `tune_on` measures and decides, `autobatch` finds or stores what it decided.
 
-cache lookup -> (miss) load the model, measure the base, search the max safe batch, sharpen the
-throughput knee, select the batch to serve and its wait -> save -> return one result dict (the
-same fields as `autobatch tune --json` and the serve app's GET /<route>/tuning).
+`tune_on(prober)`: search the max safe batch, sharpen the throughput knee, select the batch to
+serve and its wait, logging every number it decided on -> a `Tuning`. Pure: it runs the probes it
+is handed and nothing else (no cache, no lock, no model loading), so tests and benchmarks call it
+on a simulated device or a loaded model.
+`autobatch(model)`: cache lookup -> (miss) take the device's tuning lock, load the model, measure
+the base, `tune_on` -> save -> the `Tuning` (what `autobatch tune --json` and the serve app's
+GET /<route>/tuning show).
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ from filelock import FileLock
 from .cache import TuningCache, cache_key
 from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerprint, make_meter, package_version,
                       resolve_device_kind)
+from .model import ExampleBatches, TunableModel
 from .probe import PREDICTED, ProbeResult
 from .search import Prober, find_max_safe_batch
 from .select import batch_wait_timeout_s, next_knee_probe, select_serve_batch
+from .tuning import CACHED, MEASURED, DeviceInfo, MemoryFit, Tuning
 
 log = logging.getLogger("autobatch")
 
@@ -72,7 +78,7 @@ class Resolved:
     latency_budget_s: float
     settings: TuningSettings
 
-    def key_fields(self, spec) -> dict:
+    def key_fields(self, spec: TunableModel) -> dict:
         return {
             "autobatch": package_version("autobatch"),
             "device": self.fingerprint.cache_fields(),
@@ -87,7 +93,7 @@ class Resolved:
         }
 
 
-def resolve(spec, settings: TuningSettings, device_fingerprint: DeviceFingerprint | None = None) -> Resolved:
+def resolve(spec: TunableModel, settings: TuningSettings, device_fingerprint: DeviceFingerprint | None = None) -> Resolved:
     settings.validate()
     if device_fingerprint is None:
         kind = resolve_device_kind(settings.device)
@@ -129,8 +135,89 @@ def tuning_lock(fp: DeviceFingerprint) -> FileLock:
     return FileLock(os.path.join(folder, f"{name}.lock"))
 
 
+def tune_on(
+    prober: Prober,
+    settings: TuningSettings | None = None,
+    *,
+    model: str = "model",
+    weights: str = "unknown",
+    dtype: str = "unknown",
+    say: Callable[[str], None] | None = None,
+    started_at_s: float | None = None,
+) -> Tuning:
+    """The max safe batch and the batch to serve, measured through `prober`, as a `Tuning`.
+
+    The prober holds the budgets, the base memory, the warm-up and the repeats; `settings` adds
+    max_batch, margin and knee_fraction. `model`, `weights` and `dtype` only label the result.
+    `started_at_s` (time.perf_counter()) is when the tuning's clock started: `autobatch` starts it
+    before loading the model, so `tuning_s` is what a replica waited for.
+    """
+    settings = settings or TuningSettings()
+    say = say or log.info
+    started = time.perf_counter() if started_at_s is None else started_at_s
+    fp = prober.meter.fingerprint
+    latency_budget_s = prober.latency_budget_s
+    latency_text = "none" if latency_budget_s is None else f"{latency_budget_s * 1e3:.0f} ms per batch"
+    say(f"autobatch: {model} on {fp.label} ({_gib(fp.total_memory_bytes)}), {dtype}; "
+        f"memory budget {_gib(prober.memory_budget_bytes)} (base with model loaded {_gib(prober.base_bytes)}), "
+        f"latency budget {latency_text}, max batch {settings.max_batch}, guard margin {settings.margin:.0%}")
+    search = find_max_safe_batch(prober, max_batch=settings.max_batch, margin=settings.margin, model_name=model)
+    search_probes = sum(p.ran for p in prober.probes)
+    for note in search.notes:
+        say(f"autobatch: {note}")
+
+    for _ in range(MAX_KNEE_PROBES):  # sharpen the knee between the sizes the search measured
+        size = next_knee_probe(prober.probes, search.max_safe_batch, latency_budget_s, settings.knee_fraction)
+        if size is None:
+            break
+        prober.run(size)
+    chosen = select_serve_batch(prober.probes, search.max_safe_batch, latency_budget_s, settings.knee_fraction)
+    first = prober.by_size(1)
+    wait_s = batch_wait_timeout_s(chosen.latency_s, latency_budget_s, first.latency_s or 0.0,
+                                  first.throughput or 0.0, chosen.throughput)
+    tuning_s = time.perf_counter() - started
+    fit = search.memory_fit
+    gain = max(0.0, 1 - (first.throughput or 0) / chosen.throughput) if chosen.throughput else 0
+    decision = (f"max safe batch {search.max_safe_batch} (bounded by {search.stopped_by}); serving batch "
+                f"{chosen.batch_size}: {chosen.reason}; batch wait {wait_s * 1e3:.1f} ms "
+                f"(batch 1's {(first.latency_s or 0) * 1e3:.1f} ms compute x the {gain:.0%} "
+                f"that batching saves, at most half the budget left after {chosen.latency_s * 1e3:.1f} ms of compute)")
+    say(f"autobatch: {decision}")
+    if fit is not None:
+        say(f"autobatch: memory fit {_gib(fit.intercept)} + {fit.slope / 2**20:.2f} MiB per sample")
+    tuning = Tuning(
+        model=model,
+        weights=weights,
+        device=DeviceInfo.of(fp),
+        dtype=dtype,
+        memory_budget_bytes=prober.memory_budget_bytes,
+        latency_budget_s=latency_budget_s,
+        max_batch=settings.max_batch,
+        max_safe_batch=search.max_safe_batch,
+        batch_size=chosen.batch_size,
+        batch_wait_timeout_s=wait_s,
+        serve_latency_s=chosen.latency_s,
+        serve_throughput=chosen.throughput,
+        batch1_throughput=first.throughput if first and first.throughput else None,
+        stopped_by=search.stopped_by,
+        decision=decision,
+        notes=tuple(search.notes),
+        base_bytes=prober.base_bytes,
+        memory_fit=MemoryFit(fit.intercept, fit.slope) if fit else None,
+        probes=tuple(prober.probes),
+        search_probe_count=search_probes,
+        oom_events=search.oom_events,
+        predicted_skips=search.predicted_skips,
+        tuning_s=tuning_s,
+        tuned_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    say(f"autobatch: {tuning.probe_count} probes ({search_probes} in the search), "
+        f"{search.oom_events} OOMs, {search.predicted_skips} predicted skips, {tuning_s:.1f} s")
+    return tuning
+
+
 def autobatch(
-    spec,
+    spec: TunableModel,
     settings: TuningSettings | None = None,
     *,
     cache: TuningCache | None = None,
@@ -139,7 +226,7 @@ def autobatch(
     run_batch: Callable[[int], None] | None = None,
     say: Callable[[str], None] | None = None,
     loaded: bool = False,
-) -> dict:
+) -> Tuning:
     """Find the max safe batch and the batch to serve for `spec` here, or take them from the cache.
 
     `meter`/`run_batch` replace the real device and model (the simulated device in tests);
@@ -152,19 +239,19 @@ def autobatch(
     key = cache_key(key_fields)
     fp = resolved.fingerprint
     if cache is not None and not force:
-        hit = cache.get(key_fields)
+        hit = cache.get_trusted(key_fields)
         if hit is not None:
             say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}): max safe batch "
-                f"{hit['max_safe_batch']}, serving batch {hit['batch_size']}")
-            return {**hit, "cache": "hit", "key": key}
+                f"{hit.max_safe_batch}, serving batch {hit.batch_size}")
+            return hit.with_source(CACHED, key)
 
     with tuning_lock(fp):
         if cache is not None and not force:  # another replica on this device may have just tuned it
-            hit = cache.get(key_fields)
+            hit = cache.get_trusted(key_fields)
             if hit is not None:
                 say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for another "
-                    f"tuning on this device: serving batch {hit['batch_size']}")
-                return {**hit, "cache": "hit", "key": key}
+                    f"tuning on this device: serving batch {hit.batch_size}")
+                return hit.with_source(CACHED, key)
         started = time.perf_counter()
         if meter is None:
             meter = make_meter(resolved.kind, settings.device_index)
@@ -172,80 +259,18 @@ def autobatch(
             if not loaded:
                 say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
                 spec.load(meter.torch_device, resolved.dtype)
-            batches: dict[int, list] = {}
-
-            def run_batch(n: int) -> None:
-                if n not in batches:
-                    batches.clear()  # hold one example batch at a time: its memory is part of the probe
-                    batches[n] = spec.example_batch(n)
-                spec.predict(batches[n])
-
+            run_batch = ExampleBatches(spec)
         meter.cleanup()
-        base_bytes = meter.current_bytes()
-        say(f"autobatch: {spec.name} on {fp.label} ({_gib(fp.total_memory_bytes)}), {resolved.dtype}; "
-            f"memory budget {_gib(resolved.memory_budget_bytes)} (base with model loaded {_gib(base_bytes)}), "
-            f"latency budget {resolved.latency_budget_s * 1e3:.0f} ms per batch, max batch {settings.max_batch}, "
-            f"guard margin {settings.margin:.0%}")
         prober = Prober(run_batch, meter, memory_budget_bytes=resolved.memory_budget_bytes,
-                        latency_budget_s=resolved.latency_budget_s, base_bytes=base_bytes,
+                        latency_budget_s=resolved.latency_budget_s, base_bytes=meter.current_bytes(),
                         warmup=settings.warmup, repeats=settings.repeats,
                         on_probe=lambda p: say(describe_probe(p)))
-        search = find_max_safe_batch(prober, max_batch=settings.max_batch, margin=settings.margin, model_name=spec.name)
-        search_probes = sum(p.ran for p in prober.probes)
-        for note in search.notes:
-            say(f"autobatch: {note}")
+        tuning = tune_on(prober, settings, model=spec.name, weights=spec.weights_description(),
+                         dtype=resolved.dtype, say=say, started_at_s=started)
 
-        for _ in range(MAX_KNEE_PROBES):  # sharpen the knee between the sizes the search measured
-            size = next_knee_probe(prober.probes, search.max_safe_batch, resolved.latency_budget_s, settings.knee_fraction)
-            if size is None:
-                break
-            prober.run(size)
-        chosen = select_serve_batch(prober.probes, search.max_safe_batch, resolved.latency_budget_s, settings.knee_fraction)
-        first = prober.by_size(1)
-        wait_s = batch_wait_timeout_s(chosen.latency_s, resolved.latency_budget_s, first.latency_s or 0.0,
-                                      first.throughput or 0.0, chosen.throughput)
-        tuning_s = time.perf_counter() - started
-        fit = search.memory_fit
-        decision = (f"max safe batch {search.max_safe_batch} (bounded by {search.stopped_by}); serving batch "
-                    f"{chosen.batch_size}: {chosen.reason}; batch wait {wait_s * 1e3:.1f} ms "
-                    f"(batch 1's {(first.latency_s or 0) * 1e3:.1f} ms compute x the {max(0.0, 1 - (first.throughput or 0) / chosen.throughput) if chosen.throughput else 0:.0%} "
-                    f"that batching saves, at most half the budget left after {chosen.latency_s * 1e3:.1f} ms of compute)")
-        say(f"autobatch: {decision}")
-        if fit is not None:
-            say(f"autobatch: memory fit {_gib(fit.intercept)} + {fit.slope / 2**20:.2f} MiB per sample")
-        say(f"autobatch: {sum(p.ran for p in prober.probes)} probes ({search_probes} in the search), "
-            f"{search.oom_events} OOMs, {search.predicted_skips} predicted skips, {tuning_s:.1f} s")
-
-    result = {
-        "model": spec.name,
-        "weights": spec.weights_description(),
-        "device": {"kind": fp.kind, "name": fp.name, "total_memory_bytes": fp.total_memory_bytes, "label": fp.label},
-        "dtype": resolved.dtype,
-        "memory_budget_bytes": resolved.memory_budget_bytes,
-        "latency_budget_s": resolved.latency_budget_s,
-        "max_batch": settings.max_batch,
-        "max_safe_batch": search.max_safe_batch,
-        "batch_size": chosen.batch_size,
-        "batch_wait_timeout_s": wait_s,
-        "serve_latency_s": chosen.latency_s,
-        "serve_throughput": chosen.throughput,
-        "batch1_throughput": first.throughput if first and first.throughput else None,
-        "stopped_by": search.stopped_by,
-        "decision": decision,
-        "notes": search.notes,
-        "base_bytes": base_bytes,
-        "memory_fit": {"intercept_bytes": fit.intercept, "per_sample_bytes": fit.slope} if fit else None,
-        "probes": [p.to_dict() for p in prober.probes],
-        "probe_count": sum(p.ran for p in prober.probes),
-        "search_probe_count": search_probes,
-        "oom_events": search.oom_events,
-        "predicted_skips": search.predicted_skips,
-        "tuning_s": tuning_s,
-        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
     if cache is not None:
-        cache.put(key_fields, result)
-    return {**result, "cache": "miss", "key": key}
+        cache.put(key_fields, tuning)
+    return tuning.with_source(MEASURED, key)
 
 
-__all__ = ["autobatch", "TuningSettings", "SettingsError", "DeviceUnavailable", "resolve"]
+__all__ = ["autobatch", "tune_on", "TuningSettings", "SettingsError", "DeviceUnavailable", "resolve", "Tuning"]

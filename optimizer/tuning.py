@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .probe import ProbeResult
+from .probe import OUTCOMES, ProbeResult
 
 # Where a Tuning came from: measured in this process, or read from the tuning cache.
 MEASURED = "miss"
@@ -34,6 +34,11 @@ class DeviceInfo:
     total_memory_bytes: int
     label: str
 
+    @classmethod
+    def of(cls, fingerprint) -> "DeviceInfo":
+        """From an optimizer.devices.DeviceFingerprint (the cache key's fuller record of the device)."""
+        return cls(fingerprint.kind, fingerprint.name, fingerprint.total_memory_bytes, fingerprint.label)
+
 
 @dataclass(frozen=True)
 class MemoryFit:
@@ -45,12 +50,14 @@ class MemoryFit:
 
 @dataclass(frozen=True)
 class Tuning:
+    """The max safe batch, the batch to serve and its wait, with every probe that led to them."""
+
     model: str
     weights: str
     device: DeviceInfo
     dtype: str
     memory_budget_bytes: int
-    latency_budget_s: float
+    latency_budget_s: float | None  # per batch; None only from tune_on with no latency bound
     max_batch: int  # the largest size the search was allowed to try
     max_safe_batch: int  # the largest size measured within both budgets
     batch_size: int  # the size to serve (the throughput knee within the latency budget)
@@ -112,11 +119,13 @@ class Tuning:
             device = data["device"]
             if not isinstance(device, dict):
                 raise TuningFormatError("device must be an object")
-            fit = data.get("memory_fit")
+            fit = data["memory_fit"]
             probes = data["probes"]
-            notes = data.get("notes") or []
+            notes = data["notes"]
             if not isinstance(probes, list) or not isinstance(notes, list):
                 raise TuningFormatError("probes and notes must be lists")
+            if not all(isinstance(n, str) for n in notes):
+                raise TuningFormatError(f"notes must be strings, got {notes!r}")
             values = {
                 "model": _typed(data, "model", str),
                 "weights": _typed(data, "weights", str),
@@ -125,7 +134,7 @@ class Tuning:
                                      label=_typed(device, "label", str)),
                 "dtype": _typed(data, "dtype", str),
                 "memory_budget_bytes": _typed(data, "memory_budget_bytes", int),
-                "latency_budget_s": _typed(data, "latency_budget_s", float),
+                "latency_budget_s": _typed(data, "latency_budget_s", float, optional=True),
                 "max_batch": _typed(data, "max_batch", int),
                 "max_safe_batch": _typed(data, "max_safe_batch", int),
                 "batch_size": _typed(data, "batch_size", int),
@@ -135,7 +144,7 @@ class Tuning:
                 "batch1_throughput": _typed(data, "batch1_throughput", float, optional=True),
                 "stopped_by": _typed(data, "stopped_by", str),
                 "decision": _typed(data, "decision", str),
-                "notes": tuple(str(n) for n in notes),
+                "notes": tuple(notes),
                 "base_bytes": _typed(data, "base_bytes", int),
                 "memory_fit": None if fit is None else MemoryFit(_typed(fit, "intercept_bytes", float),
                                                                  _typed(fit, "per_sample_bytes", float)),
@@ -183,14 +192,17 @@ def _typed(data: Any, name: str, kind: type, optional: bool = False):
 def _probe(data: Any) -> ProbeResult:
     if not isinstance(data, dict):
         raise TuningFormatError(f"a probe must be an object, got {data!r}")
+    outcome = _typed(data, "outcome", str)
+    if outcome not in OUTCOMES:
+        raise TuningFormatError(f"probe outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     return ProbeResult(
         batch_size=_typed(data, "batch_size", int),
-        outcome=_typed(data, "outcome", str),
-        peak_bytes=_typed(data, "peak_bytes", int, optional=True) if "peak_bytes" in data else None,
-        latency_s=_typed(data, "latency_s", float, optional=True) if "latency_s" in data else None,
-        throughput=_typed(data, "throughput", float, optional=True) if "throughput" in data else None,
-        predicted_bytes=_typed(data, "predicted_bytes", int, optional=True) if "predicted_bytes" in data else None,
-        repeats=_typed(data, "repeats", int) if "repeats" in data else 0,
+        outcome=outcome,
+        peak_bytes=_typed(data, "peak_bytes", int, optional=True),
+        latency_s=_typed(data, "latency_s", float, optional=True),
+        throughput=_typed(data, "throughput", float, optional=True),
+        predicted_bytes=_typed(data, "predicted_bytes", int, optional=True),
+        repeats=_typed(data, "repeats", int),
     )
 
 

@@ -1,2 +1,4 @@
-"""Ray Serve integration: the batched deployment (deployment.py), the app builder (app.py, `serve.app:build`),
-autobatch metrics (metrics.py) and test-only fault hooks (faults.py). optimizer/ and deployments/ never import this."""
+"""Ray Serve integration: the batched deployment (deployment.py: Ray glue only; the replica's work in
+replica.py, settings.py, routes.py, stats.py, batch_runner.py, warmup.py), the app builder (app.py,
+`serve.app:build`), autobatch metrics (metrics.py) and test-only fault hooks (faults.py, behind
+AUTOBATCH_TEST_FAULTS=1). optimizer/ and deployments/ never import this."""

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.registry import model_names
 
-from .deployment import AutobatchDeployment, parse_user_config
+from .deployment import AutobatchDeployment
+from .settings import parse_user_config
 
 
 class AppArgs(BaseModel):
@@ -47,9 +48,9 @@ class AppArgs(BaseModel):
     repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
     warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
     warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
-                                       "size it may serve once (a size's first run pays its set-up, ~1 s for YOLO on an H200); 0: off")
+                                       "size it may serve once (a size's first run pays its set-up; see serve/warmup.py); 0: off")
     options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
-    user_config: dict | None = Field(None, description="initial user_config (see serve/deployment.py)")
+    user_config: dict | None = Field(None, description="initial user_config (see serve/settings.py)")
 
     @field_validator("model")
     @classmethod

@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from optimizer.stats import percentile
+
 from .client import DEFAULT_URL, make_payload, route_path
 
 DEFAULT_DURATION_S = 10.0
@@ -53,20 +55,6 @@ class BenchError(ValueError):
 
 
 # ----- statistics (pure) -----
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0 <= q <= 100) by linear interpolation between the closest ranks, the
-    definition numpy uses by default: rank (n - 1) * q / 100 of the sorted values. None when empty."""
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be between 0 and 100, got {q}")
-    if not values:
-        return None
-    xs = sorted(values)
-    rank = (len(xs) - 1) * q / 100.0
-    lo = math.floor(rank)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
-
-
 def latency_summary(latencies: Sequence[float]) -> dict:
     """count, mean, min, p50, p90, p99, max (seconds; None when there are none)."""
     if not latencies:
@@ -366,11 +354,6 @@ def run_load(load: Load, progress: bool = False) -> dict:
     return asyncio.run(_Run(load, progress).run())
 
 
-async def run_load_async(load: Load, progress: bool = False) -> dict:
-    load.validate()
-    return await _Run(load, progress).run()
-
-
 # ----- payloads -----
 def generated_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
     """A real JPEG with a pattern (no file needed): the default payload for image routes."""
@@ -393,16 +376,22 @@ DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
 def default_payloads(url: str, route: str, max_new_tokens: int | None = None, timeout: float = 30.0) -> list[tuple[bytes, str]]:
-    """Asks the route what it serves (GET /<route>/): a prompt for an LLM, else a generated JPEG."""
+    """Asks the route which model it serves (GET /<route>/) and sends that model's example payload."""
+    from deployments.base import SpecConfigError
+    from deployments.registry import spec_class
+
     model = ""
     try:
         r = httpx.get(url.rstrip("/") + route_path(route) + "/", timeout=timeout, trust_env=False)
         model = str(r.json().get("model", "")) if r.status_code == 200 else ""
     except (httpx.HTTPError, ValueError, AttributeError):
         pass
-    if "llama" in model or "llama" in route:
-        return [make_payload(DEFAULT_PROMPT, max_new_tokens=max_new_tokens)]
-    return [(generated_jpeg(), "image/jpeg")]
+    try:
+        spec = spec_class(model or route_path(route).strip("/"))
+    except SpecConfigError as exc:
+        raise BenchError(f"cannot tell which model {route_path(route)} serves ({exc}); "
+                         f"give --input FILE or --prompt TEXT") from None
+    return [spec.example_payload(max_new_tokens=max_new_tokens)]
 
 
 # ----- report -----

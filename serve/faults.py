@@ -1,4 +1,7 @@
-"""Fault injection for tests and drills, off unless a deployment's user_config names it:
+"""Fault injection for tests and drills: a deployment's user_config may name it only where the
+replica's environment sets AUTOBATCH_TEST_FAULTS=1 (the tests set it through the cluster's
+runtime_env env_vars); anywhere else a `faults` key is an error, so a production config cannot
+inject failures by mistake.
 
     user_config: {"faults": {"oom_above": 2, "poison_header": "x-autobatch-poison"}}
 
@@ -9,11 +12,17 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from optimizer.devices import SimulatedOutOfMemory
 
 KNOWN = ("oom_above", "poison_header")
+TEST_SWITCH = "AUTOBATCH_TEST_FAULTS"  # "1" in a replica's environment: user_config may inject faults
+
+
+def faults_allowed() -> bool:
+    return os.environ.get(TEST_SWITCH) == "1"
 
 
 class InjectedFault(ValueError):
@@ -29,6 +38,10 @@ class Faults:
     def from_config(cls, config: dict | None) -> "Faults":
         if not config:
             return cls()
+        if not faults_allowed():
+            raise ValueError(f"user_config 'faults' injects failures for tests and is accepted only where the "
+                             f"replica's environment sets {TEST_SWITCH}=1 (e.g. runtime_env env_vars); "
+                             f"remove 'faults' from this user_config")
         if not isinstance(config, dict):
             raise ValueError(f"user_config 'faults' must be a mapping, got {config!r}")
         unknown = sorted(set(config) - set(KNOWN))

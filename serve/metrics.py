@@ -1,7 +1,7 @@
 """Prometheus metrics that only autobatch knows, recorded inside replicas through `ray.serve.metrics`.
 
 Every name is listed once, in METRICS below; dashboards and tests should take names from here
-(`exported_names()` gives the names as Prometheus shows them). Ray exports them on each node's
+(`MetricDef.exported_name` gives a name as Prometheus shows it). Ray exports them on each node's
 metrics port with a `ray_` prefix; counters get a `_total` suffix, histograms `_bucket`, `_sum`
 and `_count`. Every series carries the tags `model` and `device` (the device fingerprint label,
 e.g. "cuda:NVIDIA H100 80GB HBM3" or "cpu:<cpu model>"), plus Ray Serve's own `deployment`,
@@ -17,6 +17,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optimizer.tuning import Tuning
 
 log = logging.getLogger("ray.serve")
 
@@ -59,7 +63,7 @@ METRICS: tuple[MetricDef, ...] = (
               "or lowered after an out-of-memory while serving."),
     MetricDef("autobatch_batch_wait_timeout_seconds", GAUGE,
               "batch_wait_timeout_s in effect on @serve.batch now: the tuned wait, re-derived while serving "
-              "from batch times and request arrivals (serve/batch_wait.py), or pinned by user_config."),
+              "from batch times and request arrivals (optimizer/wait.py), or pinned by user_config."),
     MetricDef("autobatch_memory_budget_bytes", GAUGE, "Memory budget the tuning worked within."),
     MetricDef("autobatch_latency_budget_seconds", GAUGE, "Per-batch latency budget the tuning worked within."),
     MetricDef("autobatch_tuning_seconds", GAUGE,
@@ -87,11 +91,6 @@ METRICS: tuple[MetricDef, ...] = (
 )
 
 METRICS_BY_NAME = {m.name: m for m in METRICS}
-
-
-def exported_names() -> dict[str, str]:
-    """{recorded name: name as Prometheus shows it}."""
-    return {m.name: m.exported_name for m in METRICS}
 
 
 class ReplicaMetrics:
@@ -175,19 +174,19 @@ class ReplicaMetrics:
             self._fail(exc)
 
     # --- what the deployment reports ---
-    def tuning(self, result: dict, wall_s: float) -> None:
-        self.set("autobatch_tuned_max_safe_batch", result["max_safe_batch"])
-        self.set("autobatch_tuned_batch_size", result["batch_size"])
-        self.set("autobatch_memory_budget_bytes", result["memory_budget_bytes"])
-        self.set("autobatch_latency_budget_seconds", result["latency_budget_s"])
+    def tuning(self, tuning: Tuning, wall_s: float) -> None:
+        self.set("autobatch_tuned_max_safe_batch", tuning.max_safe_batch)
+        self.set("autobatch_tuned_batch_size", tuning.batch_size)
+        self.set("autobatch_memory_budget_bytes", tuning.memory_budget_bytes)
+        self.set("autobatch_latency_budget_seconds", tuning.latency_budget_s)
         self.set("autobatch_tuning_seconds", wall_s)
-        if result.get("cache") == "hit":
+        if tuning.from_cache:
             self.inc("autobatch_cache_hits")
             return
         self.inc("autobatch_cache_misses")
-        self.inc("autobatch_tuning_probes", result.get("probe_count") or 0)
-        self.inc("autobatch_oom_events", result.get("oom_events") or 0, phase="search", kind="real")
-        self.inc("autobatch_oom_events", result.get("predicted_skips") or 0, phase="search", kind="predicted")
+        self.inc("autobatch_tuning_probes", tuning.probe_count)
+        self.inc("autobatch_oom_events", tuning.oom_events, phase="search", kind="real")
+        self.inc("autobatch_oom_events", tuning.predicted_skips, phase="search", kind="predicted")
 
     def batch_settings(self, max_batch_size: int, wait_s: float) -> None:
         self.set("autobatch_max_batch_size", max_batch_size)

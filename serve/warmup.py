@@ -1,11 +1,10 @@
 """Run every batch size a replica may serve once, before it takes traffic.
 
-The first time a process runs a batch size it pays that shape's set-up: on an H200 (torch 2.11,
-CUDA 13) YOLO11n-pose's first run at each new size took ~1 s against 9-58 ms for the runs after it,
-ViT-B/16's ~85 ms against 7-15 ms (benchmarks/new_shape_cost.py; docs/benchmarks-gpu.md). Tuning runs
-a handful of sizes; @serve.batch then forms any size from 1 to max_batch_size as traffic allows, and
-each size met for the first time is a stall that its batch, and every request queued behind it, waits
-out (p99 of 1.6 s at 8 clients where p50 was 84 ms). Warming the rest up front moves that cost into
+The first time a process runs a batch size it pays that shape's set-up (kernel selection, memory
+growth), on a GPU many times a warm run of the same size (benchmarks/new_shape_cost.py measures it;
+docs/benchmarks-gpu.md). Tuning runs a handful of sizes; @serve.batch then forms any size from 1 to
+max_batch_size as traffic allows, and each size met for the first time is a stall that its batch,
+and every request queued behind it, waits out. Warming the rest up front moves that cost into
 start-up, where no request pays it.
 
 Only for specs whose decoded samples all have one shape (ModelSpec.fixed_sample_shape): a batch's
@@ -87,10 +86,6 @@ class SizeWarmer:
         self._clock = clock
         self._warm: set[int] = set()
         self.budget_s = float(budget_s)
-
-    @property
-    def warm_sizes(self) -> frozenset[int]:
-        return frozenset(self._warm)
 
     def mark_warm(self, sizes: Iterable[int]) -> None:
         self._warm.update(int(s) for s in sizes if s and s > 0)

@@ -53,7 +53,8 @@ class ServeCluster:
         self.metrics_port = free_port()
         ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=self.metrics_port,
                  _system_config={"metrics_report_interval_ms": 1000},
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}})
+                 # AUTOBATCH_TEST_FAULTS: the tests' user_configs may inject faults (serve/faults.py)
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "AUTOBATCH_TEST_FAULTS": "1"}})
         self.http_options = {"host": "127.0.0.1", "port": self.http_port}
         self.client = serve_api.serve_start(http_options=self.http_options, proxy_location=ProxyLocation.HeadOnly)
         self.base = f"http://127.0.0.1:{self.http_port}"
@@ -127,6 +128,21 @@ class ServeCluster:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def make_tuning(**fields):
+    """A Tuning with `fields` set and placeholders elsewhere, for the Ray-free policy tests."""
+    from dataclasses import replace
+
+    from optimizer.tuning import DeviceInfo, Tuning
+
+    base = Tuning(model="test", weights="synthetic", device=DeviceInfo("cpu", "cpu", 2**34, "cpu:test"),
+                  dtype="float32", memory_budget_bytes=2**33, latency_budget_s=1.0, max_batch=64, max_safe_batch=16,
+                  batch_size=8, batch_wait_timeout_s=0.010, serve_latency_s=0.1, serve_throughput=80.0,
+                  batch1_throughput=None, stopped_by="max_batch", decision="", notes=(), base_bytes=0,
+                  memory_fit=None, probes=(), search_probe_count=0, oom_events=0, predicted_skips=0,
+                  tuning_s=0.0, tuned_at="")
+    return replace(base, **fields)
 
 
 def stats_delta(before: dict, after: dict) -> dict:

@@ -99,3 +99,30 @@ def test_new_shape_cost_parses_size_ranges_in_order():
     assert parse_sizes(["1-3", "8", "2", "16"]) == [1, 2, 3, 8, 16]
     with pytest.raises(SystemExit, match="positive batch sizes"):
         parse_sizes(["0-2"])
+
+
+def test_the_brute_force_scan_finds_the_true_maximum_from_any_hint():
+    """benchmarks/bruteforce.py, which both tuning benchmarks judge against, on the simulated device:
+    from a hint below, at or above the answer it lands exactly on the largest size that fits."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bruteforce import Measurer, brute_force
+
+    from optimizer.simulated import SimulatedDevice
+
+    MiB = 2**20
+    device = SimulatedDevice(lambda b: 1000 * MiB + 10 * MiB * b, lambda b: 0.01, capacity_bytes=64000 * MiB)
+
+    class SimulatedModel:
+        def example_batch(self, n):
+            return [0] * n
+
+        def predict(self, samples):
+            device.run(len(samples))
+            return samples
+
+    budget = 1000 * MiB + 10 * MiB * 137  # batch 137 fits exactly, 138 does not
+    for hint in (1, 100, 137, 200, 1024):
+        scan = brute_force(Measurer(SimulatedModel(), device, budget, repeats=1), hint, limit=1024)
+        assert scan["found"] == 137, (hint, scan)
+        assert scan["ooms"] == 0 and scan["probes"] >= 2
+    assert brute_force(Measurer(SimulatedModel(), device, budget, repeats=1), 90, limit=100)["found"] == 100

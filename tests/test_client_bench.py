@@ -149,7 +149,7 @@ def test_async_client_sends_together_and_they_batch(cluster, files):
 
 
 def test_client_command_prints_one_answer_per_input(cluster, files, capsys):
-    from optimizer.cli import main
+    from autobatch.cli import main
 
     assert main(["client", "r50", files["a.jpg"], files["b.png"], "--url", cluster.base]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -236,7 +236,7 @@ def test_bench_counts_transport_errors_and_stays_bounded(cluster):
 
 
 def test_bench_command_json_report(cluster, files, capsys, tmp_path):
-    from optimizer.cli import main
+    from autobatch.cli import main
 
     out = tmp_path / "report.json"
     rc = main(["bench", "--url", cluster.base, "--route", "r50", "--concurrency", "3", "--requests", "6",

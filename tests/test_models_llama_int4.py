@@ -18,8 +18,15 @@ from deployments.base import PayloadError, SpecConfigError
 from deployments.llama_int4 import (BOS_ID, EOS_ID, MARKER, SYNTHETIC_CONFIGS, LlamaInt4Spec, Prompt,
                                     build_byte_tokenizer, trim_completion)
 from deployments.testing import run_guarded_python, run_tune
+from optimizer.tuning import Tuning
 
 SMALL = dict(max_prompt_tokens=48, max_new_tokens=12)
+
+
+def tuned(model: str, tmp_path, *args, **kwargs) -> tuple[Tuning, str, list[str]]:
+    """`autobatch tune MODEL --json` (run_tune), its JSON read back as the Tuning it prints."""
+    result, stderr, network = run_tune(model, tmp_path, *args, **kwargs)
+    return Tuning.from_dict(result), stderr, network
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +244,14 @@ def test_config_errors_say_what_to_change(tmp_path):
 
 def test_autobatch_tune_llama_int4_on_cpu_end_to_end(tmp_path):
     models = tmp_path / "models"
-    result, stderr, network = run_tune("llama_int4", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "2",
-                                       "--latency-budget-ms", "60000", "--repeats", "1",
-                                       env={"AUTOBATCH_MODEL_CACHE": str(models)})
+    result, stderr, network = tuned("llama_int4", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "2",
+                                     "--latency-budget-ms", "60000", "--repeats", "1",
+                                     env={"AUTOBATCH_MODEL_CACHE": str(models)})
     assert network == [], f"network access attempted: {network}"
-    assert result["model"] == "llama_int4" and result["cache"] == "miss" and result["dtype"] == "float32"
-    assert "NF4" in result["weights"]
-    assert 1 <= result["batch_size"] <= result["max_safe_batch"] <= 2
-    assert result["probes"][0]["outcome"] == "ok"
+    assert result.model == "llama_int4" and result.cache == "miss" and result.dtype == "float32"
+    assert "NF4" in result.weights
+    assert 1 <= result.batch_size <= result.max_safe_batch <= 2
+    assert result.probes[0].outcome == "ok"
     assert [d for d in os.listdir(models) if d.startswith("llama_int4-small-")]  # the synthetic model went where asked
 
 

@@ -16,8 +16,15 @@ from deployments.base import PayloadError, SpecConfigError
 from deployments.testing import image_bytes, run_guarded_python, run_tune
 from deployments.yolo11n_pose import (NUM_KEYPOINTS, PAD_VALUE, YOLO11nPoseSpec, letterbox, nms_pose, scale_boxes,
                                       scale_keypoints, ultralytics_offline)
+from optimizer.tuning import Tuning
 
 ultralytics_offline()
+
+
+def tuned(model: str, tmp_path, *args, **kwargs) -> tuple[Tuning, str, list[str]]:
+    """`autobatch tune MODEL --json` (run_tune), its JSON read back as the Tuning it prints."""
+    result, stderr, network = run_tune(model, tmp_path, *args, **kwargs)
+    return Tuning.from_dict(result), stderr, network
 
 
 # ---------------------------------------------------------------- letterbox
@@ -235,13 +242,13 @@ def test_synthetic_model_and_worst_case_example_batch():
 
 
 def test_autobatch_tune_yolo11n_pose_on_cpu_end_to_end(tmp_path):
-    result, stderr, network = run_tune("yolo11n_pose", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "4",
-                                       "--latency-budget-ms", "30000", "--repeats", "1")
+    result, stderr, network = tuned("yolo11n_pose", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "4",
+                                     "--latency-budget-ms", "30000", "--repeats", "1")
     assert network == [], f"network access attempted: {network}"
-    assert result["model"] == "yolo11n_pose" and result["cache"] == "miss"
-    assert 1 <= result["batch_size"] <= result["max_safe_batch"] <= 4
-    assert all(p["outcome"] in ("ok", "over_latency", "over_memory", "oom", "predicted") for p in result["probes"])
-    assert result["probes"][0]["outcome"] == "ok"
+    assert result.model == "yolo11n_pose" and result.cache == "miss"
+    assert 1 <= result.batch_size <= result.max_safe_batch <= 4
+    assert all(p.outcome in ("ok", "over_latency", "over_memory", "oom", "predicted") for p in result.probes)
+    assert result.probes[0].outcome == "ok"
 
 
 def test_the_spec_keeps_ultralytics_offline_even_without_the_env_vars(tmp_path):

@@ -8,14 +8,18 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from dataclasses import replace
+
+from tuning_samples import simulated_tuning
 
 from optimizer.cache import TuningCache, cache_key
 from optimizer.devices import DeviceFingerprint
 from optimizer.tune import Resolved, TuningSettings
+from optimizer.tuning import Tuning
 
 KEY = {"device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "total_memory_bytes": 85 * 2**30},
        "model": {"model": "resnet50"}, "dtype": "float16", "memory_budget_bytes": 2**31}
-RESULT = {"model": "resnet50", "max_safe_batch": 256, "batch_size": 64}
+RESULT = simulated_tuning("resnet50", max_safe_batch=256, batch_size=64)
 
 
 def test_hit_after_put_and_miss_on_any_changed_field(tmp_path):
@@ -100,7 +104,7 @@ def test_an_entry_whose_stored_fields_differ_is_never_returned(tmp_path):
 def _writer(path: str, worker: int, count: int) -> None:
     cache = TuningCache(path)
     for i in range(count):
-        cache.put({**KEY, "worker": worker, "i": i}, {**RESULT, "worker": worker, "i": i})
+        cache.put({**KEY, "worker": worker, "i": i}, replace(RESULT, tuned_at=f"worker {worker} write {i}"))
 
 
 def test_processes_writing_at_once_lose_nothing(tmp_path):
@@ -116,23 +120,29 @@ def test_processes_writing_at_once_lose_nothing(tmp_path):
     assert len(cache.entries()) == 60
     for w in range(4):
         for i in range(15):
-            assert cache.get({**KEY, "worker": w, "i": i})["i"] == i
+            assert cache.get({**KEY, "worker": w, "i": i}).tuned_at == f"worker {w} write {i}"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tuning-")]  # no temporary files left
 
 
 def test_cache_hit_from_the_cli_imports_no_torch(tmp_path):
     """A second identical `autobatch tune` answers from the cache without loading anything heavy."""
     from optimizer.devices import cpu_fingerprint
-    from optimizer.tune import resolve
+    from optimizer.simulated import SimulatedDevice
+    from optimizer.tune import autobatch
     from deployments.registry import create_spec
 
     spec = create_spec("resnet50")
     settings = TuningSettings(device="cpu", memory_budget_bytes=3 * 2**30, latency_budget_s=0.5, max_batch=8)
-    resolved = resolve(spec, settings, cpu_fingerprint())
-    TuningCache(tmp_path / "c.json").put(resolved.key_fields(spec), {**RESULT, "max_safe_batch": 8, "batch_size": 2})
+    # A whole tuning under this CPU's key, measured in milliseconds on a simulated device wearing the
+    # CPU's fingerprint: a cache hit is checked against its key and its own probes before it is served.
+    device = SimulatedDevice(lambda b: 2**30 + 2**20 * b, lambda b: 0.1 + 0.001 * b,
+                             capacity_bytes=cpu_fingerprint().total_memory_bytes)
+    device.fingerprint = cpu_fingerprint()
+    autobatch(spec, settings, cache=TuningCache(tmp_path / "c.json"), meter=device, run_batch=device.run,
+              say=lambda line: None)
     script = (
         "import sys, json\n"
-        "from optimizer.cli import main\n"
+        "from autobatch.cli import main\n"
         f"rc = main(['tune', 'resnet50', '--device', 'cpu', '--memory-budget-mb', '3072', '--latency-budget-ms', '500',"
         f" '--max-batch', '8', '--cache', {str(tmp_path / 'c.json')!r}, '--json'])\n"
         "print('TORCH_IMPORTED', 'torch' in sys.modules, file=sys.stderr)\n"
@@ -140,6 +150,46 @@ def test_cache_hit_from_the_cli_imports_no_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout)
-    assert answer["cache"] == "hit" and answer["batch_size"] == 2
+    answer = Tuning.from_dict(json.loads(done.stdout))
+    assert answer.cache == "hit" and answer.batch_size == 8
     assert "TORCH_IMPORTED False" in done.stderr
+
+
+def test_an_entry_this_version_cannot_read_is_a_miss_with_one_warning(tmp_path, caplog):
+    """An older shape (a plain result dict) or a hand edit: tune again, never crash, warn once."""
+    path = tmp_path / "c.json"
+    cache = TuningCache(path)
+    cache.put(KEY, RESULT)
+    data = json.loads(path.read_text())
+    data["entries"][cache_key(KEY)]["result"] = {"model": "resnet50", "max_safe_batch": 256, "batch_size": 64}
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="autobatch.cache"):
+        assert cache.get(KEY) is None
+        assert cache.get(KEY) is None
+    warnings = [r for r in caplog.records if "not a tuning this version can use" in r.getMessage()]
+    assert len(warnings) == 1 and "is missing" in warnings[0].getMessage()
+    cache.put(KEY, RESULT)  # the re-tuned answer replaces it
+    assert cache.get(KEY) == RESULT
+
+
+def test_a_cache_file_of_the_previous_version_is_tuned_again_not_an_error(tmp_path, caplog):
+    path = tmp_path / "c.json"
+    old = {"format": "autobatch-tuning-cache", "version": 1, "entries": {cache_key(KEY): {
+        "key_fields": KEY, "result": {"model": "resnet50", "max_safe_batch": 256, "batch_size": 64}}}}
+    path.write_text(json.dumps(old))
+    cache = TuningCache(path)
+    with caplog.at_level(logging.WARNING, logger="autobatch.cache"):
+        assert cache.get(KEY) is None
+    assert "not an autobatch cache of version 2" in caplog.text
+    cache.put(KEY, RESULT)
+    assert cache.get(KEY) == RESULT and json.loads(path.read_text())["version"] == 2
+
+
+def test_the_file_holds_the_tuning_without_where_this_copy_came_from(tmp_path):
+    path = tmp_path / "c.json"
+    cache = TuningCache(path)
+    cache.put(KEY, RESULT.with_source("hit", "somekey"))
+    stored = json.loads(path.read_text())["entries"][cache_key(KEY)]["result"]
+    assert stored == json.loads(json.dumps(RESULT.stored()))
+    assert not {"cache", "key", "probe_count", "from_cache"} & set(stored)
+    assert cache.get(KEY) == RESULT and cache.get(KEY).cache == "miss"

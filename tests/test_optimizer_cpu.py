@@ -10,8 +10,11 @@ import sys
 import pytest
 
 from optimizer.devices import CpuMeter
+from optimizer.tuning import Tuning
 
-AUTOBATCH = os.path.join(os.path.dirname(sys.executable), "autobatch")
+# `python -m autobatch` runs the CLI of the tree under test (the `autobatch` console script runs
+# whatever tree was last installed); test_layering checks that the script names the same main().
+AUTOBATCH = [sys.executable, "-m", "autobatch"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
 
 
@@ -54,7 +57,7 @@ def independent_peak_bytes(batch_size: int) -> int:
 
 
 def tune(cache, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([AUTOBATCH, "tune", "resnet50", "--device", "cpu", "--cache", str(cache), *args],
+    return subprocess.run([*AUTOBATCH, "tune", "resnet50", "--device", "cpu", "--cache", str(cache), *args],
                           capture_output=True, text=True, timeout=600, env=ENV)
 
 
@@ -71,14 +74,14 @@ def test_tune_resnet50_on_cpu_with_a_small_memory_budget(tmp_path, small_budget_
     done = tune(cache, "--memory-budget-mb", str(small_budget_mb), "--latency-budget-ms", "30000",
                 "--max-batch", "64", "--repeats", "1", "--json")
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert result["cache"] == "miss" and result["stopped_by"] in ("memory", "oom")
+    result = Tuning.from_dict(json.loads(done.stdout))
+    assert result.cache == "miss" and result.stopped_by in ("memory", "oom")
     assert "batch     1" in done.stderr  # progress: one line per probe while it runs
     budget = small_budget_mb * 2**20
-    found = result["max_safe_batch"]
+    found = result.max_safe_batch
     assert 2 <= found < 64
-    assert 1 <= result["batch_size"] <= found
-    assert all(p["peak_bytes"] <= budget for p in result["probes"] if p["outcome"] == "ok")
+    assert 1 <= result.batch_size <= found
+    assert all(p.peak_bytes <= budget for p in result.probes if p.outcome == "ok")
     # Independent check in fresh processes: the answer fits (allowing 5% for the difference between
     # two processes' resident overheads), and the next size up is at the edge of the budget. CPU
     # peaks move by a few percent from run to run (oneDNN picks kernels and workspaces per shape),
@@ -86,21 +89,21 @@ def test_tune_resnet50_on_cpu_with_a_small_memory_budget(tmp_path, small_budget_
     at_found, at_next = independent_peak_bytes(found), independent_peak_bytes(found + 1)
     assert at_found <= budget * 1.05
     assert at_next >= budget * 0.90
-    first_bad = min(p["batch_size"] for p in result["probes"] if p["outcome"] in ("over_memory", "oom", "predicted")
-                    and p["batch_size"] > found)
+    first_bad = min(p.batch_size for p in result.probes if p.outcome in ("over_memory", "oom", "predicted")
+                    and p.batch_size > found)
     assert first_bad <= max(found + 1, found * 1.05)  # the search closed the bracket around its answer
 
     again = tune(cache, "--memory-budget-mb", str(small_budget_mb), "--latency-budget-ms", "30000",
                  "--max-batch", "64", "--repeats", "1", "--json")
-    assert json.loads(again.stdout)["cache"] == "hit"
+    assert Tuning.from_dict(json.loads(again.stdout)).cache == "hit"
     other_budget = tune(cache, "--memory-budget-mb", str(small_budget_mb - 20), "--latency-budget-ms", "30000",
                         "--max-batch", "4", "--repeats", "1", "--json")
-    assert json.loads(other_budget.stdout)["cache"] == "miss"
+    assert Tuning.from_dict(json.loads(other_budget.stdout)).cache == "miss"
 
-    show = subprocess.run([AUTOBATCH, "show", "--cache", str(cache)], capture_output=True, text=True, env=ENV)
+    show = subprocess.run([*AUTOBATCH, "show", "--cache", str(cache)], capture_output=True, text=True, env=ENV)
     assert show.returncode == 0 and show.stdout.count("resnet50") == 2
     png = tmp_path / "resnet50.png"
-    plot = subprocess.run([AUTOBATCH, "plot", "resnet50", "--out", str(png), "--cache", str(cache)],
+    plot = subprocess.run([*AUTOBATCH, "plot", "resnet50", "--out", str(png), "--cache", str(cache)],
                           capture_output=True, text=True, env=ENV)
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,7 +118,7 @@ def test_tune_resnet50_on_cpu_with_a_small_memory_budget(tmp_path, small_budget_
     (["plot", "resnet50", "--out", "x.png"], "no cached tuning for 'resnet50'"),
 ])
 def test_bad_arguments_exit_non_zero_and_say_what_to_change(tmp_path, args, message):
-    done = subprocess.run([AUTOBATCH, *args, *(["--cache", str(tmp_path / "c.json")] if args[0] != "cache" else [])],
+    done = subprocess.run([*AUTOBATCH, *args, *(["--cache", str(tmp_path / "c.json")] if args[0] != "cache" else [])],
                           capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr

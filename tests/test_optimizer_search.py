@@ -8,26 +8,26 @@ import random
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from optimizer.devices import SimulatedDevice
+from optimizer.simulated import SimulatedDevice
 from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine
-from optimizer.select import batch_wait_timeout_s, next_knee_probe, select_serve_batch
-from optimizer.tune import TuningSettings, autobatch
+from optimizer.probe import ProbeResult
+from optimizer.select import batch_wait_timeout_s, select_serve_batch
+from optimizer.tune import TuningSettings, autobatch, tune_on
+from optimizer.tuning import Tuning
 
 MiB = 2**20
 MAX_BATCH = 4096
 
 
 def search(device, memory_budget, latency_budget=None, max_batch=MAX_BATCH, margin=0.10, knee=True):
+    """knee: the whole decision (tune_on: search, knee probes, selection) -> a Tuning; else the
+    max-safe-batch search alone -> its SearchResult. Both carry max_safe_batch, probes, stopped_by,
+    notes and oom_events."""
     prober = Prober(device.run, device, memory_budget_bytes=memory_budget, latency_budget_s=latency_budget,
                     base_bytes=device.base_bytes, warmup=1, repeats=2)
-    result = find_max_safe_batch(prober, max_batch=max_batch, margin=margin)
     if knee:
-        for _ in range(4):
-            size = next_knee_probe(prober.probes, result.max_safe_batch, latency_budget)
-            if size is None:
-                break
-            prober.run(size)
-    return result, prober
+        return tune_on(prober, TuningSettings(max_batch=max_batch, margin=margin), say=lambda line: None), prober
+    return find_max_safe_batch(prober, max_batch=max_batch, margin=margin), prober
 
 
 def true_max(memory, latency, memory_budget, latency_budget, capacity, max_batch=MAX_BATCH, slack=0.0):
@@ -220,13 +220,15 @@ def test_autobatch_on_the_simulated_device_reports_every_probe(tmp_path):
     cache = TuningCache(tmp_path / "cache.json")
     settings = TuningSettings(memory_budget_bytes=2000 * MiB, latency_budget_s=0.2005)
     result = autobatch(FakeSpec(), settings, cache=cache, meter=device, run_batch=device.run, say=lines.append)
-    assert result["cache"] == "miss"
-    assert result["max_safe_batch"] == 196  # latency: 0.004 + 0.001 b <= 0.2
-    assert 1 <= result["batch_size"] <= result["max_safe_batch"]
-    assert result["probes"] and all({"batch_size", "peak_bytes", "latency_s", "throughput", "outcome"} <= set(p) for p in result["probes"])
+    assert isinstance(result, Tuning)
+    assert result.cache == "miss"
+    assert result.max_safe_batch == 196  # latency: 0.004 + 0.001 b <= 0.2
+    assert 1 <= result.batch_size <= result.max_safe_batch
+    assert result.probes and all(isinstance(p, ProbeResult) for p in result.probes)
+    assert all({"batch_size", "peak_bytes", "latency_s", "throughput", "outcome"} <= set(p.to_dict()) for p in result.probes)
     assert any("max safe batch 196" in line for line in lines)
     again = autobatch(FakeSpec(), settings, cache=cache, meter=device, run_batch=device.run, say=lines.append)
-    assert again["cache"] == "hit" and again["batch_size"] == result["batch_size"]
+    assert again.cache == "hit" and again.batch_size == result.batch_size
 
 
 def test_flat_memory_at_small_sizes_never_leaps_unguarded_to_max_batch():

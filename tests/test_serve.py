@@ -249,14 +249,17 @@ def test_a_second_start_is_a_cache_hit_and_skips_tuning(cluster):
 
 def test_another_device_fingerprint_in_the_cache_means_a_new_tuning(cluster, tmp_path):
     """A cache that holds this model's tuning for another device (another CPU/GPU model) is a miss."""
+    from dataclasses import replace
+
     from optimizer.cache import TuningCache
+    from optimizer.tuning import Tuning
 
     source = json.load(open(cluster.cache_path))["entries"][cluster.first_tuning["key"]]
     foreign_path = str(tmp_path / "foreign.json")
     foreign = TuningCache(foreign_path)
     key_fields = json.loads(json.dumps(source["key_fields"]))
     key_fields["device"]["name"] = "Some Other Device 9000"
-    foreign_key = foreign.put(key_fields, {**source["result"], "batch_size": 1, "max_safe_batch": 1})
+    foreign_key = foreign.put(key_fields, replace(Tuning.from_dict(source["result"]), batch_size=1, max_safe_batch=1))
     assert foreign_key != cluster.first_tuning["key"]
 
     cluster.deploy([r50_app("r50-other", "/r50-other", foreign_path)])

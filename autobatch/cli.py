@@ -1,4 +1,8 @@
-"""`autobatch tune | show | plot | cache`: the optimizer from a shell, on a laptop CPU or a GPU box."""
+"""`autobatch tune | show | plot | cache`: the optimizer from a shell, on a laptop CPU or a GPU box.
+
+Commands from other packages (serve adds `client` and `bench`) join through the entry-point group
+"autobatch.commands": each is a function register(subparsers).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +11,10 @@ import json
 import os
 import sys
 
-from .cache import TuningCache
-from .devices import DeviceUnavailable
+from deployments.registry import create_spec, model_names
+from optimizer.cache import TuningCache
+from optimizer.devices import DeviceUnavailable
+from optimizer.tuning import Tuning, TuningFormatError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -46,7 +52,7 @@ def _fraction(text: str) -> float:
 
 
 def add_tuning_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model name (resnet50, vit_b_16, yolo11n_pose, llama_int4)")
+    p.add_argument("model", help=f"model name ({', '.join(model_names())})")
     p.add_argument("--weights", default=None, help="local weights path (default: synthetic weights)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -61,7 +67,7 @@ def add_tuning_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args):
-    from .tune import TuningSettings
+    from optimizer.tune import TuningSettings
 
     return TuningSettings(
         device=args.device,
@@ -76,52 +82,63 @@ def settings_from_args(args):
 
 
 def cmd_tune(args) -> int:
-    from deployments.registry import create_spec
-
-    from .tune import autobatch
+    from optimizer.tune import autobatch
 
     spec = create_spec(args.model, args.weights)
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    result = autobatch(spec, settings_from_args(args), cache=TuningCache(args.cache), force=args.force, say=say)
+    tuning = autobatch(spec, settings_from_args(args), cache=TuningCache(args.cache), force=args.force, say=say)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(tuning.to_dict(), indent=1))
     else:
-        print(format_report(result))
+        print(format_report(tuning))
     return 0
 
 
-def format_report(result: dict) -> str:
-    from .tune import describe_probe
-    from .probe import ProbeResult
+def format_report(tuning: Tuning) -> str:
+    from optimizer.tune import describe_probe
 
-    dev = result["device"]
+    dev = tuning.device
+    latency = "none" if tuning.latency_budget_s is None else f"{tuning.latency_budget_s * 1e3:.0f} ms per batch"
     lines = [
-        f"{result['model']} on {dev['label']} ({dev['total_memory_bytes'] / 2**30:.1f} GiB), {result['dtype']}, "
-        f"weights: {result['weights']}",
-        f"budgets: memory {result['memory_budget_bytes'] / 2**30:.2f} GiB, latency {result['latency_budget_s'] * 1e3:.0f} ms per batch",
-        f"cache: {result['cache']} (key {result['key']})",
+        f"{tuning.model} on {dev.label} ({dev.total_memory_bytes / 2**30:.1f} GiB), {tuning.dtype}, "
+        f"weights: {tuning.weights}",
+        f"budgets: memory {tuning.memory_budget_bytes / 2**30:.2f} GiB, latency {latency}",
+        f"cache: {tuning.cache} (key {tuning.key})",
         "probes (in the order run):",
-        *(describe_probe(ProbeResult.from_dict(p)) for p in result["probes"]),
-        f"max safe batch: {result['max_safe_batch']}",
-        f"batch to serve: {result['batch_size']}  (wait {result['batch_wait_timeout_s'] * 1e3:.1f} ms, "
-        f"{result['serve_throughput']:.1f} samples/s at {result['serve_latency_s'] * 1e3:.1f} ms per batch)",
-        f"why: {result['decision']}",
-        f"{result['probe_count']} probes, {result['oom_events']} OOMs, {result['predicted_skips']} predicted skips, "
-        f"tuned in {result['tuning_s']:.1f} s",
+        *(describe_probe(p) for p in tuning.probes),
+        f"max safe batch: {tuning.max_safe_batch}",
+        f"batch to serve: {tuning.batch_size}  (wait {tuning.batch_wait_timeout_s * 1e3:.1f} ms, "
+        f"{tuning.serve_throughput:.1f} samples/s at {tuning.serve_latency_s * 1e3:.1f} ms per batch)",
+        f"why: {tuning.decision}",
+        f"{tuning.probe_count} probes, {tuning.oom_events} OOMs, {tuning.predicted_skips} predicted skips, "
+        f"tuned in {tuning.tuning_s:.1f} s",
     ]
     return "\n".join(lines)
 
 
+def cached_tunings(cache: TuningCache) -> list[tuple[str, str, Tuning]]:
+    """(key, saved_at, tuning) of every entry this version can read, oldest first; the others are
+    named once on stderr (the next `autobatch tune` of that model replaces them)."""
+    found = []
+    for key, entry in cache.entries().items():
+        try:
+            found.append((key, str(entry.get("saved_at", "")), Tuning.from_dict(entry.get("result"))))
+        except (TuningFormatError, AttributeError) as exc:
+            print(f"autobatch: skipped cache entry {key}: {exc}", file=sys.stderr)
+    return sorted(found, key=lambda item: item[1])
+
+
 def cmd_show(args) -> int:
-    entries = TuningCache(args.cache).entries()
-    if not entries:
-        print(f"no cached tunings in {TuningCache(args.cache).path}")
+    cache = TuningCache(args.cache)
+    tunings = cached_tunings(cache)
+    if not tunings:
+        print(f"no cached tunings in {cache.path}")
         return 0
-    for key, entry in sorted(entries.items(), key=lambda kv: kv[1].get("saved_at", "")):
-        r = entry.get("result", {})
-        print(f"{key}  {r.get('model', '?'):<14} {r.get('device', {}).get('label', '?'):<40} {r.get('dtype', '?'):<9} "
-              f"budget {r.get('memory_budget_bytes', 0) / 2**30:6.2f} GiB / {r.get('latency_budget_s', 0) * 1e3:6.0f} ms  "
-              f"max safe {r.get('max_safe_batch')!s:>5}  serve {r.get('batch_size')!s:>5}  {entry.get('saved_at', '')}")
+    for key, saved_at, t in tunings:
+        latency_ms = t.latency_budget_s * 1e3 if t.latency_budget_s is not None else float("nan")
+        print(f"{key}  {t.model:<14} {t.device.label:<40} {t.dtype:<9} "
+              f"budget {t.memory_budget_bytes / 2**30:6.2f} GiB / {latency_ms:6.0f} ms  "
+              f"max safe {t.max_safe_batch!s:>5}  serve {t.batch_size!s:>5}  {saved_at}")
     return 0
 
 
@@ -135,15 +152,13 @@ def cmd_cache(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_tuning
+    from optimizer.plot import plot_tuning
 
-    entries = TuningCache(args.cache).entries()
-    matches = [e for k, e in entries.items()
-               if e.get("result", {}).get("model") == args.model and (args.key is None or k.startswith(args.key))]
+    matches = [t for key, _, t in cached_tunings(TuningCache(args.cache))
+               if t.model == args.model and (args.key is None or key.startswith(args.key))]
     if not matches:
         raise UsageError(f"no cached tuning for {args.model!r}; run `autobatch tune {args.model}` first (or check --cache)")
-    latest = max(matches, key=lambda e: e.get("saved_at", ""))
-    plot_tuning(latest["result"], args.out)
+    plot_tuning(matches[-1], args.out)  # the latest saved
     print(f"wrote {args.out}")
     return 0
 
@@ -170,9 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--key", default=None, help="with clear: only this key (prefix)")
     cache.add_argument("--cache", default=None)
     cache.set_defaults(func=cmd_cache)
-    # Other packages add commands (serve adds `client` and `bench`) through the entry-point group
-    # "autobatch.commands": each is a function register(subparsers). This keeps the optimizer free
-    # of any import of serve or ray, as the design requires.
     for entry_point in importlib.metadata.entry_points(group="autobatch.commands"):
         entry_point.load()(sub)
     return parser
@@ -180,9 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from deployments.base import SpecConfigError
-
-    from .search import BatchOneDoesNotFit
-    from .tune import SettingsError
+    from optimizer.search import BatchOneDoesNotFit
+    from optimizer.tune import SettingsError
 
     parser = build_parser()
     args = parser.parse_args(argv)

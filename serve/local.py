@@ -1,0 +1,185 @@
+"""`make serve`: a local Ray whose ports listen on 127.0.0.1 only, token authentication on, then
+`serve run CONFIG` against it; Ctrl-C (or SIGTERM) stops what this started and nothing else.
+
+    python -m serve.local [serve_config.yaml] [--port 6379] [--dashboard-port 8265]
+                          [--metrics-export-port 8080] [--temp-dir /tmp/ray] [--num-cpus N]
+
+Why not a bare `serve run`: the cluster it starts takes this host's network address, so the GCS,
+raylet, workers, agents and three metrics servers listen on all interfaces. Here:
+- RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take 127.0.0.1 as the node's address (Ray turns
+  `--node-ip-address 127.0.0.1` itself into the host's address), and its servers bind to the node's
+  address, or to 127.0.0.1 when that is a loopback one; it also refuses worker nodes joining,
+  which a loopback-only head could not serve anyway;
+- the dashboard binds to --dashboard-host 127.0.0.1;
+- the agents' ports are fixed (free ports unless given), so Ray's client server does not wait for
+  the raylet to publish them (on a loaded 2-core host it gave up after 30 s);
+- RAY_AUTH_MODE=token with the token in $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (made if
+  missing, mode 0600): what `autobatch config | retune` and `RAY_AUTH_MODE=token serve deploy` send.
+What still listens beyond loopback: README.md, section Security.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def ensure_token() -> Path:
+    """The token file Ray will read; a new random token where none exists yet."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not (path.is_file() and path.read_text().strip()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
+def cluster_env(args) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1 (see the module docstring)
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+        "YOLO_OFFLINE": env.get("YOLO_OFFLINE", "1"),
+    })
+    # Fixed by default in Ray (44217, 44227): on a host running two clusters the second fails to bind.
+    env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
+    env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
+    return env
+
+
+def ray_start_command(args) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    command = [
+        str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", LOOPBACK, "--dashboard-host", LOOPBACK,
+        "--port", str(args.port), "--dashboard-port", str(args.dashboard_port),
+        "--metrics-export-port", str(args.metrics_export_port),
+        "--ray-client-server-port", str(args.ray_client_server_port or free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+    ]
+    if args.temp_dir:
+        command += ["--temp-dir", args.temp_dir]
+    if args.num_cpus is not None:
+        command += ["--num-cpus", str(args.num_cpus)]
+    return command
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def wait_for_head(head: subprocess.Popen, ports: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(_listening(p) for p in ports):
+        if head.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {head.returncode} before the head was up; its log is above")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head did not listen on {ports} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_cluster(head: subprocess.Popen, grace_s: float = 40.0) -> None:
+    """SIGTERM `ray start --block` (it drains and stops its processes), then SIGKILL whatever of its
+    process tree outlived that: the agents ignore SIGTERM once the raylet is gone, and workers run
+    in process groups of their own, so neither a process-group kill nor `ray stop` (which stops
+    every Ray on the host) is right."""
+    try:
+        tree = psutil.Process(head.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
+def _stop_serve_run(serve_run: subprocess.Popen) -> None:
+    """A terminal's Ctrl-C reached `serve run` too: give its own shutdown a moment first."""
+    for send in (None, signal.SIGINT, signal.SIGKILL):
+        if send is not None and serve_run.poll() is None:
+            serve_run.send_signal(send)
+        try:
+            serve_run.wait(5 if send is None else 60)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m serve.local", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", default="serve_config.yaml")
+    p.add_argument("--port", type=int, default=6379, help="GCS port")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard (and `autobatch config`) port")
+    p.add_argument("--metrics-export-port", type=int, default=8080, help="Prometheus metrics of this node")
+    p.add_argument("--ray-client-server-port", type=int, default=None, help="Ray client server (default: a free port)")
+    p.add_argument("--temp-dir", default=None, help="Ray's session directory root (default Ray's, /tmp/ray)")
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for the head to come up")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ensure_token()
+    env = cluster_env(args)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # Its own session: the terminal's Ctrl-C reaches `serve run` (which then shuts Serve down) and
+    # this process, which stops Ray after it.
+    head = subprocess.Popen(ray_start_command(args), env=env, start_new_session=True)
+    serve_run = None
+    try:
+        # The metrics port is the raylet's agent's: listening means the node is up, not only the GCS
+        # (a driver connecting before that can time out on a loaded host).
+        wait_for_head(head, [args.port, args.dashboard_port, args.metrics_export_port], args.start_timeout)
+        print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard http://{LOOPBACK}:{args.dashboard_port}, "
+              f"metrics http://{LOOPBACK}:{args.metrics_export_port}/metrics; live changes: "
+              f"`autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`", flush=True)
+        serve_run = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run",
+                                      "--address", f"{LOOPBACK}:{args.port}", args.config], env=env)
+        return serve_run.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if serve_run is not None:
+            _stop_serve_run(serve_run)
+        stop_cluster(head)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

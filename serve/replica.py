@@ -1,0 +1,250 @@
+"""One replica's work apart from Ray: tuning, the batch settings, warm-up, and running batches.
+
+serve/deployment.py is the Ray glue around it: it reads what only Ray knows (the GPU ids, the
+deployment's user_config and max_ongoing_requests), owns @serve.batch and hands its setters here.
+
+A replica's life:
+  start         pick the device (a GPU share when Ray gave this replica a GPU, else the CPU), load
+                the model, take the tuning from the cache or tune (under the optimizer's per-device
+                lock, within this replica's share of the memory), hand the batch size and wait to
+                @serve.batch (settings.py), then run once each batch size it may form and has not
+                run yet (warmup.py), so that no request waits out a size's first run.
+  a batch       runs in the one worker thread (batch_runner.py: an error fails only its item, an
+                out-of-memory splits the batch and lowers the max batch). Its time and its requests'
+                arrivals go to the wait controller (optimizer/wait.py), which may move the wait.
+  reconfigure   a new user_config: re-tune when a tuning key changed (cache first) or a new `retune`
+                value came (measured again), then the batch settings again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol
+
+from deployments.registry import create_spec
+from optimizer.cache import TuningCache
+from optimizer.devices import make_meter, resolve_device_kind
+from optimizer.tune import autobatch, resolve
+from optimizer.tuning import Tuning
+from optimizer.wait import WaitController
+
+from .batch_runner import BatchRunner, Item, Outcome
+from .metrics import ReplicaMetrics
+from .settings import BatchSettings, ReplicaConfig, effective_settings
+from .stats import ServingStats
+from .warmup import SizeWarmer
+
+log = logging.getLogger("ray.serve")
+
+
+class BatchKnobs(Protocol):
+    """What @serve.batch lets a replica change while it runs."""
+
+    def set_max_batch_size(self, size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, wait_s: float) -> None: ...
+
+
+class Replica:
+    """`builder` is the configuration from the app builder alone; `config` the one in force (the
+    builder's overlaid by the user_config, serve/settings.py). `max_ongoing()` reads the
+    deployment's max_ongoing_requests now (a batch can never be larger)."""
+
+    def __init__(self, builder: ReplicaConfig, config: ReplicaConfig, knobs: BatchKnobs,
+                 max_ongoing: Callable[[], int | None]):
+        self.builder, self.config = builder, config
+        self.model_name = builder.model
+        self.cache = TuningCache(builder.cache_path) if builder.cache_path else TuningCache()
+        self._knobs = knobs
+        self._max_ongoing = max_ongoing
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
+        self._model_lock = asyncio.Lock()  # one user of the model at a time: a batch, a tuning or a warm-up
+        self._started_at = time.time()
+        self.stats = ServingStats()
+        self.tuning: Tuning | None = None
+        self._tunings, self._tuning_wall_s = 0, 0.0
+        self._wait: WaitController | None = None  # the wait as served batches show it; new with each tuning
+        self._oom_cap: int | None = None  # the max batch an out-of-memory while serving taught
+        self.settings: BatchSettings | None = None
+        self._serving: dict = {}  # what GET /tuning shows of the settings as last applied
+        self._warmer = SizeWarmer(self._run_example_batch, budget_s=builder.warm_sizes_budget_s,
+                                  on_error=lambda: self.meter.cleanup())
+        self._warm_report: dict | None = None
+        # A new replica takes the cache even when the config carries a retune value: retune means
+        # "measure again now" to the replicas running when it changes, not to every later start.
+        self._last_retune = config.retune
+        self.spec = create_spec(builder.model, builder.weights, **(builder.options or {}))
+
+    async def start(self, gpu_ids: list) -> None:
+        if self.builder.device == "auto":
+            kind = "cuda" if gpu_ids else "cpu"
+        else:
+            kind = resolve_device_kind(self.builder.device)  # raises with a clear message when cuda is absent
+        loop = asyncio.get_running_loop()
+        self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
+        self.device_label = self.meter.fingerprint.label
+        self.metrics = ReplicaMetrics(self.model_name, self.device_label)
+        self._runner = BatchRunner(self.spec, self.meter, self._executor, self.metrics, model_name=self.model_name,
+                                   before_predict=lambda items: self.config.faults.before_predict(items),
+                                   on_oom=self._on_serving_oom)
+        resolved = resolve(self.spec, self.config.tuning_settings(kind))
+        log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", self.model_name,
+                 self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
+        await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
+        await self._tune(force=False)
+        self._apply_batch_settings()
+        await self._warm_sizes()
+
+    # ----- tuning and settings -----
+    async def _tune(self, force: bool) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.config.tuning_settings(self.meter.fingerprint.kind)
+        async with self._model_lock:  # no batch runs while the model is measured
+            started = time.perf_counter()
+            tuning: Tuning = await loop.run_in_executor(
+                self._executor,
+                lambda: autobatch(self.spec, settings, cache=self.cache, force=force, meter=self.meter,
+                                  loaded=True, say=log.info),
+            )
+            wall_s = time.perf_counter() - started
+        self._tunings += 1
+        self._tuning_wall_s = wall_s
+        self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
+        self.tuning = tuning
+        self._wait = WaitController(tuning)
+        if not tuning.from_cache:  # measured in this process: the sizes it ran are warm
+            self._warmer.mark_warm(tuning.ok_sizes())
+        self.metrics.tuning(tuning, wall_s)
+        self._update_memory_gauge()
+        log.info("autobatch: %s on %s: %s in %.1f s (cache %s, key %s)", self.model_name, self.device_label,
+                 tuning.decision, wall_s, tuning.cache, tuning.key)
+
+    def _apply_batch_settings(self) -> None:
+        limit = self._max_ongoing()
+        s = effective_settings(self.tuning, self.config.pins, self._oom_cap, limit,
+                               self._wait.learnt if self._wait else None)
+        self._knobs.set_max_batch_size(s.size)
+        self._knobs.set_batch_wait_timeout_s(s.wait_s)
+        self.settings = s
+        self._serving = {"max_batch_size": s.size, "batch_wait_timeout_s": s.wait_s,
+                         "pinned_batch_size": self.config.pins.batch_size, "oom_cap": self._oom_cap,
+                         "max_ongoing_requests": limit, "notes": list(s.reasons),
+                         "tuned_batch_wait_timeout_s": float(self.tuning.batch_wait_timeout_s),
+                         "faults": self.config.faults.describe()}
+        self.metrics.batch_settings(s.size, s.wait_s)
+
+    async def reconfigure(self, user_config: dict | None) -> None:
+        config = self.builder.with_user_config(user_config)
+        changed = config.tuning_changes(self.config)
+        new_retune = bool(config.retune) and config.retune != self._last_retune
+        self._last_retune = config.retune
+        if config.pins.batch_size != self.config.pins.batch_size:
+            self._oom_cap = None  # an operator's new pin replaces what serving OOMs taught
+        previous, self.config = self.config, config
+        if new_retune or changed:
+            log.info("autobatch: reconfigure %s: %s", self.model_name,
+                     "retune requested" if new_retune else f"tuning settings changed ({', '.join(changed)})")
+            try:
+                await self._tune(force=new_retune)
+            except Exception:
+                self.config = previous  # keep serving with the tuning and settings that worked
+                raise
+        self._apply_batch_settings()
+        await self._warm_sizes()
+
+    # ----- warm-up -----
+    def _run_example_batch(self, n: int) -> None:
+        self.spec.predict(self.spec.example_batch(n))
+        self.meter.synchronize()
+
+    async def _warm_sizes(self) -> None:
+        """Run each batch size @serve.batch may form and this process has not run yet (see warmup.py)."""
+        if not self.spec.fixed_sample_shape or self._warmer.budget_s <= 0:
+            if self._warm_report is None:
+                why = ("its batch shapes also follow the input (prompt lengths)" if not self.spec.fixed_sample_shape
+                       else "warm_sizes_budget_s is 0")
+                self._warm_report = {"skipped": why}
+                log.info("autobatch: %s: batch sizes not warmed before traffic: %s", self.model_name, why)
+            return
+        loop = asyncio.get_running_loop()
+        async with self._model_lock:
+            report = await loop.run_in_executor(self._executor, self._warmer.warm, self.settings.size)
+        self._warm_report = report.to_dict()
+        log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
+
+    # ----- serving -----
+    async def run_batch(self, items: list[Item]) -> list[Outcome]:
+        """One batch @serve.batch formed: run it, count it, and let the wait learn from it."""
+        n = len(items)
+        self._warmer.mark_warm([n])
+        self.stats.batch_formed(n)
+        async with self._model_lock:
+            started = time.perf_counter()
+            outcomes = await self._runner.run(items)
+            elapsed_s = time.perf_counter() - started
+        served = sum(o.ok for o in outcomes)
+        # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
+        if self._wait is not None and served == n and not any(item.poisoned for item in items):
+            if self._wait.record([item.arrived_s for item in items], started, elapsed_s,
+                                 self.settings.size, self.settings.wait_s):
+                log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
+                         self._wait.reason)
+                self._apply_batch_settings()  # a user_config pin still wins there
+        self.stats.samples_served += served
+        self.metrics.inc("autobatch_samples_served", served)
+        self._update_memory_gauge()
+        return outcomes
+
+    def _on_serving_oom(self, batch_size: int, message: str) -> None:
+        """Called by the runner after a real OOM: serve smaller batches from now on."""
+        self.stats.serving_ooms += 1
+        cap = max(1, batch_size // 2)
+        current = self.settings.size
+        log.warning("autobatch: out of memory serving a batch of %d (%s); splitting it%s", batch_size, message,
+                    f" and lowering the max batch size {current} -> {cap}" if cap < current else "")
+        if cap < current:
+            self._oom_cap = cap
+            self._apply_batch_settings()
+
+    def count_error(self, status: int) -> None:
+        self.stats.errors[str(status)] += 1
+        self.metrics.inc("autobatch_request_errors", status=str(status))
+
+    def _update_memory_gauge(self) -> None:
+        try:
+            self.metrics.set("autobatch_device_memory_bytes", self.meter.current_bytes())
+        except Exception:  # noqa: BLE001 - a meter read must never fail a request
+            pass
+
+    def check_health(self) -> None:
+        if self.spec.model is None or self.tuning is None:
+            raise RuntimeError("model not loaded or not tuned")
+
+    # ----- what GET / and GET /tuning show -----
+    def describe(self) -> dict:
+        return {
+            "model": self.model_name,
+            "weights": self.spec.weights_description(),
+            "device": self.device_label,
+            "usage": f"{self.spec.usage} POST it to this route; GET <route>/tuning for the tuning in use.",
+            "inputs": [t.metadata() for t in self.spec.inputs()],
+            "outputs": [t.metadata() for t in self.spec.outputs()],
+            "max_batch_size": self._serving["max_batch_size"],
+        }
+
+    def tuning_report(self) -> dict:
+        wait = self._wait
+        return {
+            **self.tuning.to_dict(),
+            "replica": {"pid": os.getpid(), "device": self.device_label, "tunings": self._tunings,
+                        "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at},
+            # the ratio as of now; the wait moves only when the controller checks (optimizer/wait.py)
+            "serving": {**self._serving,
+                        "served_vs_tuned_latency": wait.ratio if wait else None,
+                        "served_batches_compared": wait.batches if wait else 0},
+            "warm_sizes": self._warm_report,
+            "stats": self.stats.to_dict(self._runner.item_retries),
+        }

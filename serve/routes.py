@@ -1,0 +1,85 @@
+"""A replica's HTTP routes, relative to its route prefix:
+
+  GET  /        what the route serves (Replica.describe)
+  GET  /tuning  the tuning in use and what the batches did (Replica.tuning_report)
+  POST /        one payload: decoded in a thread (a bad payload is answered 4xx here and never
+                reaches a batch), then batched, then answered with its own status
+
+Every error is JSON {"error": message}, and the message says what to send instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from deployments.base import PayloadError
+
+from .batch_runner import Item, Outcome
+from .replica import Replica
+
+log = logging.getLogger("ray.serve")
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def subpath(request: Request) -> str:
+    """The request's path below the application's route prefix, "/" for the route itself."""
+    path = request.url.path
+    root = request.scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return "/" + path.strip("/")
+
+
+class HttpRoutes:
+    """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
+
+    def __init__(self, replica: Replica, infer: Callable[[Item], Awaitable[Outcome]]):
+        self._replica = replica
+        self._infer = infer
+
+    def _reply_error(self, status: int, message: str) -> JSONResponse:
+        self._replica.count_error(status)
+        return error_response(status, message)
+
+    async def handle(self, request: Request) -> Response:
+        replica = self._replica
+        path = subpath(request)
+        if request.method in ("GET", "HEAD"):
+            if path == "/tuning":
+                return JSONResponse(replica.tuning_report())
+            if path == "/":
+                return JSONResponse(replica.describe())
+            return error_response(404, f"no such path {path!r}; use POST / for predictions, GET /tuning for the tuning in use")
+        if request.method != "POST":
+            return error_response(405, f"method {request.method} is not served; use POST / with the payload, or GET /tuning")
+        if path != "/":
+            return error_response(404, f"no such path {path!r}; POST the payload to the route itself")
+        try:
+            body = await request.body()
+        except Exception as exc:  # noqa: BLE001 - client went away / broken stream
+            return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
+        content_type = request.headers.get("content-type")
+        try:
+            sample = await asyncio.to_thread(replica.spec.decode, body, content_type)
+        except PayloadError as exc:
+            return self._reply_error(exc.status, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must still not become a 500 for the client's payload
+            log.exception("autobatch: %s decode raised outside PayloadError", replica.model_name)
+            return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
+                                          f"check it is what GET / describes")
+        item = Item(sample, poisoned=replica.config.faults.is_poisoned(request.headers))
+        try:
+            outcome: Outcome = await self._infer(item)
+        except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
+            log.exception("autobatch: batch handler failed")
+            return self._reply_error(500, f"internal error while serving ({type(exc).__name__}: {exc})")
+        if not outcome.ok:
+            replica.count_error(outcome.status)
+        return Response(content=outcome.body, status_code=outcome.status, media_type="application/json")

@@ -1,0 +1,169 @@
+"""What a replica runs under, and the batch settings it hands to @serve.batch. Ray-free.
+
+Two layers make a replica's configuration (`ReplicaConfig`): the app builder's arguments, fixed for
+the replica's life, and the deployment's user_config, which Ray may change at any time
+(`reconfigure`). A user_config key overrides the builder argument of the same name; a key it leaves
+out falls back to the builder's value, never to an earlier user_config's.
+
+`effective_settings` is the one place that decides the batch size and wait Ray Serve really uses,
+from the tuning and what overrides it, and says why in `reasons` (GET /tuning's `serving.notes`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings
+from optimizer.tuning import Tuning
+from optimizer.wait import LearntWait
+
+from .faults import Faults
+
+log = logging.getLogger("ray.serve")
+
+# Keys a deployment's user_config may carry; TUNING_KEYS change what is measured (a re-tune).
+TUNING_KEYS = ("latency_budget_ms", "memory_fraction", "max_batch")
+USER_CONFIG_KEYS = TUNING_KEYS + ("batch_size", "batch_wait_timeout_ms", "retune", "faults")
+
+
+def parse_user_config(user_config: dict | None) -> dict:
+    """Validate a user_config; the message of any error says what to change."""
+    if user_config is None:
+        return {}
+    if not isinstance(user_config, dict):
+        raise ValueError(f"user_config must be a mapping with keys among {', '.join(USER_CONFIG_KEYS)}; got {user_config!r}")
+    unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown user_config key(s) {unknown}; use: {', '.join(USER_CONFIG_KEYS)}")
+    cfg = dict(user_config)
+
+    def positive(key, kind=float, upper=None):
+        value = cfg.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and int(value) != value):
+            raise ValueError(f"user_config {key} must be a positive {'whole number' if kind is int else 'number'}, got {value!r}")
+        if upper is not None and value > upper:
+            raise ValueError(f"user_config {key} must be at most {upper}, got {value!r}")
+        cfg[key] = kind(value)
+
+    positive("latency_budget_ms")
+    positive("memory_fraction", upper=1.0)
+    positive("max_batch", int)
+    positive("batch_size", int)
+    positive("batch_wait_timeout_ms")
+    Faults.from_config(cfg.get("faults"))  # validates
+    return cfg
+
+
+def memory_fraction_for(kind: str, fraction: float | None, gpu_share: float) -> float | None:
+    """The memory fraction (of the whole device) a replica tunes within. A replica holding a share
+    of a GPU (num_gpus < 1) gets by default the usual fraction of its share, so replicas packed on
+    one card each tune within their own part of it; None: the optimizer's default for the device."""
+    if kind != "cuda" or gpu_share >= 1:
+        return fraction
+    if fraction is None:
+        return DEFAULT_MEMORY_FRACTION["cuda"] * gpu_share
+    if fraction > gpu_share:
+        log.warning("autobatch: memory_fraction %.2f is more than this replica's GPU share %.2f; "
+                    "its neighbours on the card may run out of memory", fraction, gpu_share)
+    return fraction
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What an operator fixed through user_config; None: the tuned value."""
+
+    batch_size: int | None = None
+    batch_wait_timeout_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """The builder's arguments (serve/app.py's AppArgs, less placement), with the user_config's
+    overrides when built by `with_user_config`."""
+
+    model: str
+    weights: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    memory_fraction: float | None = None
+    latency_budget_ms: float | None = None
+    max_batch: int = 256
+    cache_path: str | None = None
+    repeats: int = 3
+    warmup: int = 1
+    warm_sizes_budget_s: float = 120.0
+    gpu_share: float = 1.0
+    max_ongoing_requests: int | None = None  # what the builder set; Ray's own value wins where readable
+    options: dict = field(default_factory=dict)
+    # --- from user_config only ---
+    pins: Pins = Pins()
+    retune: Any = None  # a new truthy value re-tunes the running replicas, skipping the cache
+    faults: Faults = Faults()
+
+    def with_user_config(self, user_config: dict | None) -> "ReplicaConfig":
+        """This (the builder's) configuration overlaid by a user_config, validated."""
+        cfg = parse_user_config(user_config)
+        return replace(
+            self,
+            latency_budget_ms=cfg.get("latency_budget_ms", self.latency_budget_ms),
+            memory_fraction=cfg.get("memory_fraction", self.memory_fraction),
+            max_batch=int(cfg.get("max_batch", self.max_batch)),
+            pins=Pins(cfg.get("batch_size"), cfg.get("batch_wait_timeout_ms")),
+            retune=cfg.get("retune"),
+            faults=Faults.from_config(cfg.get("faults")),
+        )
+
+    def tuning_changes(self, other: "ReplicaConfig") -> list[str]:
+        """The user_config keys that change what a tuning measures, where `other` differs from this."""
+        return [key for key in TUNING_KEYS if getattr(self, key) != getattr(other, key)]
+
+    def tuning_settings(self, device_kind: str) -> TuningSettings:
+        latency = self.latency_budget_ms
+        return TuningSettings(
+            device=device_kind,
+            device_index=0,
+            dtype=self.dtype,
+            memory_fraction=memory_fraction_for(device_kind, self.memory_fraction, self.gpu_share),
+            latency_budget_s=latency / 1e3 if latency else None,
+            max_batch=self.max_batch,
+            warmup=self.warmup,
+            repeats=self.repeats,
+        )
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What @serve.batch is given: a max batch size and a wait, and why they differ from the tuning."""
+
+    size: int
+    wait_s: float
+    reasons: tuple[str, ...] = ()
+
+
+def effective_settings(tuning: Tuning, pins: Pins, oom_cap: int | None, max_ongoing: int | None,
+                       served_wait: LearntWait | None) -> BatchSettings:
+    """The size: pinned > tuned, never above what an out-of-memory while serving taught (`oom_cap`),
+    never above max_ongoing_requests (Ray never has more requests to put in one batch). The wait:
+    pinned > re-derived from served batches (`served_wait`) > tuned."""
+    reasons = []
+    size = pins.batch_size or tuning.batch_size
+    if pins.batch_size:
+        reasons.append(f"pinned by user_config batch_size={size}")
+    if oom_cap is not None and size > oom_cap:
+        size = oom_cap
+        reasons.append(f"lowered to {size} after an out-of-memory while serving")
+    if max_ongoing and size > max_ongoing:
+        reasons.append(f"capped at max_ongoing_requests={max_ongoing} (a batch cannot be larger); raise it to serve {size}")
+        size = max_ongoing
+    if pins.batch_wait_timeout_ms:
+        wait_s = pins.batch_wait_timeout_ms / 1e3
+        reasons.append(f"wait pinned by user_config batch_wait_timeout_ms={pins.batch_wait_timeout_ms}")
+    elif served_wait is not None:
+        wait_s = served_wait.wait_s
+        reasons.append(f"wait re-derived from served batches: {served_wait.reason}")
+    else:
+        wait_s = float(tuning.batch_wait_timeout_s)
+    return BatchSettings(int(size), float(wait_s), tuple(reasons))

@@ -1,0 +1,39 @@
+"""What one replica's batches did since it started, for GET /tuning's `stats`.
+
+Prometheus has the same counts (serve/metrics.py), summed over replicas and sampled; this is the
+replica's own exact record, which the tests and the benchmarks read per replica.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServingStats:
+    samples_served: int = 0
+    serving_ooms: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)  # batch size -> batches formed of that size
+    errors: Counter = field(default_factory=Counter)  # HTTP status (str) -> requests answered with it
+
+    def batch_formed(self, size: int) -> None:
+        self.batch_sizes[size] += 1
+
+    @property
+    def batches(self) -> int:
+        return sum(self.batch_sizes.values())
+
+    @property
+    def largest_batch(self) -> int:
+        return max(self.batch_sizes, default=0)
+
+    def to_dict(self, batch_item_retries: int) -> dict:
+        return {
+            "batches": self.batches,
+            "samples_served": self.samples_served,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "largest_batch": self.largest_batch,
+            "serving_ooms": self.serving_ooms,
+            "batch_item_retries": batch_item_retries,
+            "errors": dict(self.errors),
+        }
