@@ -6,7 +6,8 @@ import os
 from typing import Any, ClassVar
 
 from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg
+from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
+                     image_tensor_samples)
 
 
 def top_k(probabilities, k: int, categories: list[str] | None) -> list[list[dict]]:
@@ -135,3 +136,18 @@ class TorchvisionClassifierSpec(ModelSpec):
 
     def encode(self, output: list[dict]) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", "top_k": output}
+
+    # --- many samples per request (Open Inference Protocol tensors), on top of decode and encode
+    def decode_tensors(self, inputs: dict, parameters: dict) -> list:
+        from PIL import Image
+
+        return image_tensor_samples(inputs, self.decode,
+                                    lambda pixels: self.transform(crop_extreme_aspect(Image.fromarray(pixels, "RGB"))),
+                                    self.max_image_pixels)
+
+    def encode_tensors(self, encoded: list[dict]) -> dict:
+        import numpy as np
+
+        rows = [answer["top_k"] for answer in encoded]
+        return {"scores": np.array([[c["score"] for c in row] for row in rows], dtype=np.float32).reshape(len(rows), -1),
+                "class_ids": np.array([[c["class_id"] for c in row] for row in rows], dtype=np.int64).reshape(len(rows), -1)}

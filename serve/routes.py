@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -49,23 +49,27 @@ class HttpRoutes:
         return error_response(status, message)
 
     async def handle(self, request: Request) -> Response:
+        return await self.answer(request.method, subpath(request), request.headers, request.body)
+
+    async def answer(self, method: str, path: str, headers: Mapping[str, str],
+                     read_body: Callable[[], Awaitable[bytes]]) -> Response:
+        """One request to this route: `path` below the route prefix, `read_body()` the body."""
         replica = self._replica
-        path = subpath(request)
-        if request.method in ("GET", "HEAD"):
+        if method in ("GET", "HEAD"):
             if path == "/tuning":
                 return JSONResponse(replica.tuning_report())
             if path == "/":
                 return JSONResponse(replica.describe())
             return error_response(404, f"no such path {path!r}; use POST / for predictions, GET /tuning for the tuning in use")
-        if request.method != "POST":
-            return error_response(405, f"method {request.method} is not served; use POST / with the payload, or GET /tuning")
+        if method != "POST":
+            return error_response(405, f"method {method} is not served; use POST / with the payload, or GET /tuning")
         if path != "/":
             return error_response(404, f"no such path {path!r}; POST the payload to the route itself")
         try:
-            body = await request.body()
+            body = await read_body()
         except Exception as exc:  # noqa: BLE001 - client went away / broken stream
             return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
-        content_type = request.headers.get("content-type")
+        content_type = headers.get("content-type")
         try:
             sample = await asyncio.to_thread(replica.spec.decode, body, content_type)
         except PayloadError as exc:
@@ -74,7 +78,7 @@ class HttpRoutes:
             log.exception("autobatch: %s decode raised outside PayloadError", replica.model_name)
             return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
                                           f"check it is what GET / describes")
-        item = Item(sample, poisoned=replica.config.faults.is_poisoned(request.headers))
+        item = Item(sample, poisoned=replica.config.faults.is_poisoned(headers))
         try:
             outcome: Outcome = await self._infer(item)
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
