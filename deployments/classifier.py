@@ -1,11 +1,18 @@
 """Shared by the torchvision image classifiers (ResNet-50, ViT-B/16): the weights' own transforms
-(resize, centre crop, normalise), a forward pass, top-k with scores."""
+(resize, centre crop, normalise), a forward pass, top-k with scores.
+
+Two pipelines (`image_pipeline`, deployments/device_images.py): "host" decodes and transforms each
+request on the CPU and batches fp32 crops (a CPU replica's); "device" checks the header on the CPU,
+batches the JPEG bytes (or uint8 pixels), and decodes, resizes and normalises on the device (a GPU
+replica's). Both give the same crops within a level or two of 255 (tests/test_device_images.py)."""
 from __future__ import annotations
 
 import os
 from typing import Any, ClassVar
 
-from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
+from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from .device_images import (ImageInput, TorchvisionJpegDecoder, classifier_batch, image_input, images_to_device,
+                            pipeline_for)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
                      image_tensor_samples)
 
@@ -59,8 +66,14 @@ class TorchvisionClassifierSpec(ModelSpec):
 
     def __init__(self, weights_path: str | None = None, top_k: int = 5,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **options: Any):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_pipeline: str = "auto",
+                 tuning_image_size: tuple[int, int] | list[int] = (640, 480), **options: Any):
         super().__init__(weights_path, **options)
+        pipeline_for(image_pipeline, "cpu")  # validates
+        self.image_pipeline = image_pipeline
+        # The JPEG (width, height) the device pipeline tunes with: decoding is part of what it times.
+        self.tuning_image_size = (int(tuning_image_size[0]), int(tuning_image_size[1]))
+        self.jpeg_decoder = None  # a JpegDecoder; load() sets torchvision's for the device unless one is given
         if not 1 <= int(top_k) <= 1000:
             raise SpecConfigError(f"top_k must be between 1 and 1000, got {top_k}")
         if self.weights_path and not os.path.isfile(self.weights_path):
@@ -85,8 +98,14 @@ class TorchvisionClassifierSpec(ModelSpec):
             assert int(self._transform.crop_size[0]) == self.crop_size
         return self._transform
 
+    @property
+    def pipeline(self) -> str:
+        """'device' or 'host' for the device this spec was loaded on."""
+        return pipeline_for(self.image_pipeline, self.device)
+
     def input_signature(self) -> dict:
-        return {"image": [3, self.crop_size, self.crop_size]}
+        return {"image": [3, self.crop_size, self.crop_size], "pipeline": self.image_pipeline,
+                "tuning_jpeg": list(self.tuning_image_size)}
 
     def inputs(self) -> tuple[TensorSpec, ...]:
         return IMAGE_INPUTS
@@ -114,36 +133,73 @@ class TorchvisionClassifierSpec(ModelSpec):
             self.categories = list(self._weights_meta().meta["categories"])
         self.device, self.dtype_name = device, dtype
         self.model = model.eval().to(device=device, dtype=torch_dtype(dtype))
+        if self.jpeg_decoder is None or self.jpeg_decoder.device != str(device):
+            self.jpeg_decoder = TorchvisionJpegDecoder(device)
         return self.model
 
     def example_batch(self, n: int) -> list:
+        """What `decode` hands to `predict` on this pipeline: on the device pipeline n copies of a
+        photo-like JPEG of `tuning_image_size` (decode, resize and transfer are timed with the
+        forward); on the host pipeline the transformed crops (the CPU's decode runs per request)."""
         import torch
 
+        if self.pipeline == "device":
+            width, height = self.tuning_image_size
+            jpeg = example_jpeg((width, height))
+            return [ImageInput(height, width, jpeg=jpeg) for _ in range(n)]
         generator = torch.Generator().manual_seed(n)
         return list(torch.randn(n, 3, self.crop_size, self.crop_size, generator=generator))
 
     def decode(self, payload: bytes, content_type: str | None = None):
+        if self.pipeline == "device":
+            return image_input(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
         image = decode_image(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
         return self.transform(crop_extreme_aspect(image))
 
     def predict(self, samples: list) -> list:
+        """One output per sample; on the device pipeline a sample whose JPEG no decoder could read
+        gets its PayloadError in its place (serve answers it alone) and the rest are computed."""
         import torch
 
         with torch.inference_mode():
+            if samples and isinstance(samples[0], ImageInput):
+                return self._predict_on_device(samples)
             batch = torch.stack(samples).to(self.device, dtype=torch_dtype(self.dtype_name), non_blocking=True)
             probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
         return top_k(probabilities, self.top_k, self.categories)
+
+    def _predict_on_device(self, samples: list[ImageInput]) -> list:
+        import torch
+
+        decoded = images_to_device(samples, self.jpeg_decoder)
+        good = [i for i, d in enumerate(decoded) if not isinstance(d, PayloadError)]
+        outputs: list = list(decoded)
+        if good:
+            t = self.transform
+            batch = classifier_batch([decoded[i] for i in good], resize_size=int(t.resize_size[0]),
+                                     crop_size=self.crop_size, mean=t.mean, std=t.std,
+                                     dtype=torch_dtype(self.dtype_name), max_aspect=MAX_ASPECT)
+            probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
+            for i, row in zip(good, top_k(probabilities, self.top_k, self.categories)):
+                outputs[i] = row
+        return outputs
 
     def encode(self, output: list[dict]) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", "top_k": output}
 
     # --- many samples per request (Open Inference Protocol tensors), on top of decode and encode
     def decode_tensors(self, inputs: dict, parameters: dict) -> list:
+        return image_tensor_samples(inputs, self.decode, self.decode_pixels, self.max_image_pixels)
+
+    def decode_pixels(self, pixels):
+        """An RGB uint8 array (height x width x 3) as decode makes it from an image's bytes."""
+        import numpy as np
+        import torch
         from PIL import Image
 
-        return image_tensor_samples(inputs, self.decode,
-                                    lambda pixels: self.transform(crop_extreme_aspect(Image.fromarray(pixels, "RGB"))),
-                                    self.max_image_pixels)
+        if self.pipeline == "device":  # the pixels go to the device as they are, transformed there
+            return ImageInput(int(pixels.shape[0]), int(pixels.shape[1]), pixels=torch.from_numpy(np.ascontiguousarray(pixels)))
+        return self.transform(crop_extreme_aspect(Image.fromarray(pixels, "RGB")))
 
     def encode_tensors(self, encoded: list[dict]) -> dict:
         import numpy as np

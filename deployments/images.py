@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
@@ -43,6 +44,72 @@ def _describe(payload: bytes, content_type: str | None) -> str:
     return f"{len(payload)} bytes of {kind}"
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels (PIL opens lazily)."""
+
+    format: str  # JPEG, PNG or WEBP
+    width: int
+    height: int
+
+
+def _payload_error(exc: Exception, payload: bytes, content_type: str | None) -> PayloadError:
+    if isinstance(exc, UnidentifiedImageError):
+        return PayloadError(f"image could not be decoded (got {_describe(payload, content_type)}); "
+                            f"send JPEG, PNG or WebP bytes", 415)
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return PayloadError(f"image is too large to decode safely ({exc}); send a smaller image", 413)
+    # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError...
+    return PayloadError(f"image is truncated or corrupt ({type(exc).__name__}: {exc}; got {_describe(payload, content_type)}); "
+                        f"send a complete JPEG, PNG or WebP file", 422)
+
+
+def _open_checked(payload: bytes, content_type: str | None, max_bytes: int, max_pixels: int) -> Image.Image:
+    """The lazily opened image after the cheap checks (size, format, pixel count); pixels not read."""
+    if not payload:
+        raise PayloadError("empty request body; send the image as JPEG, PNG or WebP bytes", 400)
+    if len(payload) > max_bytes:
+        raise PayloadError(
+            f"image is {len(payload)} bytes, over the limit of {max_bytes} bytes; send a smaller image", 413
+        )
+    image = _PIL_OPEN(io.BytesIO(payload))
+    fmt = image.format
+    if fmt not in ACCEPTED_FORMATS:
+        raise PayloadError(
+            f"image format {fmt} is not accepted ({_describe(payload, content_type)}); send JPEG, PNG or WebP bytes",
+            415,
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadError(
+            f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels; send a smaller image",
+            413,
+        )
+    return image
+
+
+def check_image_header(
+    payload: bytes,
+    content_type: str | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> ImageHeader:
+    """The CPU part of decoding for a replica that decodes on its device: reject what is not an
+    accepted image of an accepted size here, so a bad payload gets its own 4xx before batching.
+    Reads only the header (microseconds); a JPEG whose body is corrupt passes and is caught by the
+    batch decoder, which fails that sample alone (deployments/device_images.py)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open_checked(payload, content_type, max_bytes, max_pixels)
+            return ImageHeader(image.format, image.size[0], image.size[1])
+    except PayloadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the header parser raises is the payload's fault
+        raise _payload_error(exc, payload, content_type) from None
+
+
 def decode_image(
     payload: bytes,
     content_type: str | None = None,
@@ -50,44 +117,16 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Image.Image:
-    if not payload:
-        raise PayloadError("empty request body; send the image as JPEG, PNG or WebP bytes", 400)
-    if len(payload) > max_bytes:
-        raise PayloadError(
-            f"image is {len(payload)} bytes, over the limit of {max_bytes} bytes; send a smaller image", 413
-        )
+    """The whole decode on the CPU: a validated RGB PIL image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _PIL_OPEN(io.BytesIO(payload))
-            fmt = image.format
-            if fmt not in ACCEPTED_FORMATS:
-                raise PayloadError(
-                    f"image format {fmt} is not accepted ({_describe(payload, content_type)}); send JPEG, PNG or WebP bytes",
-                    415,
-                )
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PayloadError(
-                    f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels; send a smaller image",
-                    413,
-                )
+            image = _open_checked(payload, content_type, max_bytes, max_pixels)
             image.load()
     except PayloadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        if isinstance(exc, UnidentifiedImageError):
-            raise PayloadError(
-                f"image could not be decoded (got {_describe(payload, content_type)}); send JPEG, PNG or WebP bytes",
-                415,
-            ) from None
-        raise PayloadError(f"image is too large to decode safely ({exc}); send a smaller image", 413) from None
-    except Exception as exc:  # truncated or corrupt data surfaces as OSError, SyntaxError, ValueError...
-        raise PayloadError(
-            f"image is truncated or corrupt ({type(exc).__name__}: {exc}; got {_describe(payload, content_type)}); "
-            f"send a complete JPEG, PNG or WebP file",
-            422,
-        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise _payload_error(exc, payload, content_type) from None
     return image.convert("RGB")
 
 

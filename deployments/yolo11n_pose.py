@@ -6,6 +6,10 @@ batch, confidence filter + NMS per image, then boxes and keypoints mapped back t
 image's pixels. The post-processing (`letterbox`, `nms_pose`, `scale_boxes`, `scale_keypoints`)
 is plain tensor code so it can be checked on hand-made tensors.
 
+On the device pipeline (`image_pipeline`, deployments/device_images.py) decode only reads the
+header (the letterbox geometry follows from the size alone) and keeps the JPEG bytes; predict
+decodes the batch on the device and letterboxes there with the same arithmetic.
+
 Weights: a local `.pt` checkpoint when configured, else the real architecture built from
 `yolo11n-pose.yaml` with random weights. Nothing here can make ultralytics download: the offline
 environment is set before ultralytics is imported, only the packaged YAML or an existing local
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from .device_images import (ImageInput, LetterboxGeometry, TorchvisionJpegDecoder, image_input, images_to_device,
+                            letterbox_batch, pipeline_for)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
                      image_tensor_samples)
 
@@ -40,7 +46,7 @@ def ultralytics_offline() -> None:
 class PoseSample:
     """One decoded request: the letterboxed image and what is needed to map results back."""
 
-    image: Any  # torch.uint8 tensor [3, imgsz, imgsz], RGB, letterboxed
+    image: Any  # torch.uint8 tensor [3, imgsz, imgsz], RGB, letterboxed; or an ImageInput (device pipeline)
     orig_size: tuple[int, int]  # (height, width) of the image as sent
     gain: tuple[float, float]  # (x, y) letterboxed pixels per original pixel (each side is rounded)
     pad: tuple[float, float]  # (left, top) padding in letterboxed pixels
@@ -62,16 +68,12 @@ def letterbox(image, size: int):
     import numpy as np
 
     h, w = image.shape[:2]
-    gain = min(size / h, size / w)
-    new_w, new_h = min(max(int(round(w * gain)), 1), size), min(max(int(round(h * gain)), 1), size)
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
-    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
-    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    g = LetterboxGeometry.of(h, w, size)
+    if (g.new_w, g.new_h) != (w, h):
+        image = cv2.resize(image, (g.new_w, g.new_h), interpolation=cv2.INTER_LINEAR)
+    out = cv2.copyMakeBorder(image, g.top, g.bottom, g.left, g.right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     assert out.shape[:2] == (size, size), out.shape
-    return np.ascontiguousarray(out), (new_w / w, new_h / h), (float(left), float(top))
+    return np.ascontiguousarray(out), g.gain, (float(g.left), float(g.top))
 
 
 def xywh_to_xyxy(boxes):
@@ -139,8 +141,14 @@ class YOLO11nPoseSpec(ModelSpec):
     def __init__(self, weights_path: str | None = None, imgsz: int = 640, conf_threshold: float = 0.25,
                  iou_threshold: float = 0.7, max_det: int = 300, max_candidates: int = 1000,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **options: Any):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_pipeline: str = "auto",
+                 tuning_image_size: tuple[int, int] | list[int] = (640, 480), **options: Any):
         super().__init__(weights_path, **options)
+        pipeline_for(image_pipeline, "cpu")  # validates
+        self.image_pipeline = image_pipeline
+        # The JPEG (width, height) the device pipeline tunes with: decoding is part of what it times.
+        self.tuning_image_size = (int(tuning_image_size[0]), int(tuning_image_size[1]))
+        self.jpeg_decoder = None  # a JpegDecoder; load() sets torchvision's for the device unless one is given
         try:
             imgsz = int(imgsz)
         except (TypeError, ValueError):
@@ -170,8 +178,14 @@ class YOLO11nPoseSpec(ModelSpec):
         self.names: dict[int, str] = {0: "person"}
         self.num_classes = 1
 
+    @property
+    def pipeline(self) -> str:
+        """'device' or 'host' for the device this spec was loaded on."""
+        return pipeline_for(self.image_pipeline, self.device)
+
     def input_signature(self) -> dict:
-        return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det, "max_candidates": self.max_candidates}
+        return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det, "max_candidates": self.max_candidates,
+                "pipeline": self.image_pipeline, "tuning_jpeg": list(self.tuning_image_size)}
 
     def inputs(self) -> tuple[TensorSpec, ...]:
         return IMAGE_INPUTS
@@ -230,14 +244,24 @@ class YOLO11nPoseSpec(ModelSpec):
             p.requires_grad_(False)
         self.device, self.dtype_name = device, dtype
         self.model = model.to(device=device, dtype=torch_dtype(dtype))
+        if self.jpeg_decoder is None or self.jpeg_decoder.device != str(device):
+            self.jpeg_decoder = TorchvisionJpegDecoder(device)
         with torch.inference_mode():  # builds the head's anchors once, outside any probe
             self.model(torch.zeros(1, 3, self.imgsz, self.imgsz, device=device, dtype=torch_dtype(dtype)))
         return self.model
 
     # --- samples
     def example_batch(self, n: int) -> list:
+        """What `decode` hands to `predict`, at its most post-processing (worst_case): on the device
+        pipeline a photo-like JPEG of `tuning_image_size` (its decode and letterbox are timed too),
+        on the host pipeline letterboxed pixels."""
         import torch
 
+        if self.pipeline == "device":
+            width, height = self.tuning_image_size
+            jpeg, g = example_jpeg((width, height)), LetterboxGeometry.of(height, width, self.imgsz)
+            return [PoseSample(ImageInput(height, width, jpeg=jpeg), (height, width), g.gain, (float(g.left), float(g.top)),
+                               worst_case=True) for _ in range(n)]
         generator = torch.Generator().manual_seed(n)
         images = torch.randint(0, 256, (n, 3, self.imgsz, self.imgsz), generator=generator, dtype=torch.uint8)
         return [PoseSample(image, (self.imgsz, self.imgsz), (1.0, 1.0), (0.0, 0.0), worst_case=True) for image in images]
@@ -246,6 +270,10 @@ class YOLO11nPoseSpec(ModelSpec):
         import numpy as np
         import torch
 
+        if self.pipeline == "device":
+            image = image_input(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+            g = LetterboxGeometry.of(image.height, image.width, self.imgsz)
+            return PoseSample(image, (image.height, image.width), g.gain, (float(g.left), float(g.top)))
         image = decode_image(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
         array = np.asarray(image)
         if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
@@ -259,16 +287,31 @@ class YOLO11nPoseSpec(ModelSpec):
         return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), gain, pad)
 
     # --- batch
+    def _batch(self, samples: list[PoseSample]):
+        """(the model's input batch, the samples in it, PayloadError per sample that fell out or None)."""
+        import torch
+
+        if not isinstance(samples[0].image, ImageInput):
+            batch = torch.stack([s.image for s in samples]).to(self.device, non_blocking=True)
+            return batch.to(torch_dtype(self.dtype_name)).div_(255.0), samples, [None] * len(samples)
+        decoded = images_to_device([s.image for s in samples], self.jpeg_decoder)
+        errors = [d if isinstance(d, PayloadError) else None for d in decoded]
+        good = [d for d in decoded if not isinstance(d, PayloadError)]
+        kept = [s for s, e in zip(samples, errors) if e is None]
+        batch = letterbox_batch(good, self.imgsz, PAD_VALUE, torch_dtype(self.dtype_name)) if good else None
+        return batch, kept, errors
+
     def predict(self, samples: list[PoseSample]) -> list[dict]:
+        """One output per sample; on the device pipeline a sample whose JPEG no decoder could read
+        gets its PayloadError in its place (serve answers it alone) and the rest are computed."""
         import torch
 
         with torch.inference_mode():
-            batch = torch.stack([s.image for s in samples]).to(self.device, non_blocking=True)
-            batch = batch.to(torch_dtype(self.dtype_name)).div_(255.0)
-            raw = self.model(batch)
-            raw = raw[0] if isinstance(raw, (tuple, list)) else raw
+            batch, kept, errors = self._batch(samples)
+            raw = self.model(batch) if batch is not None else []
+            raw = raw[0] if isinstance(raw, (tuple, list)) and batch is not None else raw
             outputs = []
-            for prediction, sample in zip(raw, samples):
+            for prediction, sample in zip(raw, kept):
                 boxes, scores, class_ids, keypoints = nms_pose(
                     prediction, self.num_classes, conf_threshold=-1.0 if sample.worst_case else self.conf_threshold,
                     iou_threshold=self.iou_threshold, max_det=self.max_det, max_candidates=self.max_candidates)
@@ -283,6 +326,8 @@ class YOLO11nPoseSpec(ModelSpec):
                     "labels": [self.names.get(c, str(c)) for c in class_list],
                     "keypoints": keypoints.tolist(),  # per detection: 17 x [x, y, confidence]
                 })
+        answers = iter(outputs)
+        outputs = [error if error is not None else next(answers) for error in errors]
         assert len(outputs) == len(samples)
         return outputs
 
@@ -292,8 +337,13 @@ class YOLO11nPoseSpec(ModelSpec):
     # --- many samples per request (Open Inference Protocol tensors), on top of decode and encode
     def decode_pixels(self, array) -> PoseSample:
         """An RGB uint8 array (height x width x 3) as decode makes it from an image's bytes."""
+        import numpy as np
         import torch
 
+        if self.pipeline == "device":  # the pixels go to the device as they are, letterboxed there
+            g = LetterboxGeometry.of(int(array.shape[0]), int(array.shape[1]), self.imgsz)
+            image = ImageInput(int(array.shape[0]), int(array.shape[1]), pixels=torch.from_numpy(np.ascontiguousarray(array)))
+            return PoseSample(image, (image.height, image.width), g.gain, (float(g.left), float(g.top)))
         boxed, gain, pad = letterbox(array, self.imgsz)
         tensor = torch.from_numpy(boxed).permute(2, 0, 1).contiguous()
         return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), gain, pad)

@@ -1,16 +1,19 @@
-"""The search for the largest batch that is safe: predict, then try.
+"""The search for the largest batch that is safe: predict, verify, stop.
 
 1. Probe batch 1. The memory with the model loaded and no batch is the base.
-2. Grow. Before every probe, fit memory ~ intercept + per_sample * b to what was measured (and
-   latency the same way). While the fit has not yet predicted a probe within 10%, sizes double;
-   once it has, the next size is the largest one predicted to fit budget / (1 + margin): one jump
-   instead of a dozen doublings. A size predicted over that is not run (outcome `predicted`).
-3. Refine between the last good and the first bad size: try the size the fit predicts to be the
-   limit (without the margin, now that we are close and have measured on both sides), else the
-   middle, until the gap is within `tolerance` of the bad size.
+2. Grow while the memory fit is unverified: at most 8x the last good size, and no further than
+   memory growing in proportion to the batch would allow (a fixed workspace plus a per-sample cost
+   never grows faster): batches 1, 8, 64 on a GPU, where doubling took 1, 2, 4, 8.
+3. Once a probe lands within 10% of the fit's prediction, jump to the largest size the fit says
+   stays within the budget less its last miss and less `margin` x the memory it extrapolates
+   (at most `max_jump` x the last good size).
+4. Stop once the last good size is within `tolerance` (3%) of the largest size that may fit (the
+   fit plus its last miss, after two predictions in a row held; or the first measured failure).
+   A verified jump usually ends it: 4-6 probes for the vision models' curves, where refining to
+   2% took 7-11 on an H200. Brackets of measurements shrink by a quarter at least.
 
-Bad = OOM, over the memory budget, over the latency budget, or predicted over the memory budget.
-The answer is always a size that ran and was measured within both budgets.
+Bad = OOM, over the memory budget, over the latency budget. The answer is always a size that ran
+and was measured within both budgets. `find_max_safe_batch` says why >= 95% follows.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class AffineFit:
         """Largest b with predict(b) <= limit (huge when the slope is flat)."""
         if self.slope <= 0:
             return 1 << 30 if self.intercept <= limit else 0
-        return int(math.floor((limit - self.intercept) / self.slope))
+        return int(math.floor((limit - self.intercept) / self.slope + 1e-9))  # a size exactly at the limit fits
 
 
 def fit_affine(points: list[tuple[int, float]]) -> AffineFit | None:
@@ -110,6 +113,7 @@ class Prober:
         self.repeats = repeats
         self.on_probe = on_probe or (lambda r: None)
         self.probes: list[ProbeResult] = []
+        self.predicted_latency_s: dict[int, float] = {}  # what the latency fit said before each probe
 
     def by_size(self, batch_size: int) -> ProbeResult | None:
         for p in self.probes:
@@ -123,11 +127,47 @@ class Prober:
             points.append((0, float(self.base_bytes)))
         return fit_affine(points)
 
-    def prediction_error_bytes(self) -> float:
-        """The largest miss of the memory prediction over the probes run so far (past batch 1)."""
-        misses = [abs(p.peak_bytes - p.predicted_bytes) for p in self.probes
-                  if p.peak_bytes is not None and p.predicted_bytes is not None and p.batch_size > 1]
-        return max(misses, default=0.0)
+    def verified_errors(self, within: float = 0.10) -> tuple[float | None, float | None]:
+        """How far off the latest memory and latency predictions were (bytes, seconds), when they
+        landed within `within` of what the batch added (peak - base) or took. None when the latest
+        prediction missed by more, or none was made yet: that fit is not verified. Only the latest:
+        an earlier miss came from a longer extrapolation (64 to 512, say) and would keep the steps
+        near the limit needlessly short.
+
+        Measured against the whole peak instead, a GPU's batches 1 and 2 (a few MiB over a GiB of
+        weights) would always look "predicted" while saying nothing about the slope, and the search
+        would leap 500x on a guess (seen on an H200)."""
+        def misses(pairs, needed: int = 1) -> float | None:
+            found = []
+            for measured, predicted, added in pairs:
+                if predicted is None or abs(measured - predicted) > within * max(added, 1e-12):
+                    return None
+                found.append(abs(measured - predicted))
+                if len(found) == needed:
+                    return found[0]
+            return None
+
+        ran = [p for p in reversed(self.probes) if p.peak_bytes is not None]
+        memory = misses((p.peak_bytes, p.predicted_bytes, p.peak_bytes - self.base_bytes) for p in ran)
+        latency = misses((p.latency_s, self.predicted_latency_s.get(p.batch_size), p.latency_s) for p in ran)
+        return memory, latency
+
+    def predictions_held(self, within: float = 0.10, latency: bool = False) -> int:
+        """How many of the latest measured probes in a row the memory (or latency) fit predicted
+        within `within` of what they added (took): one can be luck (a workspace that stepped up
+        between batches 1 and 8 can make the line through them look right; batches that fit in one
+        wave of a GPU take the same time, so a flat line predicts 4 -> 5 and says nothing about
+        5 -> 200), two in a row are evidence."""
+        held = 0
+        for p in reversed(self.probes):
+            if p.peak_bytes is None:
+                continue
+            measured, predicted, added = ((p.latency_s, self.predicted_latency_s.get(p.batch_size), p.latency_s)
+                                          if latency else (p.peak_bytes, p.predicted_bytes, p.peak_bytes - self.base_bytes))
+            if predicted is None or abs(measured - predicted) > within * max(added, 1e-12):
+                break
+            held += 1
+        return held
 
     def latency_fit(self) -> AffineFit | None:
         return fit_affine([(p.batch_size, p.latency_s) for p in self.probes if p.latency_s is not None])
@@ -143,6 +183,9 @@ class Prober:
         if known is not None and known.ran:
             return known
         fit = self.memory_fit()
+        latency_fit = self.latency_fit()
+        if latency_fit is not None:
+            self.predicted_latency_s[batch_size] = latency_fit.predict(batch_size)
         result = probe(
             self.run_batch,
             batch_size,
@@ -158,16 +201,7 @@ class Prober:
         return result
 
 
-def _fit_is_trusted(probes: list[ProbeResult], base_bytes: int, within: float = 0.10) -> bool:
-    """The last measured probe landed within 10% of what the fit predicted for the part of its
-    memory that the batch adds (peak - base). Measured against the whole peak instead, a GPU's
-    batches 1 and 2 (a few MiB over a GiB of weights) would always look "predicted" while saying
-    nothing about the slope, and the search would leap 500x on a guess (seen on an H200)."""
-    for p in reversed(probes):
-        if p.peak_bytes is not None:
-            added = max(p.peak_bytes - base_bytes, 1)
-            return p.predicted_bytes is not None and abs(p.peak_bytes - p.predicted_bytes) <= within * added
-    return False
+GROWTH_UNVERIFIED = 8  # the most a size grows over the last good one while the memory fit is unverified
 
 
 def find_max_safe_batch(
@@ -175,13 +209,33 @@ def find_max_safe_batch(
     *,
     max_batch: int = 1024,
     margin: float = 0.10,
-    tolerance: float = 0.02,
+    tolerance: float = 0.03,
     max_jump: int = 64,
     model_name: str = "model",
 ) -> SearchResult:
+    """The largest size that ran within both budgets, within `tolerance` of the largest that may fit.
+
+    Stop rule, and why it keeps >= 95% of the largest size that fits without a size over it: let
+    f be the memory fit and E the largest miss of its predictions since it was verified (each within
+    10% of what its batch added). Assume near the limit the fit is no further off than it has
+    been, |m(b) - f(b)| <= E. Then no size past U = max{b : f(b) <= budget + E} fits, and the search
+    stops once the last good size g >= (1 - tolerance) U: g ran within the budget, and the largest
+    size that fits, b*, is <= U, so g >= 0.97 b*. The target it jumps to, the largest b with
+    f(b) + E + margin (f(b) - m(g)) <= budget, fits under the same assumption with room to spare
+    (the margin scales with how far it extrapolates past the last measurement), and it lies within
+    (2E + margin (f(b) - m(g))) / slope of U: when E is small next to the memory of the batch,
+    one verified jump ends the search. When it is not (noise, a curve that bends), the next target
+    is computed again from the larger E, and a size over the budget is a bound like any other.
+    Latency is bounded the same way with its own fit and misses.
+
+    Where the assumption fails (memory that steps up past the last measurement) the answer is still
+    a size that ran within the budget: only the 95% then rests on the bracket of measured sizes.
+    Ultralytics AutoBatch fits a line to batches 1-16 and takes its solution unverified: 5-7 probes,
+    but a curve that bends or steps past 16 gives an answer over the budget (or far under it).
+    """
     budget = prober.memory_budget_bytes
-    guarded_budget = budget / (1 + margin)
     latency_budget = prober.latency_budget_s
+    base = prober.base_bytes
 
     first = prober.run(1)
     if first.outcome in (OOM, OVER_MEMORY):
@@ -192,30 +246,13 @@ def find_max_safe_batch(
             f"dtype, or a larger device"
         )
     if first.outcome == OVER_LATENCY:
-        return SearchResult(1, prober.probes, prober.base_bytes, "latency", prober.memory_fit(), [
+        return SearchResult(1, prober.probes, base, "latency", prober.memory_fit(), [
             f"batch 1 already takes {first.latency_s * 1e3:.0f} ms, over the latency budget of "
             f"{latency_budget * 1e3:.0f} ms: serving unbatched (raise --latency-budget-ms to batch)"
         ])
 
     good, hard_bad = 1, None  # largest size measured good; smallest size that ran and failed
     bad_reason = "max_batch"
-
-    def predicted_limit(memory_limit: float) -> int:
-        """Largest size the fits say stays within memory_limit and the latency budget."""
-        limit = max_batch
-        mem = prober.memory_fit()
-        if mem is not None:
-            limit = min(limit, mem.max_batch_within(memory_limit))
-        lat = prober.latency_fit()
-        if lat is not None and latency_budget is not None:
-            limit = min(limit, lat.max_batch_within(latency_budget))
-        return limit
-
-    def proportional_latency_limit() -> int:
-        measured = prober.by_size(good)
-        if latency_budget is None or measured is None or not measured.latency_s:
-            return max_batch
-        return max(good + 1, int(good * latency_budget / measured.latency_s))
 
     def run(size: int) -> None:
         nonlocal good, hard_bad, bad_reason
@@ -226,54 +263,124 @@ def find_max_safe_batch(
             hard_bad = size
             bad_reason = {OOM: "oom", OVER_MEMORY: "memory", OVER_LATENCY: "latency"}[result.outcome]
 
-    # Grow: double until the fit is trusted, then jump to the largest size predicted to fit
-    # budget / (1 + margin). A size predicted over that is recorded as skipped, never run.
-    while hard_bad is None and good < max_batch:
-        # No fit yet (sizes so small that the allocator rounds them to the same peak) means no
-        # prediction at all: keep doubling rather than leap to max_batch unguarded.
-        trusted = prober.memory_fit() is not None and _fit_is_trusted(prober.probes, prober.base_bytes)
-        # Even a trusted fit is not extrapolated more than max_jump x past what was measured, nor
-        # past the size whose latency would reach the budget if latency grew in proportion to the
-        # batch (it grows no faster than that: per-sample cost only falls with batching), so a
-        # CPU, where latency is proportional, never leaps to a size that takes seconds a run.
-        size = min(predicted_limit(guarded_budget), max_jump * good, proportional_latency_limit()) if trusted else 2 * good
-        size = min(size, max_batch)
-        fit = prober.memory_fit()
-        if fit is not None and fit.predict(size) > guarded_budget:
-            if prober.by_size(size) is None:
-                prober.skip(size, fit.predict(size))
-            size = min(size - 1, predicted_limit(guarded_budget))
-        if size <= good:
-            break
-        run(size)
+    def guarded(anchor_bytes: float, error_bytes: float) -> float:
+        """The memory a target may be predicted to take: budget - error - margin x what it adds
+        over the last good measurement, solved for the prediction."""
+        return (budget - error_bytes + margin * anchor_bytes) / (1 + margin)
 
-    # Refine between the last good and the first bad size, now against the budget itself: the
-    # margin kept the jumps safe; here the measurements on both sides keep the steps small.
-    last_guess_was_slow = False
+    def within_latency(latency_error_s: float | None) -> int:
+        """Sizes past this would exceed the latency budget: by the latency fit, once its last
+        prediction held (less its miss); before that, if latency grew in proportion to the batch
+        (it grows no faster: per-sample cost only falls with batching), so a CPU, where latency is
+        proportional, never leaps to a size that takes seconds a run."""
+        measured = prober.by_size(good)
+        if latency_budget is None or not measured.latency_s:
+            return max_batch
+        lat = prober.latency_fit()
+        proportional = max(good + 1, int(good * latency_budget / measured.latency_s))
+        if lat is not None and latency_error_s is not None:
+            # a flat line (batches within one wave of the GPU) is not extrapolated past 8x
+            return max(good + 1, min(lat.max_batch_within(latency_budget - latency_error_s),
+                                     max(proportional, GROWTH_UNVERIFIED * good)))
+        return proportional
+
+    def local_limit(value: Callable[[ProbeResult], float], bound: float) -> int:
+        """Where the line through the last two good sizes reaches `bound`. A fit through sizes on
+        both sides of a bend (memory or latency that curves or steps up) cuts above the curve
+        between them and would stop the search short; this line does not, there."""
+        goods = sorted((p.batch_size, value(p)) for p in prober.probes if p.ok)[-2:]
+        if len(goods) < 2:
+            return max_batch  # batch 1 alone: the measured failure above is the only bound
+        (b0, y0), (b1, y1) = goods
+        if y1 <= y0:
+            return max_batch
+        return AffineFit(y1 - (y1 - y0) / (b1 - b0) * b1, (y1 - y0) / (b1 - b0)).max_batch_within(bound)
+
     while good < max_batch:
-        upper = hard_bad if hard_bad is not None else max_batch + 1
         fit = prober.memory_fit()
-        if fit is not None:
-            # A size is ruled out unrun only when predicted over the budget by more than the fit
-            # has been wrong so far: step-shaped memory (CPU workspaces) is then measured, while an
-            # affine model (no error) skips it and so never goes near an OOM.
-            predicted_upper = fit.max_batch_within(budget + prober.prediction_error_bytes()) + 1
-            if predicted_upper < upper:
-                upper = max(predicted_upper, good + 1)
-                if prober.by_size(upper) is None:
-                    prober.skip(upper, fit.predict(upper))
-                if hard_bad is None or upper < hard_bad:
-                    bad_reason = "memory"
-        if upper - good <= max(1, tolerance * upper):
+        memory_error, latency_error = prober.verified_errors()
+        if fit is None:
+            memory_error = None
+        limit, reason = (max_batch, "max_batch") if hard_bad is None else (hard_bad - 1, bad_reason)
+        bracketed = hard_bad is not None  # (good, limit] bounded by a measurement or a fit's word
+        if memory_error is not None:
+            predicted = fit.max_batch_within(budget + memory_error)
+            if hard_bad is not None:
+                predicted = max(predicted, local_limit(lambda p: p.peak_bytes, budget + memory_error))
+            # Stopping short of a measured failure on the fit's word alone takes two predictions
+            # in a row that held; jumping on it takes one.
+            if predicted < limit and (hard_bad is not None or prober.predictions_held() >= 2):
+                limit, reason, bracketed = max(good, predicted), "memory", True
+        lat = prober.latency_fit()
+        if latency_budget is not None and lat is not None and latency_error is not None \
+                and (hard_bad is not None or prober.predictions_held(latency=True) >= 2):
+            predicted = lat.max_batch_within(latency_budget + latency_error)
+            if hard_bad is not None:
+                predicted = max(predicted, local_limit(lambda p: p.latency_s, latency_budget + latency_error))
+            if predicted < limit:
+                limit, reason, bracketed = max(good, predicted), "latency", True
+        if good >= (1 - tolerance) * limit or limit - good <= 1 and prober.by_size(limit) is not None:
+            bad_reason = reason
             break
-        guess = predicted_limit(budget)
-        # A fit's guess may crawl towards a curved limit one step at a time; when the last guess did
-        # not halve the bracket, bisect instead, so refinement never takes more than log2 steps.
-        use_guess = good < guess < upper and prober.by_size(guess) is None and not last_guess_was_slow
-        size = guess if use_guess else (good + upper) // 2
-        gap = upper - good
-        run(size)
-        new_upper = hard_bad if hard_bad is not None else max_batch + 1
-        last_guess_was_slow = use_guess and (min(new_upper, upper) - good) > gap / 2
+        anchor = prober.by_size(good).peak_bytes
+        if memory_error is not None:  # verified: jump as far as the fit and its error allow
+            target = fit.max_batch_within(guarded(anchor, memory_error))
+            if target <= good:
+                target = fit.max_batch_within(budget - memory_error)
+            target = min(target, max_jump * good)
+        else:
+            # Unverified: memory that grows no faster than in proportion to the batch (a fixed
+            # workspace plus a per-sample cost) stays under base + b x (anchor - base) / good.
+            per_sample = (anchor - base) / good
+            targets = [GROWTH_UNVERIFIED * good]
+            for slope, intercept in ([(per_sample, base)] if per_sample > 0 else []) + (
+                    [(fit.slope, fit.intercept)] if fit is not None else []):
+                line = AffineFit(intercept, slope)
+                step = line.max_batch_within(guarded(anchor, 0.0))
+                targets.append(step if step > good else line.max_batch_within(budget))
+            target = min(targets)
+            goods = sorted((p.batch_size, p.peak_bytes) for p in prober.probes if p.ok)[-2:]
+            if target <= good and len(goods) == 2 and goods[1][1] > goods[0][1]:
+                # The fit may still lean on sizes before a bend (a workspace that stepped up at
+                # batch 2): the slope between the last two good sizes says how memory grows here.
+                (b0, m0), (b1, m1) = goods
+                line = AffineFit(m1 - (m1 - m0) / (b1 - b0) * b1, (m1 - m0) / (b1 - b0))
+                target = min(GROWTH_UNVERIFIED * good, line.max_batch_within(guarded(anchor, 0.0)))
+        latency_bound = within_latency(latency_error)
+        if target <= good and latency_bound > good and not bracketed:
+            # Nothing larger is predicted to fit, by a fit not yet shown to hold near here: a size is
+            # ruled out unrun only when predicted over the budget by more than the fit's last miss
+            # (a workspace that stepped up between the last two sizes throws fit and slope off).
+            latest = next(p for p in reversed(prober.probes) if p.peak_bytes is not None)
+            miss = abs(latest.peak_bytes - latest.predicted_bytes) if latest.predicted_bytes is not None else 0.0
+            if fit is None or fit.predict(good + 1) > budget + miss:
+                bad_reason = "memory"
+                break
+            target = good + 1
+        target = min(target, latency_bound, limit, max_batch)
+        if bracketed:
+            # A bracket (good, limit] of measurements or a verified fit's: it must shrink by a quarter
+            # at least, so a fit that a bend has pulled off cannot creep up (or, against a measured
+            # failure, down) one size at a time; right after a failed size the fit does not pick the
+            # next one alone (at most halfway).
+            span = limit + 1 - good
+            target = max(target, good + max(1, span // 4 if span > 8 else span // 2))
+            if hard_bad is not None:
+                latest = next(p for p in reversed(prober.probes) if p.ran)
+                target = min(target, good + max(1, span // 2 if not latest.ok else span * 3 // 4))
+        elif target <= good:  # only the latency budget is left to stop at
+            bad_reason = "latency"
+            break
+        if prober.by_size(target) is not None:
+            bad_reason = reason
+            break
+        run(target)
 
-    return SearchResult(good, prober.probes, prober.base_bytes, bad_reason, prober.memory_fit())
+    fit = prober.memory_fit()
+    if bad_reason == "memory" and fit is not None and hard_bad != good + 1 and good < max_batch:
+        skipped = prober.by_size(good + 1)
+        if skipped is None:  # say in the log what stopped the search without running it
+            prober.skip(good + 1, fit.predict(good + 1))
+    if good >= max_batch:
+        bad_reason = "max_batch"
+    return SearchResult(good, prober.probes, base, bad_reason, fit)

@@ -6,7 +6,8 @@ smallest measured size whose throughput is within `knee_fraction` (95%) of the b
 sizes whose latency fits the budget and that are no larger than the max safe batch.
 
 The knee is only as sharp as the sizes measured around it; `next_knee_probe` names one more size
-to measure (in the geometric middle of the bracket around the knee) until the bracket is narrow.
+to measure (where the throughput curve through the bracket's ends crosses the knee), at most
+`MAX_KNEE_PROBES` times.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 from .probe import ProbeResult
 from .wait import batch_wait_timeout_s  # noqa: F401 - the wait's rule lives in wait.py; re-exported for tune.py until it imports from there
+
+MAX_KNEE_PROBES = 2  # probes after the search, to sharpen the knee
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,32 @@ def next_knee_probe(
 ) -> int | None:
     """The size to measure next to sharpen the knee, or None when the bracket is narrow enough.
 
-    The bracket is (largest measured size below the knee, selected size]; we measure its
-    geometric middle until selected / below <= `resolution`.
+    The bracket is (largest measured size below the knee, selected size]. A batch that takes
+    a + c*b seconds serves b / (a + c*b) samples/s, so 1/throughput = a/b + c: a line in 1/b. The
+    line through the bracket's two ends says where throughput reaches `knee_fraction` of the best;
+    we measure there (rounded up, to land on the side that qualifies). Exact for affine latency,
+    one or two probes land on the knee where bisecting the bracket took four; the bracket's
+    geometric middle only when the line cannot tell. None once selected / below <= `resolution`,
+    or when the line puts the knee at the selected size itself.
     """
     chosen = select_serve_batch(probes, max_safe_batch, latency_budget_s, knee_fraction)
+    candidates = _candidates(probes, max_safe_batch, latency_budget_s)
     measured = {p.batch_size for p in probes if p.ran}
-    below = [p.batch_size for p in _candidates(probes, max_safe_batch, latency_budget_s)
-             if p.batch_size < chosen.batch_size]
+    below = [p for p in candidates if p.batch_size < chosen.batch_size]
     if not below:
         return None
-    lower = max(below)
-    if chosen.batch_size / lower <= resolution or chosen.batch_size - lower <= 1:
+    lower = max(below, key=lambda p: p.batch_size)
+    upper = next(p for p in candidates if p.batch_size == chosen.batch_size)
+    if upper.batch_size / lower.batch_size <= resolution or upper.batch_size - lower.batch_size <= 1:
         return None
-    middle = int(round(math.sqrt(lower * chosen.batch_size)))
-    middle = min(max(middle, lower + 1), chosen.batch_size - 1)
+    middle = int(round(math.sqrt(lower.batch_size * upper.batch_size)))
+    wanted = knee_fraction * chosen.best_throughput
+    # lower's throughput < wanted <= upper's, so the line's crossing lies inside the bracket
+    slope = (1 / lower.throughput - 1 / upper.throughput) / (1 / lower.batch_size - 1 / upper.batch_size)
+    intercept = 1 / upper.throughput - slope / upper.batch_size
+    if slope > 0 and 1 / wanted > intercept:
+        middle = math.ceil(slope / (1 / wanted - intercept) - 1e-9)
+        if middle >= upper.batch_size:
+            return None
+    middle = min(max(middle, lower.batch_size + 1), upper.batch_size - 1)
     return None if middle in measured else middle

@@ -25,13 +25,12 @@ from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerp
 from .model import ExampleBatches, TunableModel
 from .probe import PREDICTED, ProbeResult
 from .search import Prober, find_max_safe_batch
-from .select import batch_wait_timeout_s, next_knee_probe, select_serve_batch
+from .select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
 from .tuning import CACHED, MEASURED, DeviceInfo, MemoryFit, Tuning
 
 log = logging.getLogger("autobatch")
 
 DEFAULT_MEMORY_FRACTION = {"cuda": 0.90, "cpu": 0.50, "sim": 1.0}
-MAX_KNEE_PROBES = 4
 
 
 class SettingsError(ValueError):

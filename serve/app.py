@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.registry import model_names
 
@@ -45,6 +45,11 @@ class AppArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (fractions allowed)")
     num_gpus: float = Field(1.0, gt=0, le=1, description="share of one GPU per replica, used when it runs on a GPU")
+    replicas_per_gpu: int | None = Field(None, ge=1, le=16, description=(
+        "on a GPU cluster: k replicas of this model per card, each asking 1/k of a GPU (num_gpus) and "
+        "tuning within 1/k of its memory, so all k share one cached tuning (the same key: the same "
+        "device, model and budget); num_replicas defaults to k. For a model whose per-request host "
+        "work (HTTP, decode) keeps one replica from feeding the card"))
     repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
     warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
     warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
@@ -58,6 +63,14 @@ class AppArgs(BaseModel):
         if value not in model_names():
             raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(model_names())}")
         return value
+
+    @model_validator(mode="after")
+    def _one_gpu_share(self):
+        if self.replicas_per_gpu is not None and "num_gpus" in self.model_fields_set \
+                and abs(self.num_gpus * self.replicas_per_gpu - 1) > 1e-9:
+            raise ValueError(f"num_gpus {self.num_gpus} and replicas_per_gpu {self.replicas_per_gpu} disagree; "
+                             f"give one of them (replicas_per_gpu k means num_gpus 1/k)")
+        return self
 
     @field_validator("user_config")
     @classmethod
@@ -78,25 +91,32 @@ def cluster_gpus() -> float:
         return 0.0
 
 
-def placement(args: AppArgs) -> dict:
-    """ray_actor_options for one replica: a GPU share where the replica will run on a GPU."""
+def placement(args: AppArgs) -> tuple[dict, int]:
+    """(ray_actor_options for one replica, the number of replicas): a GPU share where the replica
+    will run on a GPU; replicas_per_gpu k there means k replicas of 1/k of a card."""
     gpus = cluster_gpus()
     if args.device == "cuda" and gpus == 0 and __import__("ray").is_initialized():
         raise ValueError(f"{args.model}: device cuda was asked for, but the Ray cluster has no GPUs; "
                          f"use device auto or cpu")
     on_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
-    return {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus if on_gpu else 0}
+    if not on_gpu:
+        return {"num_cpus": args.num_cpus, "num_gpus": 0}, args.num_replicas
+    if args.replicas_per_gpu is None:
+        return {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}, args.num_replicas
+    k = args.replicas_per_gpu
+    replicas = args.num_replicas if "num_replicas" in args.model_fields_set else k
+    return {"num_cpus": args.num_cpus, "num_gpus": 1.0 / k}, replicas
 
 
 def build(args: AppArgs):
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(dict(args or {}))
-    actor_options = placement(args)
+    actor_options, num_replicas = placement(args)
     max_ongoing = args.max_ongoing_requests or max(8, 2 * args.max_batch)
     cache_path = os.path.expanduser(args.cache_path) if args.cache_path else None
     deployment = AutobatchDeployment.options(
         name=args.model,
-        num_replicas=args.num_replicas,
+        num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing,
         ray_actor_options=actor_options,
         user_config=args.user_config,

@@ -68,13 +68,18 @@ class BatchRunner:
         self.item_retries = 0  # batches that failed for a reason other than memory and were retried item by item
 
     def _forward(self, items: list[Item]) -> list[Outcome]:
-        """In the worker thread: one forward pass over the batch, then each output encoded alone."""
+        """In the worker thread: one forward pass over the batch, then each output encoded alone.
+        A PayloadError in place of an output (a JPEG only the batch decode found corrupt) is that
+        item's 4xx."""
         self._before_predict(items)
         outputs = self.spec.predict([item.sample for item in items])
         if len(outputs) != len(items):
             raise RuntimeError(f"{self._model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
         outcomes = []
         for item, output in zip(items, outputs):
+            if isinstance(output, PayloadError):  # the spec found this sample bad in the batch; the rest ran
+                outcomes.append(Outcome.error(output.status, output.message))
+                continue
             try:
                 encoded = self.spec.encode(output)
                 outcomes.append(Outcome(200, b"", encoded) if item.keep_value else Outcome(200, json.dumps(encoded).encode()))

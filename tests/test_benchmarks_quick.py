@@ -101,6 +101,19 @@ def test_new_shape_cost_parses_size_ranges_in_order():
         parse_sizes(["0-2"])
 
 
+def test_feed_gpu_quick(tmp_path):
+    out = tmp_path / "feed.json"
+    stdout = run_script("feed_gpu.py", "--quick", "--out", str(out))
+    assert "new / forward" in stdout and "header check" in stdout and f"wrote {out}" in stdout
+    data = json.loads(out.read_text())
+    measured = data["models"]["resnet50"]
+    assert [r["batch"] for r in measured["rows"]] == [1, 2]
+    for r in measured["rows"]:
+        assert r["forward_only"] > 0 and r["old_path"] > 0 and r["new_path"] > 0 and r["device_decode"] > 0
+    assert [t["curve"] for t in measured["tuner"]] == ["forward alone", "old path", "new path"]
+    assert all(t["probes"] and 1 <= t["batch_size"] <= 2 for t in measured["tuner"])
+
+
 def test_the_brute_force_scan_finds_the_true_maximum_from_any_hint():
     """benchmarks/bruteforce.py, which both tuning benchmarks judge against, on the simulated device:
     from a hint below, at or above the answer it lands exactly on the largest size that fits."""

@@ -16,7 +16,7 @@ import torch
 from deployments.base import PayloadError, SpecConfigError
 from deployments.classifier import top_k
 from deployments.registry import create_spec, model_names
-from deployments.testing import image_bytes, run_guarded_python, run_tune
+from model_helpers import image_bytes, run_guarded_python, run_tune
 from optimizer.tuning import Tuning
 
 CLASSIFIERS = ["resnet50", "vit_b_16"]

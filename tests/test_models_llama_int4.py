@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from deployments.base import PayloadError, SpecConfigError
 from deployments.llama_int4 import (BOS_ID, EOS_ID, MARKER, SYNTHETIC_CONFIGS, LlamaInt4Spec, Prompt,
                                     build_byte_tokenizer, trim_completion)
-from deployments.testing import run_guarded_python, run_tune
+from model_helpers import run_guarded_python, run_tune
 from optimizer.tuning import Tuning
 
 SMALL = dict(max_prompt_tokens=48, max_new_tokens=12)

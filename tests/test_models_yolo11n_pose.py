@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deployments.base import PayloadError, SpecConfigError
-from deployments.testing import image_bytes, run_guarded_python, run_tune
+from model_helpers import image_bytes, run_guarded_python, run_tune
 from deployments.yolo11n_pose import (NUM_KEYPOINTS, PAD_VALUE, YOLO11nPoseSpec, letterbox, nms_pose, scale_boxes,
                                       scale_keypoints, ultralytics_offline)
 from optimizer.tuning import Tuning

@@ -86,6 +86,40 @@ def test_builder_places_replicas_on_a_gpu_share_when_the_cluster_has_gpus(monkey
     assert d.ray_actor_options["num_gpus"] == 0 and d.ray_actor_options["num_cpus"] == 0.25
 
 
+def test_replicas_per_gpu_packs_k_replicas_that_share_one_tuning_key(monkeypatch):
+    import serve.app as app_module
+    from optimizer.devices import DeviceFingerprint
+    from optimizer.tune import resolve
+    from serve.settings import ReplicaConfig
+    from deployments.registry import create_spec
+    from pydantic import ValidationError
+
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 1.0)
+    d = _deployment_of(app_module.build({"model": "resnet50", "replicas_per_gpu": 4}))
+    assert d.ray_actor_options["num_gpus"] == 0.25 and d.num_replicas == 4
+    d = _deployment_of(app_module.build({"model": "resnet50", "replicas_per_gpu": 2, "num_replicas": 6}))
+    assert d.ray_actor_options["num_gpus"] == 0.5 and d.num_replicas == 6  # three cards' worth
+    with pytest.raises(ValidationError, match="disagree"):
+        app_module.build({"model": "resnet50", "replicas_per_gpu": 2, "num_gpus": 0.25})
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 0.0)  # a CPU cluster: one replica, no GPU
+    d = _deployment_of(app_module.build({"model": "resnet50", "replicas_per_gpu": 4}))
+    assert d.ray_actor_options["num_gpus"] == 0 and d.num_replicas == 1
+
+    # the replicas of one card get the same key (they tune once, the rest take the cache) within
+    # 1/k of it; another share is another key
+    card = DeviceFingerprint(kind="cuda", name="NVIDIA H200", total_memory_bytes=143_771_287_552, uuid="GPU-0",
+                             driver_version="580", cuda_version="13.0", torch_version="2.14.1")
+    spec = create_spec("resnet50")
+
+    def key(share):
+        config = ReplicaConfig(model="resnet50", gpu_share=share)
+        return resolve(spec, config.tuning_settings("cuda"), card)
+
+    a, b, other = key(0.25), key(0.25), key(0.5)
+    assert a.key_fields(spec) == b.key_fields(spec) != other.key_fields(spec)
+    assert a.memory_budget_bytes == int(0.9 * 0.25 * card.total_memory_bytes)
+
+
 def test_a_gpu_share_tunes_within_its_share_of_the_memory():
     from serve.deployment import memory_fraction_for
 

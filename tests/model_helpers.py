@@ -1,4 +1,4 @@
-"""Test support for model specs (used by tests/test_models_*.py; no test framework imported here).
+"""Test support for model specs (used by tests/test_models_*.py; lives in tests/, not the shipped package).
 
 - `image_bytes`: real JPEG/PNG/WebP/GIF files made with Pillow, with a pattern so images differ.
 - `run_tune`: `autobatch tune MODEL --device cpu --json` in a fresh process (own temp dir, so its
@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 NETWORK_GUARD = textwrap.dedent('''
-    """Installed by deployments.testing.run_tune: refuse and record any network access."""
+    """Installed by run_tune: refuse and record any network access."""
     import os
     import socket
 
