@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -23,7 +26,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("resnet50", "llama_int4")
 MAX_BODY_BYTES = 4 * 2**20
-MAX_NEW_TOKENS = 4
+MAX_NEW_TOKENS = 16  # README's examples ask for 16
 
 
 def live_apps(cache_path: str) -> list[dict]:
@@ -36,7 +39,7 @@ def live_apps(cache_path: str) -> list[dict]:
         app = apps[name]
         app["args"].update(cache_path=cache_path, max_batch=4, repeats=1, device="cpu")
         if name == "llama_int4":
-            app["args"]["options"] = {"max_prompt_tokens": 16, "max_new_tokens": MAX_NEW_TOKENS,
+            app["args"]["options"] = {"max_prompt_tokens": 32, "max_new_tokens": MAX_NEW_TOKENS,
                                       "default_new_tokens": 2}
         chosen.append(app)
     return chosen
@@ -217,3 +220,51 @@ def test_bad_requests_get_the_right_status_and_say_what_to_send(live):
     assert live.grpc_client.is_model_ready("resnet50")
     result = live.grpc_client.infer("resnet50", [images_input(tritonclient_grpc, [good])])
     assert_rows_match(result, [single_answer(live, good)])
+
+
+# ---------------------------------------------------------------- what users run
+def readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return re.search(r"^## Open Inference Protocol v2.*?(?=^## )", text, re.S | re.M).group(0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_readme_curl_examples_run(live, model):
+    lines = [line for line in readme_section().splitlines()
+             if line.startswith("curl ") and f"/v2/models/{model}/infer" in line]
+    assert lines, f"README has no curl example for {model}"
+    for line in lines:
+        line = line.replace("localhost:8000", f"127.0.0.1:{live.http_port}")
+        done = subprocess.run(["bash", "-c", line + " -w '\\n%{http_code}'"], capture_output=True, text=True, timeout=300)
+        body, status = done.stdout.rsplit("\n", 1)
+        assert status == "200", (line, done.stdout, done.stderr)
+        outputs = {o["name"]: o for o in json.loads(body)["outputs"]}
+        assert set(outputs) == ({"scores", "class_ids"} if model == "resnet50" else {"text_output"}), body
+
+
+def test_the_readme_tritonclient_example_runs(live, tmp_path):
+    code = re.search(r"```python\n(.*?)```", readme_section(), re.S).group(1)
+    code = code.replace("localhost:9000", f"127.0.0.1:{live.grpc_port}")
+    (tmp_path / "cat.jpg").write_bytes(image_bytes("JPEG", seed=1))
+    (tmp_path / "dog.png").write_bytes(image_bytes("PNG", seed=2))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("[") >= 3 and "b'" in done.stdout, done.stdout  # class ids, scores, texts printed
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_bench_v2_sends_many_samples_per_request_through_the_router(live, transport, tmp_path):
+    """`autobatch bench --protocol v2 --samples-per-request N` as the lead runs it on the GPU, small:
+    6 samples per request (more than the tuned batch of at most 4)."""
+    from serve.bench import main as bench_main
+
+    out = tmp_path / "report.json"
+    argv = ["--url", live.base, "--route", "resnet50", "--protocol", "v2", "--transport", transport,
+            "--samples-per-request", "6", "--requests", "4", "--concurrency", "2", "--duration", "120",
+            "--no-progress", "--json", "--out", str(out)]
+    if transport == "grpc":
+        argv += ["--grpc-url", f"127.0.0.1:{live.grpc_port}"]
+    assert bench_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["requests"] == report["ok"] == 4 and report["errors"] == {}, report
+    assert report["samples"] == 24 and report["samples_per_request"] == 6 and report["transport"] == transport
