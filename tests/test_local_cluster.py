@@ -224,15 +224,6 @@ def test_user_config_changes_apply_live_through_autobatch_config(cluster):
     assert r.returncode == 2 and "batch_size" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_stopping_the_launcher_stops_its_cluster(cluster):
-    tree = _tree(cluster["launcher"].pid)
-    cluster["launcher"].send_signal(signal.SIGTERM)
-    assert cluster["launcher"].wait(180) in (130, 0, -signal.SIGTERM)
-    gone, alive = psutil.wait_procs(tree, timeout=30)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [(p.pid, _title(p)) for p in alive]
-
-
 def test_a_stock_grpc_client_reaches_the_model_through_the_launchers_ingress(cluster):
     """serve_config.yaml's gRPC port, through whichever ingress the launcher chose: a tritonclient
     call that names no application reaches the OIP router, the one routed application."""
@@ -249,3 +240,13 @@ def test_a_stock_grpc_client_reaches_the_model_through_the_launchers_ingress(clu
         assert client.infer(ROUTE, [images]).as_numpy("class_ids").shape == (2, 5)
     finally:
         client.close()
+
+
+def test_stopping_the_launcher_stops_its_cluster(cluster):
+    tree = _tree(cluster["launcher"].pid)
+    cluster["launcher"].send_signal(signal.SIGTERM)
+    assert cluster["launcher"].wait(180) in (130, 0, -signal.SIGTERM)
+    gone, alive = psutil.wait_procs(tree, timeout=30)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, _title(p)) for p in alive]
+
