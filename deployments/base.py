@@ -52,6 +52,9 @@ def file_identity(path: str | None) -> str:
 # The tensor data types of the Open Inference Protocol v2 (KServe inference_rest.md), plus Triton's BF16.
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BF16", "BYTES")
+# The numpy types of the numeric datatypes, little-endian as the binary tensor extension fixes them.
+NUMPY_DTYPES = {"BOOL": "bool", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
+                "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 _TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -169,12 +172,58 @@ class ModelSpec(abc.ABC):
     def outputs(self) -> tuple[TensorSpec, ...]:
         """What the answer carries per sample, as Open Inference Protocol tensors."""
 
+    # --- many samples per request, as Open Inference Protocol tensors (built on decode and encode)
+    def decode_tensors(self, inputs: dict[str, Any], parameters: dict[str, Any]) -> list:
+        """One request's input tensors (numpy arrays named as `inputs()` declares them, already
+        checked against the declared datatypes and shapes, first dimension the sample count) ->
+        per sample, in order, the decoded sample or the PayloadError that sample earned (one bad
+        element fails its request, naming the element, and nothing else). A PayloadError raised
+        here fails the whole request (inputs that contradict each other).
+
+        The default serves a spec whose one input is BYTES: each element is a body for `decode`."""
+        declared = self.inputs()
+        if len(declared) == 1 and declared[0].datatype == "BYTES":
+            return decode_each(lambda element: self.decode(bytes(element)), inputs[declared[0].name])
+        raise PayloadError(f"model {self.name!r} does not take Open Inference Protocol tensors: its spec has no "
+                           f"decode_tensors; POST one payload to /{self.name} instead", 501)
+
+    def encode_tensors(self, encoded: list[dict]) -> dict[str, Any]:
+        """The answers of one request's samples (each what `encode` returned, in order) -> the
+        declared output tensors as numpy arrays, first dimension the sample count.
+
+        The default takes each declared output from the encoded answer's field of the same name."""
+        import numpy as np
+
+        tensors = {}
+        for spec in self.outputs():
+            dtype = object if spec.datatype == "BYTES" else NUMPY_DTYPES[spec.datatype]
+            values = [answer[spec.name] for answer in encoded]
+            if spec.datatype == "BYTES":
+                values = [v.encode() if isinstance(v, str) else v for v in values]
+            tensors[spec.name] = np.array(values, dtype=dtype)
+        return tensors
+
     @classmethod
     @abc.abstractmethod
     def example_payload(cls, max_new_tokens: int | None = None) -> tuple[bytes, str]:
         """One request body for the simple POST route and its content type: what `autobatch bench`
         sends when told nothing else. Made in code (no file). `max_new_tokens`: for a model that
         generates, the tokens the example asks for (None: the deployment's default); others ignore it."""
+
+
+def decode_each(decode, elements) -> list:
+    """decode(element) for each element, in order; an element that fails gets its PayloadError in
+    its place (a decoder bug too, as a 422), so its request can name it and its neighbours are kept."""
+    samples = []
+    for element in elements:
+        try:
+            samples.append(decode(element))
+        except PayloadError as exc:
+            samples.append(exc)
+        except Exception as exc:  # noqa: BLE001 - nothing a client sent may escape as a 500
+            samples.append(PayloadError(f"could not be decoded ({type(exc).__name__}: {exc}); check it is what "
+                                        f"the model's metadata describes", 422))
+    return samples
 
 
 def check_wire_format(spec: ModelSpec) -> None:

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
 from .device_images import (ImageInput, TorchvisionJpegDecoder, classifier_batch, image_input, images_to_device,
                             pipeline_for)
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg
+from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
+                     image_tensor_samples)
 
 
 def top_k(probabilities, k: int, categories: list[str] | None) -> list[list[dict]]:
@@ -185,3 +186,24 @@ class TorchvisionClassifierSpec(ModelSpec):
 
     def encode(self, output: list[dict]) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", "top_k": output}
+
+    # --- many samples per request (Open Inference Protocol tensors), on top of decode and encode
+    def decode_tensors(self, inputs: dict, parameters: dict) -> list:
+        return image_tensor_samples(inputs, self.decode, self.decode_pixels, self.max_image_pixels)
+
+    def decode_pixels(self, pixels):
+        """An RGB uint8 array (height x width x 3) as decode makes it from an image's bytes."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        if self.pipeline == "device":  # the pixels go to the device as they are, transformed there
+            return ImageInput(int(pixels.shape[0]), int(pixels.shape[1]), pixels=torch.from_numpy(np.ascontiguousarray(pixels)))
+        return self.transform(crop_extreme_aspect(Image.fromarray(pixels, "RGB")))
+
+    def encode_tensors(self, encoded: list[dict]) -> dict:
+        import numpy as np
+
+        rows = [answer["top_k"] for answer in encoded]
+        return {"scores": np.array([[c["score"] for c in row] for row in rows], dtype=np.float32).reshape(len(rows), -1),
+                "class_ids": np.array([[c["class_id"] for c in row] for row in rows], dtype=np.int64).reshape(len(rows), -1)}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from .base import PayloadError, TensorSpec
+from .base import PayloadError, TensorSpec, decode_each
 
 
 def _pillow_open():
@@ -143,3 +143,26 @@ def example_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def image_tensor_samples(inputs: dict, decode_bytes, decode_pixels, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list:
+    """A request's IMAGE_INPUTS -> per sample the decoded sample or its PayloadError (see
+    ModelSpec.decode_tensors): `images` elements go to decode_bytes(bytes), `pixels` rows (height x
+    width x 3, uint8) to decode_pixels(array) after the same pixel limit the encoded path keeps."""
+    if "images" in inputs and "pixels" in inputs:
+        raise PayloadError("the request sends both `images` and `pixels`; send the images one way: encoded "
+                           "(`images`, BYTES) or decoded (`pixels`, UINT8 [N, height, width, 3])")
+    if "images" in inputs:
+        return decode_each(lambda element: decode_bytes(bytes(element)), inputs["images"])
+    if "pixels" not in inputs:
+        raise PayloadError("missing input: send `images` (BYTES [N], one JPEG, PNG or WebP file per sample) or "
+                           "`pixels` (UINT8 [N, height, width, 3], RGB)")
+
+    def one(pixels):
+        height, width = int(pixels.shape[0]), int(pixels.shape[1])
+        if width * height > max_pixels:
+            raise PayloadError(f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels; "
+                               f"send a smaller image", 413)
+        return decode_pixels(pixels)
+
+    return decode_each(one, inputs["pixels"])

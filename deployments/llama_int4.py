@@ -1,18 +1,18 @@
 """Llama with 4-bit NF4 weights (transformers + bitsandbytes): batched greedy generation.
 
-Request: JSON `{"prompt": str, "max_new_tokens": int (optional, 1..max_new_tokens)}`.
+Request: JSON `{"prompt": str, "max_new_tokens": int (optional, 1..max_new_tokens)}`, or over the
+Open Inference Protocol `text_input` per sample and `max_tokens` (input or request parameter).
 Response: the generated text, `prompt_tokens`, `completion_tokens`, `finish_reason` ("stop" at the
 end-of-text token, "length" at the token limit) and whether the prompt was truncated.
 
-Weights: a local Hugging Face folder when configured (e.g. a real Llama 3 8B), else a Llama
-config with random weights, written once to a local folder and loaded from it through
-`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, so the 4-bit path is the
-real one. The synthetic folder carries a byte-level tokenizer built in code (256 byte tokens +
+Weights: a local Hugging Face folder when configured (e.g. a real Llama 3 8B), else a Llama config
+with random weights, written once to a local folder and loaded from it through
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, so the 4-bit path is the real
+one. The synthetic folder carries a byte-level tokenizer built in code (256 byte tokens +
 <|begin_of_text|>, <|end_of_text|>, <|pad|>; no merges), so nothing is downloaded. Two synthetic
-shapes: "small" (CPU-friendly, the default) and "llama3-8b" (Llama-3-8B's shape, for a GPU);
-choose with the `config` option or AUTOBATCH_LLAMA_CONFIG. The folder lives under the
-`model_cache_dir` option, else $AUTOBATCH_MODEL_CACHE, else $XDG_CACHE_HOME/autobatch/models,
-else ~/.cache/autobatch/models, named by the config's hash.
+shapes: "small" (CPU-friendly, the default) and "llama3-8b" (Llama-3-8B's shape, for a GPU), by
+the `config` option or AUTOBATCH_LLAMA_CONFIG. The folder lives under the `model_cache_dir` option,
+else $AUTOBATCH_MODEL_CACHE, $XDG_CACHE_HOME/autobatch/models or ~/.cache/autobatch/models.
 
 Memory grows with sequence length, so tuning runs the worst case the deployment admits:
 `max_prompt_tokens` prompt tokens and `max_new_tokens` generated tokens (end-of-text suppressed).
@@ -28,7 +28,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, file_identity, torch_dtype
+import numpy as np
+
+from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, decode_each, file_identity, torch_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,12 +80,6 @@ def trim_completion(tokens: list[int], max_new_tokens: int, eos_ids) -> tuple[li
         if token in eos_ids:
             return tokens[:i], "stop"
     return tokens, "length"
-
-
-def _count_linear4bit(model) -> int:
-    import bitsandbytes as bnb
-
-    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
 class LlamaInt4Spec(ModelSpec):
@@ -242,7 +238,9 @@ class LlamaInt4Spec(ModelSpec):
         device_map = {"": device if device != "cuda" else "cuda:0"}
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=compute_dtype,
                                                      device_map=device_map, local_files_only=True)
-        if _count_linear4bit(model) == 0:
+        import bitsandbytes as bnb
+
+        if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
             raise SpecConfigError(f"loading {folder!r} produced no bitsandbytes Linear4bit layers; the NF4 path did not run")
         model.eval()
         tokenizer = self.get_tokenizer()
@@ -313,17 +311,19 @@ class LlamaInt4Spec(ModelSpec):
                                f"greedy generation; send only {shape}", 422)
         if "prompt" not in body:
             raise PayloadError(f'missing "prompt"; send {shape}', 422)
-        prompt = body["prompt"]
-        if not isinstance(prompt, str):
-            raise PayloadError(f'"prompt" must be a string, got {type(prompt).__name__}; send {shape}', 422)
+        if not isinstance(body["prompt"], str):
+            raise PayloadError(f'"prompt" must be a string, got {type(body["prompt"]).__name__}; send {shape}', 422)
+        return self._prompt(body["prompt"], body.get("max_new_tokens", self.default_new_tokens), shape)
+
+    def _prompt(self, prompt: str, new_tokens, send: str, names: tuple[str, str] = ("prompt", "max_new_tokens")) -> Prompt:
+        """A prompt and its token count checked and tokenized; `names` are the client's names for them."""
         if not prompt:
-            raise PayloadError(f'"prompt" is empty; send some text to continue, as {shape}', 422)
-        new_tokens = body.get("max_new_tokens", self.default_new_tokens)
+            raise PayloadError(f'"{names[0]}" is empty; send some text to continue, as {send}', 422)
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int):
-            raise PayloadError(f'"max_new_tokens" must be a whole number, got {type(new_tokens).__name__}; '
+            raise PayloadError(f'"{names[1]}" must be a whole number, got {type(new_tokens).__name__}; '
                                f"send 1..{self.max_new_tokens} or leave it out", 422)
         if not 1 <= new_tokens <= self.max_new_tokens:
-            raise PayloadError(f'"max_new_tokens" is {new_tokens}, out of range; send 1..{self.max_new_tokens} '
+            raise PayloadError(f'"{names[1]}" is {new_tokens}, out of range; send 1..{self.max_new_tokens} '
                                f"or leave it out (default {self.default_new_tokens})", 422)
         tokenizer = self.get_tokenizer()
         # Control tokens typed into a prompt stay text: a client cannot inject <|end_of_text|> etc.
@@ -338,6 +338,25 @@ class LlamaInt4Spec(ModelSpec):
             ids = head + ids[len(ids) - (keep - len(head)):]  # keep BOS and the end of the prompt
             truncated = True
         return Prompt(ids, int(new_tokens), truncated=truncated, text=prompt)
+
+    def decode_tensors(self, inputs: dict, parameters: dict) -> list:
+        """text_input per sample; max_tokens from the input, else the request's parameter, else the default."""
+        texts, tokens = inputs["text_input"], parameters.get("max_tokens", self.default_new_tokens)
+        tokens = [int(t) for t in inputs["max_tokens"]] if "max_tokens" in inputs else [tokens] * len(texts)
+        send = f"text_input (BYTES, one UTF-8 prompt per sample) and max_tokens (1..{self.max_new_tokens})"
+
+        def one(pair) -> Prompt:
+            text = bytes(pair[0])
+            if len(text) > self.max_request_bytes:
+                raise PayloadError(f"prompt is {len(text)} bytes, over the limit of {self.max_request_bytes} bytes; "
+                                   f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
+            try:
+                prompt = text.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PayloadError(f"text_input is not UTF-8 ({exc.reason} at byte {exc.start}); send {send}", 400) from None
+            return self._prompt(prompt, pair[1], send, ("text_input", "max_tokens"))
+
+        return decode_each(one, zip(texts, tokens))
 
     # --- batch
     def _batch_tensors(self, samples: list[Prompt]):
@@ -392,3 +411,6 @@ class LlamaInt4Spec(ModelSpec):
 
     def encode(self, output: dict) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", **output}
+
+    def encode_tensors(self, encoded: list[dict]) -> dict:
+        return {"text_output": np.array([a["text"].encode() for a in encoded], dtype=object)}

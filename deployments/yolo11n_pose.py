@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
 from .device_images import (ImageInput, LetterboxGeometry, TorchvisionJpegDecoder, image_input, images_to_device,
                             letterbox_batch, pipeline_for)
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg
+from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
+                     image_tensor_samples)
 
 ARCHITECTURE_YAML = "yolo11n-pose.yaml"  # packaged with ultralytics; the 'n' scale comes from the name
 NUM_KEYPOINTS = 17
@@ -192,7 +193,7 @@ class YOLO11nPoseSpec(ModelSpec):
     def outputs(self) -> tuple[TensorSpec, ...]:
         # One row per sample; detections padded to the most any sample of the request has (Triton's
         # usual layout for variable detections), so `count` says how many rows of each are real.
-        padded = (f"padded with zeros to the largest detection count in the request (at most {self.max_det}); "
+        padded = (f"padded with zeros to the largest detection count in the request (at least 1 row, at most {self.max_det}); "
                   f"the first count[i] rows of sample i are its detections, best score first")
         return (TensorSpec("boxes", "FP32", (-1, -1, 4), f"person boxes as x1, y1, x2, y2 in the image's pixels, {padded}"),
                 TensorSpec("scores", "FP32", (-1, -1), f"each box's confidence in [0, 1], {padded}"),
@@ -332,3 +333,37 @@ class YOLO11nPoseSpec(ModelSpec):
 
     def encode(self, output: dict) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", **output}
+
+    # --- many samples per request (Open Inference Protocol tensors), on top of decode and encode
+    def decode_pixels(self, array) -> PoseSample:
+        """An RGB uint8 array (height x width x 3) as decode makes it from an image's bytes."""
+        import numpy as np
+        import torch
+
+        if self.pipeline == "device":  # the pixels go to the device as they are, letterboxed there
+            g = LetterboxGeometry.of(int(array.shape[0]), int(array.shape[1]), self.imgsz)
+            image = ImageInput(int(array.shape[0]), int(array.shape[1]), pixels=torch.from_numpy(np.ascontiguousarray(array)))
+            return PoseSample(image, (image.height, image.width), g.gain, (float(g.left), float(g.top)))
+        boxed, gain, pad = letterbox(array, self.imgsz)
+        tensor = torch.from_numpy(boxed).permute(2, 0, 1).contiguous()
+        return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), gain, pad)
+
+    def decode_tensors(self, inputs: dict, parameters: dict) -> list:
+        return image_tensor_samples(inputs, self.decode, self.decode_pixels, self.max_image_pixels)
+
+    def encode_tensors(self, encoded: list[dict]) -> dict:
+        """Detections padded with zeros to the request's largest count (at least one row, so no
+        tensor is empty); `count` says how many rows of each sample are real."""
+        import numpy as np
+
+        n, rows = len(encoded), max([1] + [len(answer["scores"]) for answer in encoded])
+        boxes = np.zeros((n, rows, 4), np.float32)
+        scores = np.zeros((n, rows), np.float32)
+        keypoints = np.zeros((n, rows, NUM_KEYPOINTS, 3), np.float32)
+        for i, answer in enumerate(encoded):
+            k = len(answer["scores"])
+            if k:
+                boxes[i, :k], scores[i, :k] = answer["boxes"], answer["scores"]
+                keypoints[i, :k] = answer["keypoints"]
+        return {"boxes": boxes, "scores": scores, "keypoints": keypoints,
+                "count": np.array([len(answer["scores"]) for answer in encoded], np.int64)}

@@ -29,16 +29,20 @@ class Item:
 
     sample: object
     poisoned: bool = False
+    # True: the answer stays the encoded value (Outcome.value), for a tensor request to gather; else JSON bytes
+    keep_value: bool = False
     arrived_s: float = field(default_factory=time.perf_counter)  # when it reached @serve.batch: the wait learns from it
     deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
 
 
 @dataclass
 class Outcome:
-    """One request's answer: an HTTP status and a JSON body."""
+    """One item's answer: an HTTP status and a JSON body, or, for an item that keeps its value,
+    what the spec's encode returned."""
 
     status: int
     body: bytes
+    value: object = None
 
     @property
     def ok(self) -> bool:
@@ -73,12 +77,13 @@ class BatchRunner:
         if len(outputs) != len(items):
             raise RuntimeError(f"{self._model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
         outcomes = []
-        for output in outputs:
+        for item, output in zip(items, outputs):
             if isinstance(output, PayloadError):  # the spec found this sample bad in the batch; the rest ran
                 outcomes.append(Outcome.error(output.status, output.message))
                 continue
             try:
-                outcomes.append(Outcome(200, json.dumps(self.spec.encode(output)).encode()))
+                encoded = self.spec.encode(output)
+                outcomes.append(Outcome(200, b"", encoded) if item.keep_value else Outcome(200, json.dumps(encoded).encode()))
             except Exception as exc:  # noqa: BLE001 - one output that cannot be encoded fails alone
                 log.exception("autobatch: encoding an output failed")
                 outcomes.append(Outcome.error(500, f"internal error encoding the answer ({type(exc).__name__}: {exc})"))

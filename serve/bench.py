@@ -1,4 +1,4 @@
-"""`autobatch bench`: an async HTTP load generator for one route of the serve app.
+"""`autobatch bench`: load-test one route of the serve app (the load generator is serve/load.py).
 
     autobatch bench --route resnet50 --concurrency 16 --duration 30          # closed loop
     autobatch bench --route resnet50 --rate 50 --duration 30 --json          # open loop, 50 req/s
@@ -16,325 +16,22 @@ Load goes to loopback addresses only unless --allow-remote is given.
 
 Reports requests/s (all answered requests), samples/s (successful ones: one sample per request),
 tokens/s for LLM routes, p50/p90/p99/max latency of the successful requests, and error counts by HTTP
-status (or by transport error: timeout, ConnectError, ...). No Ray import here.
+status (or by transport error: timeout, ConnectError, ...). With --protocol v2 each request carries
+--samples-per-request samples over the Open Inference Protocol (HTTP or gRPC) and samples/s counts
+samples. No Ray import here.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ipaddress
 import json
-import math
-import random
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Sequence
-from urllib.parse import urlsplit
 
 import httpx
 
-from optimizer.stats import percentile
-
 from .client import DEFAULT_URL, make_payload, route_path
-
-DEFAULT_DURATION_S = 10.0
-DEFAULT_MAX_REQUESTS = 100_000
-MAX_DURATION_S = 3600.0
-MAX_REQUESTS = 1_000_000
-MAX_CONCURRENCY = 4096
-MAX_RATE = 10_000.0
-DEFAULT_MAX_IN_FLIGHT = 1024
-DEFAULT_TIMEOUT_S = 60.0
-DROPPED = "dropped"  # open loop: an arrival while --max-in-flight requests were outstanding; not sent
-UNFINISHED = "unfinished"  # still in flight when the run's time was up; cancelled
-
-
-class BenchError(ValueError):
-    """A setting that cannot work; the message says what to change."""
-
-
-# ----- statistics (pure) -----
-def latency_summary(latencies: Sequence[float]) -> dict:
-    """count, mean, min, p50, p90, p99, max (seconds; None when there are none)."""
-    if not latencies:
-        return {"count": 0, "mean": None, "min": None, "p50": None, "p90": None, "p99": None, "max": None}
-    return {
-        "count": len(latencies),
-        "mean": sum(latencies) / len(latencies),
-        "min": min(latencies),
-        "p50": percentile(latencies, 50),
-        "p90": percentile(latencies, 90),
-        "p99": percentile(latencies, 99),
-        "max": max(latencies),
-    }
-
-
-@dataclass
-class Record:
-    """One request: when it was sent (seconds after the start), how long it took, what came back."""
-
-    sent_s: float
-    latency_s: float
-    status: str  # "200", "415", ..., or a transport error: "timeout", "ConnectError", DROPPED, UNFINISHED
-    ok: bool
-    tokens: int | None = None
-
-
-def summarize(records: Sequence[Record], wall_s: float) -> dict:
-    """The numbers a run reports, from its records."""
-    answered = [r for r in records if r.status not in (DROPPED, UNFINISHED)]
-    ok = [r for r in records if r.ok]
-    errors: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            errors[r.status] = errors.get(r.status, 0) + 1
-    tokens = [r.tokens for r in ok if r.tokens is not None]
-    wall = max(wall_s, 1e-9)
-    return {
-        "wall_s": wall_s,
-        "requests": len(records),  # every request the run issued (dropped and unfinished included)
-        "answered": len(answered),
-        "ok": len(ok),
-        "errors": dict(sorted(errors.items())),
-        "error_count": len(records) - len(ok),
-        "requests_per_s": len(answered) / wall,
-        "samples_per_s": len(ok) / wall,
-        "tokens_per_s": sum(tokens) / wall if tokens else None,
-        "latency_s": latency_summary([r.latency_s for r in ok]),
-        # how fast the errors came back (a shed 503 should take milliseconds, not a queue's wait)
-        "error_latency_s": latency_summary([r.latency_s for r in answered if not r.ok]),
-    }
-
-
-# ----- the load -----
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass
-class Load:
-    """One run's settings. Exactly one of concurrency (closed loop) and rate (open loop)."""
-
-    route: str
-    payloads: list[tuple[bytes, str]]
-    url: str = DEFAULT_URL
-    concurrency: int | None = None
-    rate: float | None = None
-    duration_s: float = DEFAULT_DURATION_S
-    max_requests: int = DEFAULT_MAX_REQUESTS
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
-    arrivals: str = "uniform"  # open loop: uniform | poisson
-    warmup_requests: int = 0  # sent first (closed loop at the concurrency, or one at a time), not counted
-    allow_remote: bool = False
-    seed: int = 0
-    headers: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if (self.concurrency is None) == (self.rate is None):
-            raise BenchError("give exactly one of --concurrency (closed loop) or --rate (open loop)")
-        if self.concurrency is not None and not 1 <= self.concurrency <= MAX_CONCURRENCY:
-            raise BenchError(f"--concurrency must be between 1 and {MAX_CONCURRENCY}, got {self.concurrency}")
-        if self.rate is not None and not 0 < self.rate <= MAX_RATE:
-            raise BenchError(f"--rate must be in (0, {MAX_RATE:.0f}] requests per second, got {self.rate}")
-        if not 0 < self.duration_s <= MAX_DURATION_S:
-            raise BenchError(f"--duration must be in (0, {MAX_DURATION_S:.0f}] seconds, got {self.duration_s}")
-        if not 1 <= self.max_requests <= MAX_REQUESTS:
-            raise BenchError(f"--requests must be between 1 and {MAX_REQUESTS}, got {self.max_requests}")
-        if not 0 < self.timeout_s <= MAX_DURATION_S:
-            raise BenchError(f"--timeout must be in (0, {MAX_DURATION_S:.0f}] seconds, got {self.timeout_s}")
-        if not 1 <= self.max_in_flight <= MAX_CONCURRENCY:
-            raise BenchError(f"--max-in-flight must be between 1 and {MAX_CONCURRENCY}, got {self.max_in_flight}")
-        if self.arrivals not in ("uniform", "poisson"):
-            raise BenchError(f"--arrivals must be uniform or poisson, got {self.arrivals!r}")
-        if not 0 <= self.warmup_requests <= MAX_REQUESTS:
-            raise BenchError(f"--warmup must be between 0 and {MAX_REQUESTS}, got {self.warmup_requests}")
-        if not self.payloads:
-            raise BenchError("no payload to send; give --input FILE or --prompt TEXT")
-        if urlsplit(self.url).scheme not in ("http", "https"):
-            raise BenchError(f"--url must be an http(s) URL, got {self.url!r}")
-        if not self.allow_remote and not is_loopback(self.url):
-            raise BenchError(f"{self.url} is not a loopback address; load goes to 127.0.0.1/localhost unless you "
-                             f"pass --allow-remote (only against servers you run)")
-        route_path(self.route)
-
-    @property
-    def mode(self) -> str:
-        return "closed" if self.concurrency is not None else "open"
-
-
-class _Run:
-    def __init__(self, load: Load, progress: bool):
-        self.load = load
-        self.route = route_path(load.route)
-        self.records: list[Record] = []
-        self.progress = progress
-        self.start = 0.0
-        self.in_flight: dict[asyncio.Task, float] = {}  # task -> sent time (perf_counter)
-        self.stopped_by = None
-
-    async def _post(self, client: httpx.AsyncClient, index: int) -> httpx.Response:
-        body, content_type = self.load.payloads[index % len(self.load.payloads)]
-        return await client.post(self.route, content=body, headers={"content-type": content_type, **self.load.headers})
-
-    async def _one(self, client: httpx.AsyncClient, index: int, scheduled: float | None) -> None:
-        sent = time.perf_counter()
-        began = sent if scheduled is None else scheduled
-        tokens = None
-        try:
-            response = await self._post(client, index)
-            status, ok = str(response.status_code), 200 <= response.status_code < 300
-            if ok:
-                tokens = _completion_tokens(response)
-        except httpx.TimeoutException:
-            status, ok = "timeout", False
-        except httpx.HTTPError as exc:
-            status, ok = type(exc).__name__, False
-        self.records.append(Record(sent - self.start, time.perf_counter() - began, status, ok, tokens))
-
-    def _spawn(self, client, index, scheduled=None) -> asyncio.Task:
-        task = asyncio.create_task(self._one(client, index, scheduled))
-        self.in_flight[task] = time.perf_counter()
-        task.add_done_callback(lambda t: self.in_flight.pop(t, None))
-        return task
-
-    async def _closed(self, client, deadline: float) -> None:
-        issued = 0
-
-        async def worker():
-            nonlocal issued
-            while True:
-                if issued >= self.load.max_requests:
-                    self.stopped_by = self.stopped_by or "requests"
-                    return
-                if time.perf_counter() >= deadline:
-                    self.stopped_by = self.stopped_by or "duration"
-                    return
-                index = issued
-                issued += 1
-                await self._spawn(client, index)
-
-        await asyncio.gather(*(worker() for _ in range(self.load.concurrency)))
-
-    async def _open(self, client, deadline: float) -> None:
-        rng = random.Random(self.load.seed)
-        at = self.start
-        for index in range(self.load.max_requests):
-            if self.load.arrivals == "uniform":
-                at = self.start + index / self.load.rate
-            elif index:
-                at += rng.expovariate(self.load.rate)
-            if at >= deadline:
-                self.stopped_by = "duration"
-                break
-            delay = at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if len(self.in_flight) >= self.load.max_in_flight:
-                self.records.append(Record(at - self.start, 0.0, DROPPED, False))
-                continue
-            self._spawn(client, index, scheduled=at)
-        else:
-            self.stopped_by = "requests"
-        if self.in_flight:
-            await asyncio.wait(list(self.in_flight))
-
-    async def _ticker(self, bar, deadline: float, by_count: bool) -> None:
-        while True:
-            now = time.perf_counter()
-            done = len(self.records)
-            bar.n = min(done, bar.total) if by_count else round(min(now - self.start, self.load.duration_s), 1)
-            ok = sum(r.ok for r in self.records)
-            bar.set_postfix_str(f"{done} done, {ok} ok, {done - ok} errors, {len(self.in_flight)} in flight, "
-                                f"{done / max(now - self.start, 1e-9):.1f} req/s", refresh=False)
-            bar.refresh()
-            await asyncio.sleep(0.25)
-
-    async def run(self) -> dict:
-        load = self.load
-        connections = load.concurrency if load.mode == "closed" else load.max_in_flight
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        async with httpx.AsyncClient(base_url=load.url, timeout=load.timeout_s, limits=limits, trust_env=False) as client:
-            if load.warmup_requests:
-                await self._warmup(client)
-            bar = ticker = None
-            by_count = load.max_requests < DEFAULT_MAX_REQUESTS
-            if self.progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=load.max_requests if by_count else load.duration_s, unit="req" if by_count else "s",
-                           desc=f"bench {self.route}", file=sys.stderr, leave=False, dynamic_ncols=True)
-            self.start = time.perf_counter()
-            deadline = self.start + load.duration_s
-            if bar is not None:
-                ticker = asyncio.create_task(self._ticker(bar, deadline, by_count))
-            driver = asyncio.create_task(self._closed(client, deadline) if load.mode == "closed"
-                                         else self._open(client, deadline))
-            # issuing stops at the deadline; what is in flight then gets at most the request timeout
-            done, _ = await asyncio.wait([driver], timeout=load.duration_s + load.timeout_s)
-            if not done:
-                stragglers = list(self.in_flight.items())
-                driver.cancel()
-                for task, _sent in stragglers:
-                    task.cancel()
-                await asyncio.gather(driver, *(t for t, _ in stragglers), return_exceptions=True)
-                now = time.perf_counter()
-                self.records += [Record(sent - self.start, now - sent, UNFINISHED, False) for _t, sent in stragglers]
-            elif driver.exception() is not None:
-                raise driver.exception()
-            wall = time.perf_counter() - self.start
-            if ticker is not None:
-                ticker.cancel()
-                await asyncio.gather(ticker, return_exceptions=True)
-                bar.close()
-        summary = summarize(self.records, wall)
-        return {
-            "url": load.url, "route": self.route, "mode": load.mode, "concurrency": load.concurrency,
-            "rate": load.rate, "arrivals": load.arrivals if load.mode == "open" else None,
-            "duration_bound_s": load.duration_s, "requests_bound": load.max_requests,
-            "stopped_by": self.stopped_by or "duration", "warmup_requests": load.warmup_requests,
-            "payloads": len(load.payloads), **summary,
-        }
-
-    async def _warmup(self, client) -> None:
-        width = self.load.concurrency or 1
-        queue = list(range(self.load.warmup_requests))
-
-        async def worker():
-            while queue:
-                index = queue.pop()
-                try:
-                    await self._post(client, index)
-                except httpx.HTTPError:
-                    pass
-
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(width))),
-                               timeout=self.load.timeout_s * max(1, math.ceil(len(queue) / width)))
-
-
-def _completion_tokens(response: httpx.Response) -> int | None:
-    """Generated tokens in an LLM answer ({"completion_tokens": n}); None for other routes."""
-    if b"completion_tokens" not in response.content:
-        return None
-    try:
-        value = response.json().get("completion_tokens")
-    except (ValueError, AttributeError):
-        return None
-    return int(value) if isinstance(value, int) else None
-
-
-def run_load(load: Load, progress: bool = False) -> dict:
-    """Run one bounded load and return its report (see format_report for the fields)."""
-    load.validate()
-    return asyncio.run(_Run(load, progress).run())
-
+from .load import (DEFAULT_DURATION_S, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUESTS, DEFAULT_TIMEOUT_S,  # noqa: F401
+                   DROPPED, MAX_DURATION_S, MAX_REQUESTS, UNFINISHED, BenchError, Load, Record, is_loopback,
+                   latency_summary, percentile, run_load, summarize)
 
 # ----- payloads -----
 def generated_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
@@ -393,6 +90,7 @@ def format_report(report: dict) -> str:
         f"{report['requests_bound']} requests, stopped by {report['stopped_by']} after {report['wall_s']:.2f} s",
         f"requests   {report['requests']} issued, {report['answered']} answered, {report['ok']} ok; errors by status: {errors}",
         f"throughput {report['requests_per_s']:.2f} requests/s, {report['samples_per_s']:.2f} samples/s"
+        + (f" ({report['samples_per_request']} per request, v2 over {report['transport']})" if report.get("protocol") else "")
         + (f", {report['tokens_per_s']:.1f} tokens/s" if report.get("tokens_per_s") else ""),
         f"latency ms p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}  "
         f"mean {_ms(lat['mean'])}  (over {lat['count']} ok requests)",
@@ -427,6 +125,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--protocol", choices=["simple", "v2"], default="simple",
+                   help="simple: POST one payload per request to the route; v2: the Open Inference Protocol, "
+                        "--samples-per-request samples per request to /v2/models/<route>/infer or gRPC")
+    p.add_argument("--transport", choices=["http", "grpc"], default="http", help="v2: HTTP (--url) or gRPC (--grpc-url)")
+    p.add_argument("--grpc-url", default=None, help="v2 over gRPC: host:port (default 127.0.0.1:9000, or $AUTOBATCH_GRPC_URL)")
+    p.add_argument("--samples-per-request", type=int, default=1, metavar="N", help="v2: samples in each request")
 
 
 def cmd_bench(args) -> int:
@@ -446,6 +150,10 @@ def cmd_bench(args) -> int:
         load.validate()  # before anything is sent, the default-payload query included
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)
+        if getattr(args, "protocol", "simple") == "v2":
+            from .oip.commands import v2_sender
+
+            load.sender = v2_sender(args, load.payloads)
         report = run_load(load, progress=not args.no_progress)
     except BenchError as exc:
         print(f"autobatch bench: error: {exc}", file=sys.stderr)

@@ -211,6 +211,10 @@ def _label(item: str) -> str:
 
 
 def cmd_client(args) -> int:
+    if getattr(args, "protocol", "simple") == "v2" and not args.tuning:
+        from .oip.commands import cmd_client_v2
+
+        return cmd_client_v2(args)
     if not args.tuning and not args.inputs:
         print("autobatch client: error: give at least one INPUT (an image file, or a prompt for an LLM route), "
               "or --tuning", file=sys.stderr)
@@ -259,6 +263,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
     p.add_argument("--tuning", action="store_true", help="print the route's tuning (GET /<route>/tuning) instead")
     p.add_argument("--json", action="store_true", help="one JSON object per line: {input, answer}")
+    p.add_argument("--protocol", choices=["simple", "v2"], default="simple",
+                   help="simple: one POST per input to the route; v2: the Open Inference Protocol, all inputs in "
+                        "one request of that many samples")
+    p.add_argument("--transport", choices=["http", "grpc"], default="http", help="v2: HTTP (--url) or gRPC (--grpc-url)")
+    p.add_argument("--grpc-url", default=os.environ.get("AUTOBATCH_GRPC_URL", "127.0.0.1:9000"),
+                   help="v2 over gRPC: host:port (default 127.0.0.1:9000, or $AUTOBATCH_GRPC_URL)")
 
 
 def register(subparsers) -> None:

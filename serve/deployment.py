@@ -5,7 +5,8 @@ max_ongoing_requests), owns the @serve.batch method and hands its setters to the
 replica does lives in plain modules:
   replica.py     tuning, warm-up, running batches, what GET /tuning shows
   settings.py    the builder/user_config layers and the batch size and wait in force
-  routes.py      the HTTP routes
+  routes.py      the HTTP routes (directly, or through the OIP router's `http`)
+  tensor_routes.py  the Open Inference Protocol requests the OIP router forwards, many samples each
   batch_runner.py, warmup.py, stats.py, metrics.py, faults.py; the wait: optimizer/wait.py
 
 user_config keys (reconfigure): latency_budget_ms, memory_fraction, max_batch (re-tune, cache first),
@@ -24,10 +25,12 @@ from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
 from .batch_runner import Item, Outcome  # noqa: E402
+from .oip.request import InferFailure, InferRequest, InferResponse  # noqa: E402
 from .replica import Replica  # noqa: E402
 from .routes import HttpRoutes  # noqa: E402
 from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, memory_fraction_for,  # noqa: E402,F401
                        parse_user_config)
+from .tensor_routes import TensorRoutes  # noqa: E402
 
 
 def _initial_user_config():
@@ -95,6 +98,7 @@ class AutobatchDeployment:
         self.replica = Replica(builder, config, knobs=self._infer, max_ongoing=self._max_ongoing_requests)
         await self.replica.start(_gpu_ids())
         self._routes = HttpRoutes(self.replica, self._infer)
+        self._tensors = TensorRoutes(self.replica, self._infer)
 
     def _max_ongoing_requests(self) -> int | None:
         try:
@@ -110,6 +114,25 @@ class AutobatchDeployment:
 
     async def __call__(self, request: Request):
         return await self._routes.handle(request)
+
+    # ----- what the OIP router (serve/oip/router.py) calls by handle, the models behind it
+    async def oip_metadata(self) -> dict:
+        return self._tensors.metadata()
+
+    async def oip_ready(self) -> bool:
+        return self._tensors.ready()
+
+    async def oip_infer(self, request: InferRequest) -> InferResponse | InferFailure:
+        return await self._tensors.infer(request)
+
+    async def http(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
+        """The simple routes (POST /, GET /tuning) reached through the router: its answer as values."""
+
+        async def read_body() -> bytes:
+            return body
+
+        response = await self._routes.answer(method, "/" + path.strip("/"), headers, read_body)
+        return response.status_code, {"content-type": response.media_type or "application/json"}, response.body
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _infer(self, items: list[Item]) -> list[Outcome]:

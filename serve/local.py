@@ -104,7 +104,10 @@ def ingress_env(ingress: str) -> dict:
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             # Ray's fixed defaults (9101, 8404): a second cluster on the host would fail to bind them
             "RAY_SERVE_HAPROXY_METRICS_PORT": os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT") or str(free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT") or str(free_port())}
+            "RAY_SERVE_HAPROXY_STATS_PORT": os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT") or str(free_port()),
+            # the fallback proxy HAProxy keeps as a backup (fixed 8500 and 9500 in Ray): likewise
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": os.environ.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT") or str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": os.environ.get("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT") or str(free_port())}
 
 
 def cluster_env(args) -> dict:

@@ -50,7 +50,9 @@ class ServeCluster:
     free 127.0.0.1 port. `deploy(apps)` applies a multi-application config (the whole set of apps:
     apps left out are removed, as with `serve deploy`)."""
 
-    def __init__(self, num_cpus: int = 2):
+    OIP_SERVICER = "serve.oip.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+
+    def __init__(self, num_cpus: int = 2, grpc: bool = False):
         import ray
         from ray.serve._private import api as serve_api
         from ray.serve.config import ProxyLocation
@@ -62,7 +64,11 @@ class ServeCluster:
                  # AUTOBATCH_TEST_FAULTS: the tests' user_configs may inject faults (serve/faults.py)
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "AUTOBATCH_TEST_FAULTS": "1"}})
         self.http_options = {"host": "127.0.0.1", "port": self.http_port}
-        self.client = serve_api.serve_start(http_options=self.http_options, proxy_location=ProxyLocation.HeadOnly)
+        # grpc: Serve's gRPC proxy on a free port with the Open Inference Protocol service (serve_config.yaml's)
+        self.grpc_port = free_port() if grpc else None
+        self.grpc_options = {"port": self.grpc_port, "grpc_servicer_functions": [self.OIP_SERVICER]} if grpc else None
+        self.client = serve_api.serve_start(http_options=self.http_options, grpc_options=self.grpc_options,
+                                            proxy_location=ProxyLocation.HeadOnly)
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.http = httpx.Client(base_url=self.base, timeout=120)
 
@@ -70,7 +76,8 @@ class ServeCluster:
         from ray.serve.schema import ServeDeploySchema
 
         schema = ServeDeploySchema.model_validate(
-            {"proxy_location": "HeadOnly", "http_options": self.http_options, "applications": apps})
+            {"proxy_location": "HeadOnly", "http_options": self.http_options, "applications": apps,
+             **({"grpc_options": self.grpc_options} if self.grpc_options else {})})
         self.client.deploy_apps(schema, _blocking=False)
 
     def wait_running(self, names: list[str], timeout: float = 240) -> None:

@@ -21,9 +21,10 @@ FORBIDDEN = {
 }
 MAX_LINES = 400
 # Modules allowed over MAX_LINES, each with the reason it still is.
-LONG_MODULES = {
-    # TODO(issue 11): the load generator's report and its CLI command are to be separated.
-    "serve/bench.py": "load generator, report and the `bench` command together; being slimmed with serve (issue 11)",
+LONG_MODULES: dict[str, str] = {
+    # One model family's whole journey (synthetic NF4 folder, decode, fast tuning probe, predict, the
+    # OIP tensor hooks): the "a new family is one file" rule wins over 16 lines.
+    "deployments/llama_int4.py": "one model family in one file, ~416 lines",
 }
 
 

