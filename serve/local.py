@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,10 +127,22 @@ def cluster_env(args) -> dict:
     return env
 
 
+def ray_command(name: str) -> str:
+    """Ray's `ray` / `serve` script: the one beside this Python (a venv), else the one on PATH (an
+    environment that puts Ray's scripts elsewhere, such as a bundle unpacked beside a system Python)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"autobatch: Ray's `{name}` command is neither beside {sys.executable} nor on PATH; "
+                         f"install ray[serve] into this Python (pip install 'ray[serve]')")
+    return found
+
+
 def ray_start_command(args) -> list[str]:
-    bin_dir = Path(sys.executable).parent
     command = [
-        str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        ray_command("ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address", LOOPBACK, "--dashboard-host", LOOPBACK,
         "--port", str(args.port), "--dashboard-port", str(args.dashboard_port),
         "--metrics-export-port", str(args.metrics_export_port),
@@ -249,7 +262,7 @@ def main(argv=None) -> int:
         print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard http://{LOOPBACK}:{args.dashboard_port}, "
               f"metrics http://{LOOPBACK}:{args.metrics_export_port}/metrics; live changes: "
               f"`autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`", flush=True)
-        serve_run = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run",
+        serve_run = subprocess.Popen([ray_command("serve"), "run",
                                       "--address", f"{LOOPBACK}:{args.port}", args.config], env=env)
         return serve_run.wait()
     except KeyboardInterrupt:
