@@ -25,7 +25,7 @@ for app in apps:
 config["applications"] = apps
 yaml.safe_dump(config, open(sys.argv[1], "w"))
 PY
-for ingress in haproxy proxy; do
+for ingress in ${INGRESSES:-haproxy proxy}; do
   setsid "$py" -m serve.local "$cfg" --ingress "$ingress" --temp-dir /tmp/rayb > "$out/serve-$ingress.log" 2>&1 &
   pid=$!
   ok=0
