@@ -36,19 +36,9 @@ from .load import (DEFAULT_DURATION_S, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUES
 # ----- payloads -----
 def generated_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
     """A real JPEG with a pattern (no file needed): the default payload for image routes."""
-    import io
+    from deployments.images import example_jpeg
 
-    import numpy as np
-    from PIL import Image
-
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    rng = np.random.default_rng(seed)
-    pixels = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), (x + y) % 256], -1).astype(np.uint8)
-    pixels = np.clip(pixels.astype(int) + rng.integers(-20, 20, pixels.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    return example_jpeg(size, seed)
 
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
