@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import sys
 
 from deployments.registry import create_spec, model_names
-from optimizer.cache import TuningCache
+from optimizer.cache import CacheUnavailable, TuningCache, open_cache
 from optimizer.devices import DeviceUnavailable
 from optimizer.tuning import Tuning, TuningFormatError
 
@@ -20,17 +21,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
+DEBUG_ENV = "AUTOBATCH_DEBUG"  # "1": an unexpected error shows its traceback too
+
+
 class UsageError(Exception):
     pass
 
 
-def _positive_float(text: str) -> float:
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr (the usage is one `--help` away) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _margin(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -61,9 +86,9 @@ def add_tuning_arguments(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--memory-fraction", type=_fraction, help="fraction of the device's memory (default 0.9 GPU, 0.5 CPU)")
     p.add_argument("--latency-budget-ms", type=_positive_float, help="per-batch latency budget (default: the model's)")
     p.add_argument("--max-batch", type=_positive_int, default=1024)
-    p.add_argument("--margin", type=float, default=0.10, help="predictive OOM guard headroom (default 0.10)")
+    p.add_argument("--margin", type=_margin, default=0.10, help="predictive OOM guard headroom (default 0.10)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per probe (median)")
-    p.add_argument("--cache", default=None, help="cache file (default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json)")
+    p.add_argument("--cache", default=None, help="cache file or URL (s3://, gs://, file://; default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json)")
 
 
 def settings_from_args(args):
@@ -84,9 +109,11 @@ def settings_from_args(args):
 def cmd_tune(args) -> int:
     from optimizer.tune import autobatch
 
+    cache = open_cache(args.cache)
+    cache.check_writable()  # before minutes of tuning, not after: the answer would have nowhere to go
     spec = create_spec(args.model, args.weights)
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    tuning = autobatch(spec, settings_from_args(args), cache=TuningCache(args.cache), force=args.force, say=say)
+    tuning = autobatch(spec, settings_from_args(args), cache=cache, force=args.force, say=say)
     if args.json:
         print(json.dumps(tuning.to_dict(), indent=1))
     else:
@@ -129,7 +156,8 @@ def cached_tunings(cache: TuningCache) -> list[tuple[str, str, Tuning]]:
 
 
 def cmd_show(args) -> int:
-    cache = TuningCache(args.cache)
+    cache = open_cache(args.cache)
+    cache.check_writable()  # a cache the tuner cannot use is an answer of its own, not "no tunings"
     tunings = cached_tunings(cache)
     if not tunings:
         print(f"no cached tunings in {cache.path}")
@@ -143,7 +171,9 @@ def cmd_show(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    cache = TuningCache(args.cache)
+    cache = open_cache(args.cache)
+    if args.action != "path":
+        cache.check_writable()
     if args.action == "path":
         print(cache.path)
     elif args.action == "clear":
@@ -154,7 +184,7 @@ def cmd_cache(args) -> int:
 def cmd_plot(args) -> int:
     from optimizer.plot import plot_tuning
 
-    matches = [t for key, _, t in cached_tunings(TuningCache(args.cache))
+    matches = [t for key, _, t in cached_tunings(open_cache(args.cache))
                if t.model == args.model and (args.key is None or key.startswith(args.key))]
     if not matches:
         raise UsageError(f"no cached tuning for {args.model!r}; run `autobatch tune {args.model}` first (or check --cache)")
@@ -164,7 +194,7 @@ def cmd_plot(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autobatch", description="Measure the batch sizes a model should serve with here.")
+    parser = OneLineParser(prog="autobatch", description="Measure the batch sizes a model should serve with here.")
     sub = parser.add_subparsers(dest="command", required=True)
     tune = sub.add_parser("tune", help="find the max safe batch and the batch to serve (cached)")
     add_tuning_arguments(tune)
@@ -199,9 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, SpecConfigError, SettingsError, DeviceUnavailable, BatchOneDoesNotFit) as exc:
+    except (UsageError, SpecConfigError, SettingsError, DeviceUnavailable, BatchOneDoesNotFit, CacheUnavailable) as exc:
         print(f"autobatch: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("autobatch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback, unless asked for
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"autobatch: error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

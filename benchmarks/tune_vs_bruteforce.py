@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--budgets-mb", type=float, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--max-batch", type=int, default=4096)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model option, e.g. image_pipeline=host (the pre-issue-13 host decode path)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--quick", action="store_true", help="CPU, one small budget: keeps the script from rotting")
     args = parser.parse_args(argv)
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
         args.device, args.max_batch = "cpu", 8
 
     kind = resolve_device_kind(args.device)
-    spec = create_spec(args.model)
+    options = dict(item.split("=", 1) for item in args.option)
+    spec = create_spec(args.model, **options)
     meter = make_meter(kind)
     dtype = spec.default_dtype(kind) if args.dtype == "auto" else args.dtype
     spec.load(meter.torch_device, dtype)

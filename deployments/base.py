@@ -113,6 +113,9 @@ class ModelSpec(abc.ABC):
     # alone and a replica can run each size once before traffic (serve/warmup.py). False where
     # shapes also follow the input (prompt lengths): warming sizes would not cover them.
     fixed_sample_shape: ClassVar[bool] = True
+    # A cheaper probe for tuning (optimizer/model.py's TunableModel says what it must do); a family
+    # whose predict is one forward pass has none: its probe is the predict itself.
+    probe_batch = None
 
     def __init__(self, weights_path: str | None = None, **options: Any):
         self.weights_path = weights_path or None

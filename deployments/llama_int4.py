@@ -359,11 +359,9 @@ class LlamaInt4Spec(ModelSpec):
         return decode_each(one, zip(texts, tokens))
 
     # --- batch
-    def predict(self, samples: list[Prompt]) -> list[dict]:
+    def _batch_tensors(self, samples: list[Prompt]):
         import torch
-        from transformers import GenerationConfig
 
-        tokenizer = self.get_tokenizer()
         length = max(len(s.input_ids) for s in samples)
         input_ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
@@ -371,6 +369,26 @@ class LlamaInt4Spec(ModelSpec):
             n = len(sample.input_ids)
             input_ids[row, length - n:] = torch.tensor(sample.input_ids, dtype=torch.long)
             attention_mask[row, length - n:] = 1
+        return input_ids, attention_mask, length
+
+    def probe_batch(self, samples: list[Prompt]) -> float:
+        """A tuning probe: the prefill and a few decode steps at the worst cache length, and the
+        predicted seconds of the whole generation (deployments/llama_fast_probe.py)."""
+        import torch
+
+        from .llama_fast_probe import generation_cost_s
+
+        input_ids, attention_mask, _ = self._batch_tensors(samples)
+        sync = (lambda: torch.cuda.synchronize(self.device)) if str(self.device).startswith("cuda") else (lambda: None)
+        return generation_cost_s(self.model, input_ids.to(self.device), attention_mask.to(self.device),
+                                 max(s.max_new_tokens for s in samples), synchronize=sync)
+
+    def predict(self, samples: list[Prompt]) -> list[dict]:
+        import torch
+        from transformers import GenerationConfig
+
+        tokenizer = self.get_tokenizer()
+        input_ids, attention_mask, length = self._batch_tensors(samples)
         max_new = max(s.max_new_tokens for s in samples)
         min_new = max(s.min_new_tokens for s in samples)
         generation = GenerationConfig(max_new_tokens=max_new, min_new_tokens=min_new or None, do_sample=False,

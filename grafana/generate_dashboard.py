@@ -244,6 +244,14 @@ def memory_panels() -> list:
            "the memory budget the tuning worked within.", "bytes",
            (f"max by (model, device) ({ab('autobatch_device_memory_bytes')}{{{M}}})", "{{model}} in use ({{device}})"),
            (f"max by (model) ({ab('autobatch_memory_budget_bytes')}{{{M}}})", "{{model}} budget"), w=8),
+        ts(17, "Requests shed",
+           "Requests a replica did not compute, per second, by reason (serve/admission.py): overload = its "
+           "expected wait was over 2 latency budgets + one batch (503 + Retry-After); deadline = it could not "
+           "meet the client's Request-Timeout-Ms (503); expired = that deadline passed while it queued (504, "
+           "dropped from its batch before compute); memory = the replica's memory share (503, 413 if it never "
+           "fits). Ray's proxy's own 503s (max_queued_requests) are not counted here.", "ops",
+           (f"sum by (model, reason) (rate({ab('autobatch_requests_shed')}{{{M}}}[{RATE}]))", "{{model}} {{reason}}"),
+           w=24),
     ]
 
 

@@ -57,6 +57,26 @@ def default_cache_path() -> Path:
     return Path(base) / "autobatch" / "tuning.json"
 
 
+def is_remote(location: str | os.PathLike | None) -> bool:
+    """A URL fsspec opens (s3://, gs://, memory://...); a plain path or file:// is this host's file."""
+    text = str(location or "")
+    return "://" in text and not text.startswith("file://")
+
+
+def open_cache(location: str | os.PathLike | None = None, **kwargs) -> "TuningCache":
+    """The tuning cache at `location` (else $AUTOBATCH_CACHE, else ~/.cache/autobatch/tuning.json):
+    a local path or file:// URL is the hardened file below; another URL (s3://, gs://, a shared
+    filesystem fsspec opens) is optimizer/cache_store.py's, so replicas on many nodes share it."""
+    location = location or os.environ.get("AUTOBATCH_CACHE") or None
+    if is_remote(location):
+        from .cache_store import FsspecTuningCache
+
+        return FsspecTuningCache(str(location), **kwargs)
+    if location is not None and str(location).startswith("file://"):
+        location = str(location)[len("file://"):]
+    return TuningCache(location, **kwargs)
+
+
 def cache_key(key_fields: dict) -> str:
     canonical = json.dumps(key_fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
@@ -87,9 +107,16 @@ class TuningCache:
             self._memory = dict(entries)
         return entries
 
+    def _read_raw(self) -> bytes:
+        """The stored document's bytes; FileNotFoundError when there is none yet."""
+        return self.path.read_bytes()
+
+    def _exists(self) -> bool:
+        return self.path.exists()
+
     def _read_file(self) -> dict:
         try:
-            raw = self.path.read_bytes()
+            raw = self._read_raw()
         except FileNotFoundError:
             return {}
         except IsADirectoryError:
@@ -225,7 +252,7 @@ class TuningCache:
             doomed = [k for k in entries if key is None or k.startswith(key)]
             for k in doomed:
                 del entries[k]
-            if doomed or not self.path.exists():
+            if doomed or not self._exists():
                 self._write(entries)
         return len(doomed)
 

@@ -6,7 +6,7 @@ tuned, and the layering test can hold the optimizer to it.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 
 @runtime_checkable
@@ -16,6 +16,12 @@ class TunableModel(Protocol):
     library_packages: Sequence[str]
     # Per batch, when the settings name none.
     default_latency_budget_s: float
+    # Optional (None: the model has none): `probe_batch(samples)` runs only what reaches the peak
+    # memory of `predict(samples)` and returns the seconds `predict(samples)` would take. The tuner
+    # then probes with it and checks its answer with one real `predict` (optimizer/fast_probe.py):
+    # an LLM's probe is one prefill and a few decode steps against a KV cache of the worst length,
+    # not whole generations. It must never measure less memory than `predict` peaks at.
+    probe_batch: Callable[[list], float] | None
 
     def signature(self) -> dict:
         """What identifies the model and its worst-case input (JSON-able): part of the cache key."""
@@ -41,17 +47,23 @@ class ExampleBatches:
 
     One example batch is held at a time and kept while the same size is probed again, so its memory
     is part of what a probe measures (as a served batch's inputs are) and is not rebuilt per run.
+    `fast`: run the model's `probe_batch` instead, and return its predicted seconds (times
+    `latency_scale`, which the check against a real predict corrects) for the probe to record.
     """
 
-    def __init__(self, model: TunableModel):
+    def __init__(self, model: TunableModel, fast: bool = False, latency_scale: float = 1.0):
         self._model = model
         self._held: dict[int, list] = {}
+        self.fast, self.latency_scale = fast, latency_scale
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int) -> float | None:
         if n not in self._held:
             self._held.clear()
             self._held[n] = self._model.example_batch(n)
+        if self.fast:
+            return self.latency_scale * float(self._model.probe_batch(self._held[n]))
         self._model.predict(self._held[n])
+        return None
 
     def clear(self) -> None:
         self._held.clear()

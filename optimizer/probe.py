@@ -58,6 +58,10 @@ def probe(
 ) -> ProbeResult:
     """Warm up, then time `repeats` runs (median), reading the peak over all of them.
 
+    A `run_batch` that returns a number returns the seconds the batch would take (a model's fast
+    probe predicts a whole generation from a few steps); that is the run's latency then, else
+    its wall time is.
+
     The first timed run that is more than twice over the latency budget ends the probe early: the
     size is too slow, and on a CPU a few more repeats of a too-large batch cost tens of seconds.
     """
@@ -70,9 +74,9 @@ def probe(
         meter.synchronize()
         for _ in range(repeats):
             start = meter.now()
-            run_batch(batch_size)
+            predicted_s = run_batch(batch_size)
             meter.synchronize()
-            latencies.append(meter.now() - start)
+            latencies.append(meter.now() - start if predicted_s is None else float(predicted_s))
             if latency_budget_s is not None and latencies[-1] > 2 * latency_budget_s:
                 break
         peak = meter.peak_bytes()

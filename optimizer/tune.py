@@ -14,12 +14,15 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 from filelock import FileLock
 
 from .cache import TuningCache, cache_key
+from .fast_probe import tune_with_fast_probes
+from .flight import SingleFlight, trusted_answer
 from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerprint, make_meter, package_version,
                       resolve_device_kind)
 from .model import ExampleBatches, TunableModel
@@ -50,6 +53,7 @@ class TuningSettings:
     warmup: int = 1
     repeats: int = 3
     knee_fraction: float = 0.95
+    fast_probes: bool = True  # probe through the model's probe_batch where it has one (optimizer/fast_probe.py)
 
     def validate(self) -> None:
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
@@ -225,11 +229,15 @@ def autobatch(
     run_batch: Callable[[int], None] | None = None,
     say: Callable[[str], None] | None = None,
     loaded: bool = False,
+    single_flight: SingleFlight | None = None,
 ) -> Tuning:
     """Find the max safe batch and the batch to serve for `spec` here, or take them from the cache.
 
     `meter`/`run_batch` replace the real device and model (the simulated device in tests);
     `loaded` says the caller already loaded the spec on the meter's device (a serve replica).
+    `single_flight(key)`: one tuning per cache key among many processes (optimizer/flight.py; a
+    serve replica passes the cluster's coordinator): on a miss this waits for the key's flight and
+    takes the answer another process measured meanwhile, or measures and publishes its own.
     """
     settings = settings or TuningSettings()
     say = say or log.info
@@ -244,31 +252,57 @@ def autobatch(
                 f"{hit.max_safe_batch}, serving batch {hit.batch_size}")
             return hit.with_source(CACHED, key)
 
-    with tuning_lock(fp):
-        if cache is not None and not force:  # another replica on this device may have just tuned it
-            hit = cache.get_trusted(key_fields)
-            if hit is not None:
-                say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for another "
-                    f"tuning on this device: serving batch {hit.batch_size}")
-                return hit.with_source(CACHED, key)
-        started = time.perf_counter()
-        if meter is None:
-            meter = make_meter(resolved.kind, settings.device_index)
-        if run_batch is None:
-            if not loaded:
-                say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
-                spec.load(meter.torch_device, resolved.dtype)
-            run_batch = ExampleBatches(spec)
-        meter.cleanup()
-        prober = Prober(run_batch, meter, memory_budget_bytes=resolved.memory_budget_bytes,
-                        latency_budget_s=resolved.latency_budget_s, base_bytes=meter.current_bytes(),
-                        warmup=settings.warmup, repeats=settings.repeats,
-                        on_probe=lambda p: say(describe_probe(p)))
-        tuning = tune_on(prober, settings, model=spec.name, weights=spec.weights_description(),
-                         dtype=resolved.dtype, say=say, started_at_s=started)
+    # A forced re-tune measures here whatever others measured: it takes no part in a flight.
+    with (single_flight(key) if single_flight is not None and not force else nullcontext()) as flight:
+        answer = flight.answer if flight is not None else None
+        if answer is not None:
+            taken = trusted_answer(answer, key_fields)
+            if isinstance(taken, Tuning):
+                say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for the tuning of "
+                    f"this key elsewhere in the cluster: serving batch {taken.batch_size}")
+                if cache is not None:
+                    cache.put(key_fields, taken)  # the next start here finds it without asking
+                return taken.with_source(CACHED, key)
+            say(f"autobatch: the answer another process published for {key} cannot be trusted ({taken}); tuning here")
+        with tuning_lock(fp):
+            if cache is not None and not force:  # another replica may have just tuned it
+                hit = cache.get_trusted(key_fields)
+                if hit is not None:
+                    say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for another "
+                        f"tuning of it: serving batch {hit.batch_size}")
+                    return hit.with_source(CACHED, key)
+            started = time.perf_counter()
+            if meter is None:
+                meter = make_meter(resolved.kind, settings.device_index)
+            fast = run_batch is None and settings.fast_probes and spec.probe_batch is not None
+            if run_batch is None:
+                if not loaded:
+                    say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
+                    spec.load(meter.torch_device, resolved.dtype)
+                run_batch = ExampleBatches(spec)
+            meter.cleanup()
+            base_bytes = meter.current_bytes()
 
-    if cache is not None:
-        cache.put(key_fields, tuning)
+            def make_prober(run, warmup=None, repeats=None) -> Prober:
+                return Prober(run, meter, memory_budget_bytes=resolved.memory_budget_bytes,
+                              latency_budget_s=resolved.latency_budget_s, base_bytes=base_bytes,
+                              warmup=settings.warmup if warmup is None else warmup,
+                              repeats=settings.repeats if repeats is None else repeats,
+                              on_probe=lambda p: say(describe_probe(p)))
+
+            def decide(prober: Prober) -> Tuning:
+                return tune_on(prober, settings, model=spec.name, weights=spec.weights_description(),
+                               dtype=resolved.dtype, say=say, started_at_s=started)
+
+            if fast:
+                tuning = tune_with_fast_probes(spec, make_prober, decide, say, started)
+            else:
+                tuning = decide(make_prober(run_batch))
+
+        if cache is not None:
+            cache.put(key_fields, tuning)
+        if flight is not None:
+            flight.publish(tuning.stored())
     return tuning.with_source(MEASURED, key)
 
 

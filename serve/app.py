@@ -27,6 +27,11 @@ from deployments.registry import model_names
 from .deployment import AutobatchDeployment
 from .settings import parse_user_config
 
+BACKPRESSURE_RETRY_AFTER_S = 1.0
+# A replica whose process died is noticed by the controller's health check (Ray's default period is
+# 10 s: a killed replica's route then waited ~15 s for its replacement); the check is a cheap call.
+HEALTH_CHECK_PERIOD_S = 2.0
+
 
 class AppArgs(BaseModel):
     """The builder's arguments; an unknown key is an error that lists the known ones."""
@@ -40,8 +45,11 @@ class AppArgs(BaseModel):
     memory_fraction: float | None = Field(None, gt=0, le=1, description="of the device; default 0.9 of the GPU share, 0.5 of CPU RAM")
     latency_budget_ms: float | None = Field(None, gt=0, description="per batch; default: the model's")
     max_batch: int = Field(256, ge=1, description="largest batch the tuning may try")
-    cache_path: str | None = Field(None, description="tuning cache file; default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
+    cache_path: str | None = Field(None, description="tuning cache: a file, or a URL every node reads (s3://, gs://, file://...; see docs/cluster.md); default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 * max_batch")
+    max_queued_requests: int | None = Field(None, ge=-1, description="requests Ray Serve's proxy holds for this app "
+                                            "while every replica is at max_ongoing_requests (starting, restarting); "
+                                            "past it: 503 with Retry-After. Default: max_ongoing_requests; -1: no bound")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (fractions allowed)")
     num_gpus: float = Field(1.0, gt=0, le=1, description="share of one GPU per replica, used when it runs on a GPU")
@@ -55,6 +63,14 @@ class AppArgs(BaseModel):
     warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
                                        "size it may serve once (a size's first run pays its set-up; see serve/warmup.py); 0: off")
     options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica, to place "
+                                        "replicas on a kind of node (e.g. {\"gpu_type_h200\": 1}); see docs/cluster.md")
+    tuning_group: str | None = Field(None, description="a label added to the device fingerprint, so nodes it cannot tell "
+                                     "apart (same GPU model, other host) tune and cache apart; default $AUTOBATCH_TUNING_GROUP")
+    single_flight: bool = Field(True, description="replicas of one GPU type across the cluster tune once: one measures, "
+                                "the others wait for its answer (serve/single_flight.py)")
+    share_cap: Literal["serve", "tune", "off"] = Field("serve", description="a replica with a share of a GPU caps its "
+                                                       "allocator at its budget: after tuning (serve), before it (tune), or not (off)")
     user_config: dict | None = Field(None, description="initial user_config (see serve/settings.py)")
 
     @field_validator("model")
@@ -99,13 +115,17 @@ def placement(args: AppArgs) -> tuple[dict, int]:
         raise ValueError(f"{args.model}: device cuda was asked for, but the Ray cluster has no GPUs; "
                          f"use device auto or cpu")
     on_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
-    if not on_gpu:
-        return {"num_cpus": args.num_cpus, "num_gpus": 0}, args.num_replicas
-    if args.replicas_per_gpu is None:
-        return {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}, args.num_replicas
-    k = args.replicas_per_gpu
-    replicas = args.num_replicas if "num_replicas" in args.model_fields_set else k
-    return {"num_cpus": args.num_cpus, "num_gpus": 1.0 / k}, replicas
+    options: dict = {"num_cpus": args.num_cpus, "num_gpus": 0}
+    if args.resources:
+        options["resources"] = dict(args.resources)
+    replicas = args.num_replicas
+    if on_gpu and args.replicas_per_gpu is None:
+        options["num_gpus"] = args.num_gpus
+    elif on_gpu:
+        k = args.replicas_per_gpu
+        replicas = args.num_replicas if "num_replicas" in args.model_fields_set else k
+        options["num_gpus"] = 1.0 / k
+    return options, replicas
 
 
 def build(args: AppArgs):
@@ -118,6 +138,11 @@ def build(args: AppArgs):
         name=args.model,
         num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing,
+        # The replicas bound their own queues once tuned (serve/admission.py); this bound is the proxy's,
+        # fixed before any tuning exists. Ray answers past it with a plain-text 503 and this Retry-After.
+        max_queued_requests=args.max_queued_requests if args.max_queued_requests is not None else max_ongoing,
+        backpressure_config={"status_code": 503, "retry_after_s": BACKPRESSURE_RETRY_AFTER_S},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options=actor_options,
         user_config=args.user_config,
     )
@@ -136,4 +161,7 @@ def build(args: AppArgs):
         gpu_share=actor_options["num_gpus"] or 1.0,
         max_ongoing_requests=max_ongoing,
         options=args.options,
+        tuning_group=args.tuning_group,
+        single_flight=args.single_flight,
+        share_cap=args.share_cap,
     )

@@ -32,6 +32,7 @@ class Item:
     # True: the answer stays the encoded value (Outcome.value), for a tensor request to gather; else JSON bytes
     keep_value: bool = False
     arrived_s: float = field(default_factory=time.perf_counter)  # when it reached @serve.batch: the wait learns from it
+    deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
 
 
 @dataclass

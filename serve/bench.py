@@ -95,6 +95,10 @@ def format_report(report: dict) -> str:
         f"latency ms p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}  "
         f"mean {_ms(lat['mean'])}  (over {lat['count']} ok requests)",
     ]
+    err = report.get("error_latency_s") or {}
+    if err.get("count"):
+        lines.append(f"errors ms  p50 {_ms(err['p50'])}  p99 {_ms(err['p99'])}  max {_ms(err['max'])}  "
+                     f"(over {err['count']} answered errors)")
     return "\n".join(lines)
 
 

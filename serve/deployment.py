@@ -49,6 +49,20 @@ def _gpu_ids() -> list:
         return []
 
 
+def _cpu_share() -> float | None:
+    """This replica's CPUs as a share of its node's (serve/budgets.py: its default memory share)."""
+    import ray
+
+    try:
+        context = ray.get_runtime_context()
+        assigned = float(context.get_assigned_resources().get("CPU", 0.0))
+        node = next(n for n in ray.nodes() if n.get("NodeID") == context.get_node_id())
+        node_cpus = float(node["Resources"].get("CPU", 0.0))
+        return assigned / node_cpus if assigned > 0 and node_cpus > 0 else None
+    except Exception:  # noqa: BLE001 - outside a Ray worker: no share known, the optimizer's default
+        return None
+
+
 @serve.deployment
 class AutobatchDeployment:
     async def __init__(
@@ -67,13 +81,17 @@ class AutobatchDeployment:
         gpu_share: float = 1.0,
         max_ongoing_requests: int | None = None,
         options: dict | None = None,
+        tuning_group: str | None = None,
+        single_flight: bool = True,
+        share_cap: str = "serve",
     ):
         builder = ReplicaConfig(model=model, weights=weights, device=device, dtype=dtype,
                                 memory_fraction=memory_fraction, latency_budget_ms=latency_budget_ms,
                                 max_batch=int(max_batch), cache_path=cache_path, repeats=int(repeats),
                                 warmup=int(warmup), warm_sizes_budget_s=float(warm_sizes_budget_s),
-                                gpu_share=float(gpu_share), max_ongoing_requests=max_ongoing_requests,
-                                options=dict(options or {}))
+                                gpu_share=float(gpu_share), cpu_share=_cpu_share(),
+                                max_ongoing_requests=max_ongoing_requests, options=dict(options or {}),
+                                tuning_group=tuning_group, single_flight=bool(single_flight), share_cap=share_cap)
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
         config = builder.with_user_config(_initial_user_config())

@@ -97,6 +97,8 @@ def summarize(records: Sequence[Record], wall_s: float) -> dict:
         "samples_per_s": sum(r.samples for r in ok) / wall,
         "tokens_per_s": sum(tokens) / wall if tokens else None,
         "latency_s": latency_summary([r.latency_s for r in ok]),
+        # how fast the errors came back (a shed 503 should take milliseconds, not a queue's wait)
+        "error_latency_s": latency_summary([r.latency_s for r in answered if not r.ok]),
     }
 
 

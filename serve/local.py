@@ -212,8 +212,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_budgets(config_path: str, node_cpus: float | None = None) -> None:
+    """Refuse, before starting anything, a config whose apps' memory budgets exceed the machine."""
+    import yaml
+
+    from .budgets import check_memory_shares
+
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    check_memory_shares(config.get("applications") or [], "cpu", float(node_cpus or os.cpu_count() or 1))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_budgets(args.config, args.num_cpus)
+    except (OSError, ValueError) as exc:
+        print(f"autobatch: {args.config}: {exc}", file=sys.stderr)
+        return 2
     ensure_token()
     args.ingress_mode, why = choose_ingress(args.ingress)
     print(f"autobatch: ingress: {why}", flush=True)

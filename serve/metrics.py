@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from optimizer.tuning import Tuning
 
+from .admission import SHED_REASONS
+
 log = logging.getLogger("ray.serve")
 
 GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
@@ -82,6 +84,11 @@ METRICS: tuple[MetricDef, ...] = (
               "Samples answered successfully; rate() of it is the throughput."),
     MetricDef("autobatch_request_errors", COUNTER,
               "Requests answered with an error, by HTTP status.", ("status",)),
+    MetricDef("autobatch_requests_shed", COUNTER,
+              "Requests a replica did not compute to keep its latency bound: reason=overload (its expected wait "
+              "was over 2x the latency budget: 503), deadline (it could not meet the client's Request-Timeout-Ms: "
+              "503), expired (the deadline passed while it queued: 504), memory (the replica's memory share: 503/413).",
+              ("reason",)),
     MetricDef("autobatch_batch_item_retries", COUNTER,
               "Batches that raised (not an OOM) and were retried item by item so batch-mates still answer."),
     MetricDef("autobatch_batch_inference_seconds", HISTOGRAM,
@@ -121,6 +128,7 @@ class ReplicaMetrics:
         for name, tags in (("autobatch_tuning_probes", {}), ("autobatch_cache_hits", {}),
                            ("autobatch_cache_misses", {}), ("autobatch_samples_served", {}),
                            ("autobatch_batch_item_retries", {}),
+                           *(("autobatch_requests_shed", {"reason": r}) for r in SHED_REASONS),
                            ("autobatch_oom_events", {"phase": "search", "kind": "real"}),
                            ("autobatch_oom_events", {"phase": "search", "kind": "predicted"}),
                            ("autobatch_oom_events", {"phase": "serving", "kind": "real"})):

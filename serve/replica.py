@@ -21,23 +21,29 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 from deployments.registry import create_spec
-from optimizer.cache import TuningCache
+from optimizer.cache import open_cache
 from optimizer.devices import make_meter, resolve_device_kind
 from optimizer.tune import autobatch, resolve
+from optimizer.share_cap import cap_allocator, share_cap_applies
 from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
+from .admission import Admission, capacity_from, expired_message, run_unexpired
 from .batch_runner import BatchRunner, Item, Outcome
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
+from .single_flight import cluster_single_flight
 from .stats import ServingStats
 from .warmup import SizeWarmer
 
 log = logging.getLogger("ray.serve")
+
+TUNING_GROUP_ENV = "AUTOBATCH_TUNING_GROUP"
 
 
 class BatchKnobs(Protocol):
@@ -57,13 +63,14 @@ class Replica:
                  max_ongoing: Callable[[], int | None]):
         self.builder, self.config = builder, config
         self.model_name = builder.model
-        self.cache = TuningCache(builder.cache_path) if builder.cache_path else TuningCache()
+        self.cache = open_cache(builder.cache_path)
         self._knobs = knobs
         self._max_ongoing = max_ongoing
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
         self._model_lock = asyncio.Lock()  # one user of the model at a time: a batch, a tuning or a warm-up
         self._started_at = time.time()
         self.stats = ServingStats()
+        self.admission = Admission()  # what this replica takes in: serve/admission.py
         self.tuning: Tuning | None = None
         self._tunings, self._tuning_wall_s = 0, 0.0
         self._wait: WaitController | None = None  # the wait as served batches show it; new with each tuning
@@ -73,6 +80,9 @@ class Replica:
         self._warmer = SizeWarmer(self._run_example_batch, budget_s=builder.warm_sizes_budget_s,
                                   on_error=lambda: self.meter.cleanup())
         self._warm_report: dict | None = None
+        self._warm_task: asyncio.Task | None = None  # sizes warmed between served batches
+        self._flights = None  # the cluster's single-flight hook, set at start
+        self._allocator_cap: float | None = None  # the fraction of the card this replica's allocator may hold
         # A new replica takes the cache even when the config carries a retune value: retune means
         # "measure again now" to the replicas running when it changes, not to every later start.
         self._last_retune = config.retune
@@ -85,6 +95,11 @@ class Replica:
             kind = resolve_device_kind(self.builder.device)  # raises with a clear message when cuda is absent
         loop = asyncio.get_running_loop()
         self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
+        group = self.builder.tuning_group or os.environ.get(TUNING_GROUP_ENV)
+        if group:  # nodes the fingerprint cannot tell apart, told apart: their own cache key, their own flight
+            fp = self.meter.fingerprint
+            self.meter.fingerprint = replace(fp, extra={**fp.extra, "tuning_group": str(group)})
+        self._flights = cluster_single_flight() if self.builder.single_flight else None
         self.device_label = self.meter.fingerprint.label
         self.metrics = ReplicaMetrics(self.model_name, self.device_label)
         self._runner = BatchRunner(self.spec, self.meter, self._executor, self.metrics, model_name=self.model_name,
@@ -102,14 +117,19 @@ class Replica:
     async def _tune(self, force: bool) -> None:
         loop = asyncio.get_running_loop()
         settings = self.config.tuning_settings(self.meter.fingerprint.kind)
+        capped = share_cap_applies(self.builder.share_cap, self.meter.fingerprint.kind, self.builder.gpu_share)
         async with self._model_lock:  # no batch runs while the model is measured
+            if capped and self.builder.share_cap == "tune":
+                await loop.run_in_executor(self._executor, self._cap_allocator, settings)
             started = time.perf_counter()
             tuning: Tuning = await loop.run_in_executor(
                 self._executor,
                 lambda: autobatch(self.spec, settings, cache=self.cache, force=force, meter=self.meter,
-                                  loaded=True, say=log.info),
+                                  loaded=True, say=log.info, single_flight=self._flights),
             )
             wall_s = time.perf_counter() - started
+            if capped and self.builder.share_cap == "serve":
+                await loop.run_in_executor(self._executor, self._cap_allocator, settings)
         self._tunings += 1
         self._tuning_wall_s = wall_s
         self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
@@ -121,6 +141,15 @@ class Replica:
         self._update_memory_gauge()
         log.info("autobatch: %s on %s: %s in %.1f s (cache %s, key %s)", self.model_name, self.device_label,
                  tuning.decision, wall_s, tuning.cache, tuning.key)
+
+    def _cap_allocator(self, settings) -> None:
+        """This replica's share of the card, enforced on its own allocator (optimizer/share_cap.py)."""
+        import torch
+
+        fp = self.meter.fingerprint
+        budget = resolve(self.spec, settings, fp).memory_budget_bytes
+        self._allocator_cap = cap_allocator(torch.cuda, self.meter.index, budget,
+                                            getattr(self.meter, "outside_torch_bytes", 0), fp.total_memory_bytes)
 
     def _apply_batch_settings(self) -> None:
         limit = self._max_ongoing()
@@ -135,6 +164,7 @@ class Replica:
                          "tuned_batch_wait_timeout_s": float(self.tuning.batch_wait_timeout_s),
                          "faults": self.config.faults.describe()}
         self.metrics.batch_settings(s.size, s.wait_s)
+        self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
 
     async def reconfigure(self, user_config: dict | None) -> None:
         config = self.builder.with_user_config(user_config)
@@ -161,7 +191,8 @@ class Replica:
         self.meter.synchronize()
 
     async def _warm_sizes(self) -> None:
-        """Run each batch size @serve.batch may form and this process has not run yet (see warmup.py)."""
+        """Before traffic, the sizes a batch queue forms first; the rest between served batches
+        (warmup.py). A new call (reconfigure) replaces a warm-up still running."""
         if not self.spec.fixed_sample_shape or self._warmer.budget_s <= 0:
             if self._warm_report is None:
                 why = ("its batch shapes also follow the input (prompt lengths)" if not self.spec.fixed_sample_shape
@@ -169,9 +200,37 @@ class Replica:
                 self._warm_report = {"skipped": why}
                 log.info("autobatch: %s: batch sizes not warmed before traffic: %s", self.model_name, why)
             return
+        if self._warm_task is not None:
+            self._warm_task.cancel()
         loop = asyncio.get_running_loop()
+        size = self.settings.size
         async with self._model_lock:
-            report = await loop.run_in_executor(self._executor, self._warmer.warm, self.settings.size)
+            report = await loop.run_in_executor(self._executor, self._warmer.warm, size, self._warmer.first_sizes(size))
+        report.before_traffic = list(report.warmed)
+        report.background = "running" if self._warmer.cold_sizes(size) and not report.left_cold else None
+        self._warm_report = report.to_dict()
+        log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
+        if report.background:
+            self._warm_task = asyncio.get_running_loop().create_task(self._warm_between_batches(report))
+
+    async def _warm_between_batches(self, report) -> None:
+        """One cold size at a time under the model lock, so a batch waits at most one size's run."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        size = report.max_batch_size
+        for cold in self._warmer.cold_sizes(size):
+            if time.perf_counter() - started >= self._warmer.budget_s:
+                report.left_cold = self._warmer.cold_sizes(size)
+                report.stopped_by = f"the {self._warmer.budget_s:g} s warm-up budget ran out"
+                break
+            async with self._model_lock:
+                part = await loop.run_in_executor(self._executor, self._warmer.warm, size, [cold])
+            report.absorb(part)
+            self._warm_report = report.to_dict()
+            if part.left_cold:
+                break
+        report.already_warm = [s for s in self._warmer.warm_sizes(size) if s not in report.warmed]
+        report.background = "done"
         self._warm_report = report.to_dict()
         log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
 
@@ -183,7 +242,7 @@ class Replica:
         self.stats.batch_formed(n)
         async with self._model_lock:
             started = time.perf_counter()
-            outcomes = await self._runner.run(items)
+            outcomes = await run_unexpired(items, self._run_live, started, self._expired)
             elapsed_s = time.perf_counter() - started
         served = sum(o.ok for o in outcomes)
         # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
@@ -197,6 +256,21 @@ class Replica:
         self.metrics.inc("autobatch_samples_served", served)
         self._update_memory_gauge()
         return outcomes
+
+    async def _run_live(self, items: list[Item]) -> list[Outcome]:
+        started = time.perf_counter()
+        outcomes = await self._runner.run(items)
+        self.admission.record_batch(len(items), time.perf_counter() - started)
+        return outcomes
+
+    def _expired(self, item: Item) -> Outcome:
+        """An item whose client deadline passed while it queued: answered without computing it."""
+        self.count_shed("expired")
+        return Outcome.error(504, expired_message(time.perf_counter() - item.arrived_s))
+
+    def count_shed(self, reason: str) -> None:
+        self.stats.shed[reason] += 1
+        self.metrics.inc("autobatch_requests_shed", reason=reason)
 
     def _on_serving_oom(self, batch_size: int, message: str) -> None:
         """Called by the runner after a real OOM: serve smaller batches from now on."""
@@ -240,11 +314,14 @@ class Replica:
         return {
             **self.tuning.to_dict(),
             "replica": {"pid": os.getpid(), "device": self.device_label, "tunings": self._tunings,
-                        "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at},
+                        "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at,
+                        "tuning_group": self.meter.fingerprint.extra.get("tuning_group"),
+                        "single_flight": self._flights is not None, "allocator_cap_fraction": self._allocator_cap},
             # the ratio as of now; the wait moves only when the controller checks (optimizer/wait.py)
             "serving": {**self._serving,
                         "served_vs_tuned_latency": wait.ratio if wait else None,
-                        "served_batches_compared": wait.batches if wait else 0},
+                        "served_batches_compared": wait.batches if wait else 0,
+                        "admission": self.admission.describe()},
             "warm_sizes": self._warm_report,
             "stats": self.stats.to_dict(self._runner.item_retries),
         }

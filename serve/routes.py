@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from deployments.base import PayloadError
 
+from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
 from .batch_runner import Item, Outcome
 from .replica import Replica
 
@@ -37,6 +38,14 @@ def subpath(request: Request) -> str:
     return "/" + path.strip("/")
 
 
+def _declared_length(headers: Mapping[str, str]) -> int:
+    """The body's size as its Content-Length says (0 when absent or not a number: charged once read)."""
+    try:
+        return max(0, int(headers.get("content-length") or 0))
+    except ValueError:
+        return 0
+
+
 class HttpRoutes:
     """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
 
@@ -53,7 +62,8 @@ class HttpRoutes:
 
     async def answer(self, method: str, path: str, headers: Mapping[str, str],
                      read_body: Callable[[], Awaitable[bytes]]) -> Response:
-        """One request to this route: `path` below the route prefix, `read_body()` the body."""
+        """One request to this route: `path` below the route prefix, `read_body()` the body (the
+        HTTP proxy's request, or the OIP router forwarding a simple route)."""
         replica = self._replica
         if method in ("GET", "HEAD"):
             if path == "/tuning":
@@ -65,10 +75,32 @@ class HttpRoutes:
             return error_response(405, f"method {method} is not served; use POST / with the payload, or GET /tuning")
         if path != "/":
             return error_response(404, f"no such path {path!r}; POST the payload to the route itself")
+        # Admitted before the body is read: a refused request costs no transfer of its body from the proxy.
+        ticket = self.admit(headers, _declared_length(headers))
+        if isinstance(ticket, Response):
+            return ticket
+        with ticket:
+            try:
+                body = await read_body()
+            except Exception as exc:  # noqa: BLE001 - client went away / broken stream
+                return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
+            return await self._decode_and_infer(headers, body, ticket)
+
+    def admit(self, headers: Mapping[str, str], body_bytes: int, samples: int = 1) -> Ticket | Response:
+        """A ticket for this request (serve/admission.py), or the answer that refuses it."""
         try:
-            body = await read_body()
-        except Exception as exc:  # noqa: BLE001 - client went away / broken stream
-            return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
+            deadline_s = parse_deadline_ms(headers.get(DEADLINE_HEADER))
+        except ValueError as exc:
+            return self._reply_error(400, str(exc))
+        try:
+            return self._replica.admission.admit(deadline_s, samples=samples, body_bytes=body_bytes)
+        except Refused as refused:
+            self._replica.count_shed(refused.reason)
+            self._replica.count_error(refused.status)
+            return JSONResponse({"error": refused.message}, status_code=refused.status, headers=refused.headers())
+
+    async def _decode_and_infer(self, headers: Mapping[str, str], body: bytes, ticket: Ticket) -> Response:
+        replica = self._replica
         content_type = headers.get("content-type")
         try:
             sample = await asyncio.to_thread(replica.spec.decode, body, content_type)
@@ -78,7 +110,7 @@ class HttpRoutes:
             log.exception("autobatch: %s decode raised outside PayloadError", replica.model_name)
             return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
                                           f"check it is what GET / describes")
-        item = Item(sample, poisoned=replica.config.faults.is_poisoned(headers))
+        item = Item(sample, poisoned=replica.config.faults.is_poisoned(headers), deadline_at=ticket.deadline_at)
         try:
             outcome: Outcome = await self._infer(item)
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here

@@ -14,10 +14,11 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from optimizer.tune import DEFAULT_MEMORY_FRACTION, TuningSettings
+from optimizer.tune import TuningSettings
 from optimizer.tuning import Tuning
 from optimizer.wait import LearntWait
 
+from .budgets import default_memory_fraction
 from .faults import Faults
 
 log = logging.getLogger("ray.serve")
@@ -57,15 +58,15 @@ def parse_user_config(user_config: dict | None) -> dict:
     return cfg
 
 
-def memory_fraction_for(kind: str, fraction: float | None, gpu_share: float) -> float | None:
-    """The memory fraction (of the whole device) a replica tunes within. A replica holding a share
-    of a GPU (num_gpus < 1) gets by default the usual fraction of its share, so replicas packed on
-    one card each tune within their own part of it; None: the optimizer's default for the device."""
-    if kind != "cuda" or gpu_share >= 1:
-        return fraction
+def memory_fraction_for(kind: str, fraction: float | None, gpu_share: float,
+                        cpu_share: float | None = None) -> float | None:
+    """The memory fraction (of the whole device) a replica tunes within: the app's, else its share of
+    the device as Ray placed it (serve/budgets.py: num_gpus of a card, num_cpus of the node's CPUs),
+    so that replicas sharing a device each tune within their own part of it; None: the optimizer's
+    default for the device (a CPU replica whose share is unknown)."""
     if fraction is None:
-        return DEFAULT_MEMORY_FRACTION["cuda"] * gpu_share
-    if fraction > gpu_share:
+        return default_memory_fraction(kind, cpu_share, gpu_share)
+    if kind == "cuda" and fraction > gpu_share:
         log.warning("autobatch: memory_fraction %.2f is more than this replica's GPU share %.2f; "
                     "its neighbours on the card may run out of memory", fraction, gpu_share)
     return fraction
@@ -96,8 +97,12 @@ class ReplicaConfig:
     warmup: int = 1
     warm_sizes_budget_s: float = 120.0
     gpu_share: float = 1.0
+    cpu_share: float | None = None  # this replica's num_cpus / its node's CPUs, as Ray placed it
     max_ongoing_requests: int | None = None  # what the builder set; Ray's own value wins where readable
     options: dict = field(default_factory=dict)
+    tuning_group: str | None = None  # added to the device fingerprint (the cache key); else $AUTOBATCH_TUNING_GROUP
+    single_flight: bool = True  # one tuning per key across the Ray cluster (serve/single_flight.py)
+    share_cap: str = "serve"  # cap the allocator at a GPU share's budget: serve | tune | off (optimizer/share_cap.py)
     # --- from user_config only ---
     pins: Pins = Pins()
     retune: Any = None  # a new truthy value re-tunes the running replicas, skipping the cache
@@ -126,7 +131,7 @@ class ReplicaConfig:
             device=device_kind,
             device_index=0,
             dtype=self.dtype,
-            memory_fraction=memory_fraction_for(device_kind, self.memory_fraction, self.gpu_share),
+            memory_fraction=memory_fraction_for(device_kind, self.memory_fraction, self.gpu_share, self.cpu_share),
             latency_budget_s=latency / 1e3 if latency else None,
             max_batch=self.max_batch,
             warmup=self.warmup,

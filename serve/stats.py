@@ -15,6 +15,7 @@ class ServingStats:
     serving_ooms: int = 0
     batch_sizes: Counter = field(default_factory=Counter)  # batch size -> batches formed of that size
     errors: Counter = field(default_factory=Counter)  # HTTP status (str) -> requests answered with it
+    shed: Counter = field(default_factory=Counter)  # reason (serve/admission.py SHED_REASONS) -> requests refused or dropped
 
     def batch_formed(self, size: int) -> None:
         self.batch_sizes[size] += 1
@@ -36,4 +37,5 @@ class ServingStats:
             "serving_ooms": self.serving_ooms,
             "batch_item_retries": batch_item_retries,
             "errors": dict(self.errors),
+            "shed": dict(self.shed),
         }

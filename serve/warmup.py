@@ -11,6 +11,12 @@ Only for specs whose decoded samples all have one shape (ModelSpec.fixed_sample_
 shape is then its size alone, so running each size once covers every batch serving can form. An
 LLM's shapes also follow prompt lengths; warming sizes would not cover them, so it is skipped.
 
+Which first: before traffic only the sizes a queue forms first (`first_sizes`: the max batch, what
+full load forms, and 1, what a lone request forms), so a replica is ready right after tuning; the
+rest while already serving, one size at a time between batches (serve/replica.py holds the model
+lock per size, so a batch waits at most one size's first run). Sizes that traffic forms first are
+warm by serving them and are skipped.
+
 Mechanism only: which sizes count as warm and running the rest. The deployment decides when.
 """
 from __future__ import annotations
@@ -45,8 +51,23 @@ class WarmReport:
     seconds: float = 0.0
     left_cold: list[int] = field(default_factory=list)  # not run: the time budget ran out, or a run failed
     stopped_by: str | None = None
+    before_traffic: list[int] = field(default_factory=list)  # of `warmed`, run before the replica took traffic
+    in_background: list[int] = field(default_factory=list)  # of `warmed`, run between served batches
+    background: str | None = None  # "running" while sizes are warmed between batches, then "done"
+
+    def absorb(self, part: "WarmReport") -> None:
+        """Add a later warm-up's runs (one size between batches) to this report."""
+        self.warmed += part.warmed
+        self.in_background += part.warmed
+        self.first_run_s.update(part.first_run_s)
+        self.seconds += part.seconds
+        if part.left_cold:
+            self.left_cold, self.stopped_by = part.left_cold, part.stopped_by
 
     def describe(self) -> str:
+        if self.background == "running":
+            return (f"warmed batch sizes {size_ranges(self.before_traffic)} before traffic; warming "
+                    f"the rest up to {self.max_batch_size} between served batches")
         if not self.warmed and not self.left_cold:
             return (f"every batch size up to {self.max_batch_size} had already run in this replica "
                     f"({size_ranges(self.already_warm)}); nothing to warm")
@@ -58,6 +79,8 @@ class WarmReport:
         elif times:
             slowest = max(self.first_run_s, key=self.first_run_s.get)
             line += f" (first runs {times[0] * 1e3:.0f}-{times[-1] * 1e3:.0f} ms, slowest at batch {slowest})"
+        if self.in_background:
+            line += f" ({size_ranges(self.in_background)} between served batches)"
         if self.already_warm:
             line += f"; already run: {size_ranges(self.already_warm)}"
         if self.left_cold:
@@ -90,14 +113,25 @@ class SizeWarmer:
     def mark_warm(self, sizes: Iterable[int]) -> None:
         self._warm.update(int(s) for s in sizes if s and s > 0)
 
+    def warm_sizes(self, max_batch_size: int) -> list[int]:
+        return sorted(s for s in self._warm if s <= max_batch_size)
+
     def cold_sizes(self, max_batch_size: int) -> list[int]:
         rest = [s for s in range(1, max_batch_size) if s not in self._warm]
         return ([max_batch_size] if max_batch_size not in self._warm else []) + rest
 
-    def warm(self, max_batch_size: int) -> WarmReport:
-        report = WarmReport(max_batch_size=max_batch_size,
-                            already_warm=sorted(s for s in self._warm if s <= max_batch_size))
+    @staticmethod
+    def first_sizes(max_batch_size: int) -> list[int]:
+        """What a batch queue forms first: the max batch under load, 1 for a lone request."""
+        return sorted({max_batch_size, 1}, reverse=True)
+
+    def warm(self, max_batch_size: int, sizes: Iterable[int] | None = None) -> WarmReport:
+        """Run the cold sizes up to max_batch_size (only those among `sizes`, when given), in order."""
+        report = WarmReport(max_batch_size=max_batch_size, already_warm=self.warm_sizes(max_batch_size))
         cold = self.cold_sizes(max_batch_size)
+        if sizes is not None:
+            wanted = set(sizes)
+            cold = [s for s in cold if s in wanted]
         started = self._clock()
         for i, size in enumerate(cold):
             if self._clock() - started >= self.budget_s:

@@ -39,6 +39,12 @@ def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (320, 240), seed: int
     return buf.getvalue()
 
 
+def warmed_up(t: dict) -> bool:
+    """A /tuning report whose warm-up is over: the sizes a queue forms first run before traffic,
+    the rest between served batches (serve/warmup.py); tests that count warmed sizes wait for it."""
+    return (t.get("warm_sizes") or {}).get("background") != "running"
+
+
 class ServeCluster:
     """A local Ray (2 CPUs, no dashboard, metrics on a known port) with Serve's HTTP proxy on a
     free 127.0.0.1 port. `deploy(apps)` applies a multi-application config (the whole set of apps:

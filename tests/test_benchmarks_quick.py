@@ -139,3 +139,18 @@ def test_the_brute_force_scan_finds_the_true_maximum_from_any_hint():
         assert scan["found"] == 137, (hint, scan)
         assert scan["ooms"] == 0 and scan["probes"] >= 2
     assert brute_force(Measurer(SimulatedModel(), device, budget, repeats=1), 90, limit=100)["found"] == 100
+
+
+def test_soak_quick(results):
+    out = results / "soak.json"
+    stdout = run_script("soak.py", "--quick", "--out", str(out))
+    assert "requests by status" in stdout and f"wrote {out}" in stdout
+    data = json.loads(out.read_text())
+    windows, summary = data["windows"], data["summary"]
+    assert len(windows) == 2 and all(w["requests"] > 0 for w in windows)
+    statuses = summary["statuses"]
+    # every malformed case is a 4xx, never a 5xx other than admission's 503; the good ones are served
+    assert statuses.get("200", 0) > 0 and not set(statuses) - {"200", "400", "413", "415", "422", "503"}, statuses
+    assert sum(v for k, v in statuses.items() if k.startswith("4")) > 0
+    assert summary["rss_after_warmup_mib"] > 0 and summary["same_replica_throughout"]
+    assert set(summary["malformed_cases"]) >= {"empty", "1 byte", "truncated JPEG", "text as JPEG", "GIF", "bad JSON"}

@@ -57,6 +57,8 @@ def test_summary_counts_errors_by_status_and_times_only_successes():
     assert lat["count"] == 10 and lat["max"] == 1.0 and lat["p50"] == pytest.approx(0.055)
     assert lat["mean"] == pytest.approx(sum(KNOWN) / 10)
     assert latency_summary([])["p99"] is None
+    err = s["error_latency_s"]  # how fast errors came back: the answered ones only
+    assert err["count"] == 4 and err["min"] == 0.0 and err["max"] == 30.0
 
 
 def test_load_settings_are_checked_before_anything_is_sent():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from serve_helpers import ServeCluster, image_bytes, stats_delta
+from serve_helpers import ServeCluster, image_bytes, stats_delta, warmed_up
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,7 +36,7 @@ def cluster(tmp_path_factory):
     c.cache_path = str(tmp_path_factory.mktemp("serve-cache") / "tuning.json")
     c.deploy([r50_app("r50", ROUTE, c.cache_path)])
     c.wait_running(["r50"])
-    c.first_tuning = c.tuning(ROUTE)
+    c.first_tuning = c.wait_tuning(ROUTE, warmed_up)
     yield c
     c.shutdown()
 
@@ -63,7 +63,8 @@ def test_startup_tunes_and_reports_the_tuning(cluster):
     assert t["serving"]["max_batch_size"] == t["batch_size"]
     assert t["serving"]["batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
     assert t["serving"]["max_ongoing_requests"] == 2 * MAX_BATCH
-    # before traffic, every size @serve.batch may form has run once: the tuning's probes, then the rest
+    # every size @serve.batch may form has run once: the tuning's probes, the max batch and 1 before
+    # traffic, the rest between served batches
     warm = t["warm_sizes"]
     probed = {p["batch_size"] for p in t["probes"] if p["outcome"] == "ok"}
     assert set(warm["already_warm"]) == probed & set(range(1, t["batch_size"] + 1))
@@ -150,7 +151,7 @@ def test_an_oom_while_serving_splits_the_batch_and_every_request_answers(cluster
 
 def test_reconfigure_changes_the_batch_size_live(cluster):
     pid = cluster.tuning(ROUTE)["replica"]["pid"]
-    t = reconfigure(cluster, pinned(3), lambda t: t["serving"]["max_batch_size"] == 3)
+    t = reconfigure(cluster, pinned(3), lambda t: t["serving"]["max_batch_size"] == 3 and warmed_up(t))
     assert t["replica"]["pid"] == pid and t["serving"]["pinned_batch_size"] == 3
     assert 3 in set(t["warm_sizes"]["warmed"]) | set(t["warm_sizes"]["already_warm"])  # a raised pin warms its new sizes
     responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)])
@@ -237,7 +238,7 @@ def test_a_second_start_is_a_cache_hit_and_skips_tuning(cluster):
     entries_before = json.load(open(cluster.cache_path))["entries"]
     cluster.deploy([r50_app("r50", ROUTE, cluster.cache_path), r50_app("r50-again", "/r50-again", cluster.cache_path)])
     cluster.wait_running(["r50", "r50-again"])
-    t = cluster.tuning("/r50-again")
+    t = cluster.wait_tuning("/r50-again", warmed_up)
     assert t["cache"] == "hit" and t["from_cache"] is True and t["key"] == cluster.first_tuning["key"]
     assert t["replica"]["pid"] != cluster.tuning(ROUTE)["replica"]["pid"]
     assert t["tuned_at"] == entries_before[t["key"]]["result"]["tuned_at"]  # nothing re-measured or re-saved

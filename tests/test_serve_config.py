@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from serve_helpers import ServeCluster, image_bytes
+from serve_helpers import ServeCluster, image_bytes, warmed_up
 
 from deployments.registry import BUILTIN_MODELS, spec_class
 
@@ -185,7 +185,7 @@ def test_every_route_of_the_config_answers(config_cluster, model):
         assert ("top_k" in body) if model != "yolo11n_pose" else ("keypoints" in body and body["image_size"] == [320, 240])
         bad = config_cluster.post(route, b"GIF89a not really", "image/gif")
         assert 400 <= bad.status_code < 500 and "error" in bad.json()
-    t = config_cluster.tuning(route)
+    t = config_cluster.wait_tuning(route, warmed_up)
     assert t["model"] == model and t["cache"] == "miss" and t["probe_count"] >= 1
     assert 1 <= t["serving"]["max_batch_size"] <= 4 and t["serving"]["max_ongoing_requests"] == 8
     assert t["stats"]["samples_served"] >= 1

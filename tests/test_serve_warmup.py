@@ -83,3 +83,22 @@ def test_a_failing_size_frees_memory_once_and_a_budget_stop_does_not():
     assert cleanups == ["cleanup"]
     SizeWarmer(run_batch, budget_s=1, clock=clock, on_error=lambda: cleanups.append("again")).warm(4)
     assert cleanups == ["cleanup"]  # 4 ran, then the budget stopped it before 2
+
+
+def test_before_traffic_only_the_sizes_a_queue_forms_first_then_the_rest_one_at_a_time():
+    warmer, ran = recording_warmer()
+    warmer.mark_warm([2])  # what the tuning probed
+    first = warmer.warm(6, warmer.first_sizes(6))
+    assert ran == [6, 1] and first.warmed == [6, 1] and first.already_warm == [2]
+    first.before_traffic, first.background = list(first.warmed), "running"
+    assert "warmed batch sizes 1, 6 before traffic" in first.describe()
+    warmer.mark_warm([4])  # a batch of 4 was served meanwhile: it is not run again
+    for size in warmer.cold_sizes(6):
+        first.absorb(warmer.warm(6, [size]))
+    assert ran == [6, 1, 3, 5] and first.warmed == [6, 1, 3, 5] and first.in_background == [3, 5]
+    first.background = "done"
+    assert "(3, 5 between served batches)" in first.describe() and warmer.cold_sizes(6) == []
+
+
+def test_first_sizes_of_a_max_batch_of_one_is_one_size():
+    assert SizeWarmer.first_sizes(1) == [1] and SizeWarmer.first_sizes(8) == [8, 1]

@@ -1,0 +1,59 @@
+"""Memory budgets that add up: replicas sharing a machine's RAM (CPU) or a card (GPU) divide it.
+
+A replica tunes within `memory_fraction` of its device. Given in an app's args, that is the share;
+left out, it is `SHARE_FRACTION` of the replica's part of the device as Ray places it: its
+`num_gpus` of the card on a GPU, its `num_cpus` of the node's CPUs on a CPU. Ray never places more
+than a node's CPUs (or a card's GPU) on it, so default shares add up to at most SHARE_FRACTION;
+explicit ones are checked here, for one config's applications together (`check_memory_shares`,
+run by `make serve` before it starts anything and by the tests on serve_config.yaml). Pure: no Ray.
+"""
+from __future__ import annotations
+
+SHARE_FRACTION = 0.9  # of a replica's share: the rest is the OS's, Ray's and the allocator's slack
+MAX_TOTAL_FRACTION = 0.9  # the apps of one config together, of one device
+
+
+class BudgetError(ValueError):
+    """The apps of a config would budget more memory than the device has; the message says what to change."""
+
+
+def default_memory_fraction(kind: str, cpu_share: float | None, gpu_share: float) -> float | None:
+    """The fraction of the whole device a replica tunes within when its app gives none; None: no
+    share is known (a CPU replica with num_cpus 0), the optimizer's own default."""
+    if kind == "cuda":  # a whole card: the optimizer's default, which is the same fraction
+        return SHARE_FRACTION * gpu_share if gpu_share < 1 else None
+    if kind == "cpu" and cpu_share:
+        return SHARE_FRACTION * min(cpu_share, 1.0)
+    return None
+
+
+def app_fractions(applications: list[dict], kind: str, node_cpus: float) -> dict[str, float]:
+    """Each app's memory fraction of one device, times its replicas."""
+    out = {}
+    for app in applications:
+        args = app.get("args") or {}
+        replicas = int(args.get("num_replicas", 1))
+        fraction = args.get("memory_fraction")
+        if fraction is None:
+            cpu_share = float(args.get("num_cpus", 1.0)) / node_cpus if node_cpus else None
+            fraction = default_memory_fraction(kind, cpu_share, float(args.get("num_gpus", 1.0)))
+        if fraction is None and kind == "cuda":
+            fraction = SHARE_FRACTION
+        if fraction is None:
+            raise BudgetError(f"app {app.get('name')!r} has num_cpus 0 and no memory_fraction: its budget is not "
+                              f"a share of the machine; give it a memory_fraction")
+        out[str(app.get("name"))] = float(fraction) * replicas
+    return out
+
+
+def check_memory_shares(applications: list[dict], kind: str, node_cpus: float, devices: int = 1) -> dict[str, float]:
+    """Raise BudgetError unless the apps' fractions (x replicas) sum to at most MAX_TOTAL_FRACTION of
+    `devices` devices of `kind` (the node's RAM for cpu, its cards for cuda); else the fractions."""
+    fractions = app_fractions(applications, kind, node_cpus)
+    total = sum(fractions.values())
+    if total > MAX_TOTAL_FRACTION * devices + 1e-9:
+        parts = ", ".join(f"{name} {f:.2f}" for name, f in fractions.items())
+        what = "the machine's RAM" if kind == "cpu" else f"{devices} GPU(s)"
+        raise BudgetError(f"the apps' memory budgets add up to {total:.2f} of {what} ({parts}); together they may use "
+                          f"at most {MAX_TOTAL_FRACTION * devices:g}: lower their memory_fraction (x num_replicas)")
+    return fractions

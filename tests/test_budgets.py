@@ -1,0 +1,52 @@
+"""Memory budgets add up (issue 15, item 5): serve_config.yaml's apps together stay within the
+device, a config that does not is refused with what to change, and a replica left without a
+memory_fraction budgets its CPU or GPU share, not half the machine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.budgets import MAX_TOTAL_FRACTION, BudgetError, check_memory_shares
+from serve.settings import ReplicaConfig, memory_fraction_for
+
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+
+
+@pytest.mark.parametrize("kind,node_cpus", [("cpu", 2), ("cpu", 64), ("cuda", 16)])
+def test_serve_config_budgets_add_up_on_any_machine(kind, node_cpus):
+    apps = yaml.safe_load(CONFIG_PATH.read_text())["applications"]
+    fractions = check_memory_shares(apps, kind, node_cpus)
+    assert set(fractions) == {app["name"] for app in apps}
+    assert 0 < sum(fractions.values()) <= MAX_TOTAL_FRACTION
+
+
+def test_the_make_serve_launcher_refuses_a_config_over_the_machine(tmp_path):
+    from serve.local import check_budgets, main
+
+    config = yaml.safe_load(CONFIG_PATH.read_text())
+    config["applications"][0]["args"]["num_replicas"] = 3  # 3 x 0.22 + 3 x 0.22 = 1.32
+    path = tmp_path / "over.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(BudgetError, match="lower their memory_fraction"):
+        check_budgets(str(path), 2)
+    assert main([str(path)]) == 2  # refused before Ray starts
+
+
+def test_default_shares_follow_ray_placement():
+    apps = [{"name": f"a{i}", "args": {"model": "resnet50", "num_cpus": 0.5}} for i in range(4)]
+    assert sum(check_memory_shares(apps, "cpu", 2).values()) == pytest.approx(0.9)
+    with pytest.raises(BudgetError, match="num_cpus 0"):
+        check_memory_shares([{"name": "z", "args": {"num_cpus": 0}}], "cpu", 2)
+    over = [{"name": "big", "args": {"memory_fraction": 0.5}}, {"name": "big2", "args": {"memory_fraction": 0.5}}]
+    with pytest.raises(BudgetError, match="1.00 of the machine's RAM"):
+        check_memory_shares(over, "cpu", 2)
+
+
+def test_a_replica_budgets_its_share_of_the_device():
+    assert memory_fraction_for("cpu", None, 1.0, cpu_share=0.125) == pytest.approx(0.9 * 0.125)
+    assert memory_fraction_for("cpu", 0.22, 1.0, cpu_share=0.125) == 0.22  # the app's own wins
+    assert memory_fraction_for("cpu", None, 1.0, cpu_share=None) is None  # unknown: the optimizer's default
+    settings = ReplicaConfig(model="resnet50", cpu_share=0.25).tuning_settings("cpu")
+    assert settings.memory_fraction == pytest.approx(0.225)
