@@ -195,3 +195,19 @@ def test_every_route_of_the_config_answers(config_cluster, model):
     else:  # every size @serve.batch may form ran once before traffic: in the tuning or in the warm-up
         assert set(warm["warmed"]) | set(warm["already_warm"]) >= set(range(1, t["serving"]["max_batch_size"] + 1))
         assert warm["left_cold"] == []
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("model", list(ROUTES))
+def test_every_model_answers_the_open_inference_protocol_through_the_router(config_cluster, model):
+    """Two samples in one request to /v2/models/<model>/infer, as the spec's declared outputs."""
+    declared = spec_class(model)().outputs() if model != "llama_int4" else None
+    if model == "llama_int4":
+        inputs = [{"name": "text_input", "datatype": "BYTES", "shape": [2], "data": ["Hello", "batch"]}]
+    else:
+        inputs = [{"name": "pixels", "datatype": "UINT8", "shape": [2, 8, 6, 3], "data": [7] * (2 * 8 * 6 * 3)}]
+    r = config_cluster.http.post(f"/v2/models/{model}/infer", json={"inputs": inputs})
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    names = {t.name for t in declared} if declared else {"text_output"}
+    assert set(outputs) == names and all(o["shape"][0] == 2 for o in outputs.values()), r.text
