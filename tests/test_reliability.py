@@ -36,10 +36,13 @@ TINY_BODY = json.dumps([0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0]).encode()
 
 
 def tiny_app(name: str, cache_path: str) -> dict:
+    # single_flight off: these apps share one tuning key, and the cluster's coordinator would hand a
+    # restarted replica (or the second app) the answer it already published, where these tests are
+    # about what the cache file alone does (tests/test_cluster_single_flight.py covers the coordinator).
     return {"name": name, "route_prefix": f"/{name}", "import_path": "serve.app:build",
             "runtime_env": {"env_vars": TINY_ENV},
             "args": {"model": "tiny_mlp", "device": "cpu", "max_batch": 4, "repeats": 1, "num_cpus": 0.25,
-                     "cache_path": cache_path}}
+                     "cache_path": cache_path, "single_flight": False}}
 
 
 @pytest.fixture(scope="module")

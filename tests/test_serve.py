@@ -23,6 +23,9 @@ def r50_app(name: str, route: str, cache_path: str, user_config: dict | None = N
             "model": "resnet50", "device": "auto", "latency_budget_ms": 400, "max_batch": MAX_BATCH,
             "repeats": 1, "cache_path": cache_path, "num_cpus": 0.25,
             "options": {"max_image_bytes": 300_000},
+            # These apps share one tuning key: without this, the cluster's single-flight coordinator
+            # would hand a later app the answer it published, where these tests are about the cache file.
+            "single_flight": False,
         },
     }
     if user_config is not None:
