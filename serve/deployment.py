@@ -132,7 +132,8 @@ class AutobatchDeployment:
             return body
 
         response = await self._routes.answer(method, "/" + path.strip("/"), headers, read_body)
-        return response.status_code, {"content-type": response.media_type or "application/json"}, response.body
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}  # Retry-After among them
+        return response.status_code, headers, response.body
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def _infer(self, items: list[Item]) -> list[Outcome]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from deployments.base import PayloadError
 
+from .admission import Refused
 from .batch_runner import Item, Outcome
 from .oip.request import InferFailure, InferRequest, InferResponse
 from .oip.tensors import NUMPY_DTYPES, Tensor
@@ -62,6 +63,21 @@ class TensorRoutes:
         return InferFailure.of(error, index)
 
     async def infer(self, request: InferRequest) -> InferResponse | InferFailure:
+        """Admitted by its sample count (serve/admission.py: a replica at capacity sheds it whole,
+        before any decoding), then decoded, batched by sample and gathered."""
+        n = request.samples
+        body_bytes = sum(sum(len(e) for e in t.data.reshape(-1)) if t.data.dtype == object else t.data.nbytes
+                         for t in request.inputs)
+        try:
+            ticket = self._replica.admission.admit(None, samples=n, body_bytes=body_bytes)
+        except Refused as refused:
+            self._replica.count_shed(refused.reason)
+            self._replica.count_error(refused.status)
+            return InferFailure(refused.status, refused.message)
+        with ticket:
+            return await self._infer_admitted(request, ticket.deadline_at)
+
+    async def _infer_admitted(self, request: InferRequest, deadline_at: float | None) -> InferResponse | InferFailure:
         replica, spec = self._replica, self._replica.spec
         n = request.samples
         inputs = {t.name: t.data for t in request.inputs}
@@ -80,7 +96,7 @@ class TensorRoutes:
             if isinstance(sample, PayloadError):
                 return self._fail(sample, index)
         try:
-            outcomes = await asyncio.gather(*(self._infer(Item(sample, keep_value=True)) for sample in samples))
+            outcomes = await asyncio.gather(*(self._infer(Item(sample, keep_value=True, deadline_at=deadline_at)) for sample in samples))
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
             log.exception("autobatch: batch handler failed")
             return self._fail(PayloadError(f"internal error while serving ({type(exc).__name__}: {exc})", 500))
