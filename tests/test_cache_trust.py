@@ -26,23 +26,13 @@ try:
 except ImportError:
     from optimizer.devices import SimulatedDevice
 
+from tuning_samples import SimulatedModel  # noqa: E402
+
 MiB = 2**20
 SETTINGS = dict(memory_budget_bytes=2000 * MiB, latency_budget_s=0.2005, max_batch=256)
 
 
-class FakeSpec:  # the tuner only needs a name, a signature and library versions from a spec
-    name = "sim-model"
-    library_packages = ()
-    default_latency_budget_s = 0.5
-
-    def signature(self):
-        return {"model": "sim-model"}
-
-    def default_dtype(self, kind):
-        return "float32"
-
-    def weights_description(self):
-        return "simulated"
+FakeSpec = SimulatedModel  # the tuner only needs a name, a signature and library versions
 
 
 def field(result, name):

@@ -205,19 +205,7 @@ def test_affine_fit_recovers_a_line_and_inverts_it():
 def test_autobatch_on_the_simulated_device_reports_every_probe(tmp_path):
     from optimizer.cache import TuningCache
 
-    class FakeSpec:  # the tuner only needs a name, a signature and library versions from a spec
-        name = "sim-model"
-        library_packages = ()
-        default_latency_budget_s = 0.5
-
-        def signature(self):
-            return {"model": "sim-model"}
-
-        def default_dtype(self, kind):
-            return "float32"
-
-        def weights_description(self):
-            return "simulated"
+    from tuning_samples import SimulatedModel as FakeSpec
 
     device = SimulatedDevice(lambda b: 1000 * MiB + 4 * MiB * b, lambda b: 0.004 + 0.001 * b, capacity_bytes=16000 * MiB)
     lines = []

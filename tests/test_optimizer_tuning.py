@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from tuning_samples import MiB, simulated_tuning
+from tuning_samples import MiB, SimulatedModel, simulated_tuning
 
 from optimizer.simulated import SimulatedDevice
 from optimizer.probe import OK, PREDICTED, ProbeResult
@@ -149,24 +149,11 @@ def test_tune_on_decides_what_autobatch_decides_and_logs_every_number(tmp_path):
     from optimizer.cache import TuningCache
     from optimizer.tune import TuningSettings, autobatch
 
-    class SimModel:
-        name = "sim-model"
-        library_packages = ()
-        default_latency_budget_s = 0.2
-
-        def signature(self):
-            return {"model": "sim-model"}
-
-        def default_dtype(self, kind):
-            return "float32"
-
-        def weights_description(self):
-            return "simulated"
 
     device = SimulatedDevice(lambda b: 1000 * MiB + 4 * MiB * b, lambda b: 0.004 + 0.001 * b, capacity_bytes=16000 * MiB)
     lines: list[str] = []
     settings = TuningSettings(memory_budget_bytes=2000 * MiB, max_batch=256, repeats=1)
-    tuned = autobatch(SimModel(), settings, cache=TuningCache(tmp_path / "c.json"), meter=device,
+    tuned = autobatch(SimulatedModel(default_latency_budget_s=0.2), settings, cache=TuningCache(tmp_path / "c.json"), meter=device,
                       run_batch=device.run, say=lines.append)
     assert (tuned.max_safe_batch, tuned.batch_size, tuned.stopped_by) == (
         TUNING.max_safe_batch, TUNING.batch_size, TUNING.stopped_by)
