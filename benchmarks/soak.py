@@ -35,7 +35,7 @@ import httpx  # noqa: E402
 
 from deployments.registry import model_names, spec_class  # noqa: E402
 from optimizer.stats import percentile  # noqa: E402
-from serve.bench import Load, _Run  # noqa: E402
+from serve.load import Load, LoadRun  # noqa: E402
 
 ROUTE = "/soak"
 
@@ -100,7 +100,7 @@ def run_window(base: str, payloads, rate: float, seconds: float, timeout_s: floa
     load = Load(route=ROUTE, payloads=payloads, url=base, rate=rate, duration_s=seconds, timeout_s=timeout_s,
                 arrivals="poisson", seed=seed, max_in_flight=4096)
     load.validate()
-    run = _Run(load, progress=False)
+    run = LoadRun(load, progress=False)
     started = time.perf_counter()
     asyncio.run(run.run())
     return run.records, time.perf_counter() - started
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                                  duration_s=args.capacity_s, timeout_s=args.timeout, warmup_requests=2 * info["batch_size"])
             import asyncio
 
-            capacity = asyncio.run(_Run(capacity_load, progress=False).run())
+            capacity = asyncio.run(LoadRun(capacity_load, progress=False).run())
             info["capacity_requests_per_s"] = capacity["samples_per_s"]
             rate = max(0.5, args.load * capacity["samples_per_s"])
             info["rate_requests_per_s"] = rate

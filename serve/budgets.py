@@ -28,10 +28,13 @@ def default_memory_fraction(kind: str, cpu_share: float | None, gpu_share: float
 
 
 def app_fractions(applications: list[dict], kind: str, node_cpus: float) -> dict[str, float]:
-    """Each app's memory fraction of one device, times its replicas."""
+    """Each app's memory fraction of one device, times its replicas (0 for an app that serves no model)."""
     out = {}
     for app in applications:
         args = app.get("args") or {}
+        if "model" not in args:  # a router (serve.oip.router) holds no model and tunes nothing
+            out[str(app.get("name"))] = 0.0
+            continue
         replicas = int(args.get("num_replicas", 1))
         fraction = args.get("memory_fraction")
         if fraction is None:

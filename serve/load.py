@@ -170,7 +170,7 @@ class Load:
         return "closed" if self.concurrency is not None else "open"
 
 
-class _Run:
+class LoadRun:
     def __init__(self, load: Load, progress: bool):
         self.load = load
         self.route = route_path(load.route)
@@ -346,4 +346,4 @@ def _completion_tokens(response: httpx.Response) -> int | None:
 def run_load(load: Load, progress: bool = False) -> dict:
     """Run one bounded load and return its report (see format_report for the fields)."""
     load.validate()
-    return asyncio.run(_Run(load, progress).run())
+    return asyncio.run(LoadRun(load, progress).run())

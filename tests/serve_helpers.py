@@ -118,13 +118,22 @@ class ServeCluster:
     def post(self, route: str, body: bytes, content_type: str = "image/jpeg", headers: dict | None = None) -> httpx.Response:
         return self.http.post(route, content=body, headers={"content-type": content_type, **(headers or {})})
 
-    def post_concurrently(self, route: str, requests: list[tuple[bytes, str, dict]]) -> list[httpx.Response]:
-        """All at once, each on its own connection, so the replica sees them together."""
+    def post_concurrently(self, route: str, requests: list[tuple[bytes, str, dict]],
+                          retries_on_503: int = 0) -> list[httpx.Response]:
+        """All at once, each on its own connection, so the replica sees them together.
+
+        `retries_on_503`: resend a request the replica shed (503 with Retry-After) after the seconds
+        it asked for, as a well-behaved client does, for tests that check what is answered rather
+        than what is shed (a loaded 2-core CI machine makes a batch slow, and admission sheds)."""
 
         def one(req):
             body, content_type, headers = req
             with httpx.Client(base_url=self.base, timeout=120) as c:
-                return c.post(route, content=body, headers={"content-type": content_type, **headers})
+                for attempt in range(retries_on_503 + 1):
+                    r = c.post(route, content=body, headers={"content-type": content_type, **headers})
+                    if r.status_code != 503 or "retry-after" not in r.headers or attempt == retries_on_503:
+                        return r
+                    time.sleep(min(float(r.headers["retry-after"]), 10.0))
 
         with ThreadPoolExecutor(len(requests)) as pool:
             return list(pool.map(one, requests))

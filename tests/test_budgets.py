@@ -20,13 +20,15 @@ def test_serve_config_budgets_add_up_on_any_machine(kind, node_cpus):
     fractions = check_memory_shares(apps, kind, node_cpus)
     assert set(fractions) == {app["name"] for app in apps}
     assert 0 < sum(fractions.values()) <= MAX_TOTAL_FRACTION
+    assert fractions["oip"] == 0  # the router holds no model
 
 
 def test_the_make_serve_launcher_refuses_a_config_over_the_machine(tmp_path):
     from serve.local import check_budgets, main
 
     config = yaml.safe_load(CONFIG_PATH.read_text())
-    config["applications"][0]["args"]["num_replicas"] = 3  # 3 x 0.22 + 3 x 0.22 = 1.32
+    resnet = next(a for a in config["applications"] if a["name"] == "resnet50")
+    resnet["args"]["num_replicas"] = 3  # 3 x 0.22 + 3 x 0.22 = 1.32
     path = tmp_path / "over.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(BudgetError, match="lower their memory_fraction"):
@@ -38,10 +40,12 @@ def test_default_shares_follow_ray_placement():
     apps = [{"name": f"a{i}", "args": {"model": "resnet50", "num_cpus": 0.5}} for i in range(4)]
     assert sum(check_memory_shares(apps, "cpu", 2).values()) == pytest.approx(0.9)
     with pytest.raises(BudgetError, match="num_cpus 0"):
-        check_memory_shares([{"name": "z", "args": {"num_cpus": 0}}], "cpu", 2)
-    over = [{"name": "big", "args": {"memory_fraction": 0.5}}, {"name": "big2", "args": {"memory_fraction": 0.5}}]
+        check_memory_shares([{"name": "z", "args": {"model": "resnet50", "num_cpus": 0}}], "cpu", 2)
+    over = [{"name": n, "args": {"model": "resnet50", "memory_fraction": 0.5}} for n in ("big", "big2")]
     with pytest.raises(BudgetError, match="1.00 of the machine's RAM"):
         check_memory_shares(over, "cpu", 2)
+    router = {"name": "oip", "args": {"models": ["big"], "num_cpus": 0.1}}  # tunes nothing: no budget
+    assert check_memory_shares([router, over[0]], "cpu", 2) == {"oip": 0.0, "big": 0.5}
 
 
 def test_a_replica_budgets_its_share_of_the_device():

@@ -84,7 +84,7 @@ def test_the_fifth_model_answers_over_http_as_its_spec_does(cluster):
 
     # several at once: batched together, each answer still its own
     requests = [[float((i * 7 + j) % 5 - 2) for j in range(8)] for i in range(4)]
-    responses = cluster.post_concurrently(ROUTE, [(json.dumps(v).encode(), "application/json", {}) for v in requests])
+    responses = cluster.post_concurrently(ROUTE, [(json.dumps(v).encode(), "application/json", {}) for v in requests], retries_on_503=3)
     for values, response in zip(requests, responses):
         assert response.status_code == 200, response.text
         mine = spec.predict([spec.decode(json.dumps(values).encode())])[0]

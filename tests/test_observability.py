@@ -177,7 +177,7 @@ def observed(prometheus_bin, tmp_path_factory):
         for model in MODELS:
             for _ in range(2):
                 responses = cluster.post_concurrently(
-                    f"/{model}", [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(2 * MAX_BATCH)])
+                    f"/{model}", [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(2 * MAX_BATCH)], retries_on_503=3)
                 assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses]
                 sent[model] = sent.get(model, 1) + len(responses)
             bad = cluster.post(f"/{model}", b"this is not an image", "text/plain")  # exports request_errors

@@ -114,7 +114,7 @@ def test_concurrent_requests_form_batches(cluster):
     t = reconfigure(cluster, pinned(MAX_BATCH), lambda t: t["serving"]["pinned_batch_size"] == MAX_BATCH)
     before = cluster.tuning(ROUTE)
     n = 3 * MAX_BATCH
-    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)])
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)], retries_on_503=3)
     assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses if r.status_code != 200]
     delta = stats_delta(before, cluster.tuning(ROUTE))
     assert delta["samples_served"] == n
@@ -128,7 +128,7 @@ def test_a_poisoned_item_in_a_concurrent_batch_fails_alone(cluster):
                 lambda t: t["serving"]["faults"] == {"poison_header": "x-poison"})
     before = cluster.tuning(ROUTE)
     requests = [(image_bytes("JPEG", seed=i), "image/jpeg", {"x-poison": "1"} if i == 1 else {}) for i in range(MAX_BATCH)]
-    responses = cluster.post_concurrently(ROUTE, requests)
+    responses = cluster.post_concurrently(ROUTE, requests, retries_on_503=3)
     statuses = [r.status_code for r in responses]
     assert statuses[1] == 422 and "poisoned" in responses[1].json()["error"], responses[1].text
     assert statuses[:1] + statuses[2:] == [200] * (MAX_BATCH - 1), [r.text for r in responses]
@@ -141,7 +141,7 @@ def test_an_oom_while_serving_splits_the_batch_and_every_request_answers(cluster
     reconfigure(cluster, pinned(MAX_BATCH, faults={"oom_above": 1}),
                 lambda t: t["serving"]["faults"] == {"oom_above": 1} and t["serving"]["max_batch_size"] == MAX_BATCH)
     before = cluster.tuning(ROUTE)
-    responses = cluster.post_concurrently(ROUTE, [(image_bytes("PNG", seed=i), "image/png", {}) for i in range(MAX_BATCH)])
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("PNG", seed=i), "image/png", {}) for i in range(MAX_BATCH)], retries_on_503=3)
     assert [r.status_code for r in responses] == [200] * MAX_BATCH, [r.text for r in responses]
     after = cluster.tuning(ROUTE)
     delta = stats_delta(before, after)
@@ -157,11 +157,11 @@ def test_reconfigure_changes_the_batch_size_live(cluster):
     t = reconfigure(cluster, pinned(3), lambda t: t["serving"]["max_batch_size"] == 3 and warmed_up(t))
     assert t["replica"]["pid"] == pid and t["serving"]["pinned_batch_size"] == 3
     assert 3 in set(t["warm_sizes"]["warmed"]) | set(t["warm_sizes"]["already_warm"])  # a raised pin warms its new sizes
-    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)])
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)], retries_on_503=3)
     assert [r.status_code for r in responses] == [200] * 6
     t = reconfigure(cluster, pinned(2), lambda t: t["serving"]["max_batch_size"] == 2)
     before = t
-    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)])
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(6)], retries_on_503=3)
     assert [r.status_code for r in responses] == [200] * 6
     delta = stats_delta(before, cluster.tuning(ROUTE))
     assert max(delta["batch_sizes"]) == 2, delta
