@@ -37,6 +37,18 @@ def _message(outcome: Outcome) -> str:
         return f"failed with status {outcome.status}"
 
 
+
+def timeout_parameter_s(parameters: dict) -> float | None:
+    """The request's `timeout` parameter (Triton's: microseconds from arrival) in seconds, None if
+    absent; the replica's admission refuses a request it cannot answer within it (serve/admission.py)."""
+    value = (parameters or {}).get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PayloadError(f"parameter 'timeout' must be a positive number of microseconds (Triton's unit), "
+                           f"got {value!r}; leave it out for no bound", 400)
+    return float(value) / 1e6
+
 class TensorRoutes:
     """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
 
@@ -69,7 +81,11 @@ class TensorRoutes:
         body_bytes = sum(sum(len(e) for e in t.data.reshape(-1)) if t.data.dtype == object else t.data.nbytes
                          for t in request.inputs)
         try:
-            ticket = self._replica.admission.admit(None, samples=n, body_bytes=body_bytes)
+            deadline_s = timeout_parameter_s(request.parameters)
+        except PayloadError as exc:
+            return self._fail(exc)
+        try:
+            ticket = self._replica.admission.admit(deadline_s, samples=n, body_bytes=body_bytes)
         except Refused as refused:
             self._replica.count_shed(refused.reason)
             self._replica.count_error(refused.status)

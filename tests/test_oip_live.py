@@ -252,6 +252,29 @@ def test_the_readme_tritonclient_example_runs(live, tmp_path):
     assert done.stdout.count("[") >= 3 and "b'" in done.stdout, done.stdout  # class ids, scores, texts printed
 
 
+def test_the_examples_client_script_runs_for_every_model_both_transports(live):
+    """examples/oip_clients.py, which the GPU run uses for all four models, on this app's two."""
+    done = subprocess.run([sys.executable, "examples/oip_clients.py", "--http", f"127.0.0.1:{live.http_port}",
+                           "--grpc", f"127.0.0.1:{live.grpc_port}", "--models", *MODELS, "--samples", "1", "3",
+                           "--max-tokens", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 * len(MODELS) * 2, done.stdout  # transport x model x samples
+    assert any("class_ids[3, 5]" in line for line in lines) and any("text_output[3]" in line for line in lines), done.stdout
+
+
+def test_the_timeout_parameter_is_the_requests_deadline(live):
+    """Triton's `timeout` request parameter (microseconds): a request that cannot be answered within
+    it is refused (503) or dropped before compute (504), never served late; a bad value is a 400."""
+    pixels = {"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3], "data": [9] * 12}
+    r = infer_raw(live, "resnet50", json.dumps({"inputs": [pixels], "parameters": {"timeout": 1}}).encode())
+    assert r.status_code in (503, 504), r.text
+    r = infer_raw(live, "resnet50", json.dumps({"inputs": [pixels], "parameters": {"timeout": -5}}).encode())
+    assert r.status_code == 400 and "microseconds" in r.json()["error"], r.text
+    r = infer_raw(live, "resnet50", json.dumps({"inputs": [pixels], "parameters": {"timeout": 600_000_000}}).encode())
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_bench_v2_sends_many_samples_per_request_through_the_router(live, transport, tmp_path):
     """`autobatch bench --protocol v2 --samples-per-request N` as the lead runs it on the GPU, small:

@@ -58,9 +58,13 @@ def cluster(tmp_path_factory):
                   "user_config": {"batch_size": 2, "batch_wait_timeout_ms": 20}}},
         tiny_app("tiny", str(c.cache_path)),
         tiny_app("tiny_ro", "/proc/autobatch/tuning.json"),
+        # serve_config.yaml's layout: a model without a route of its own, behind the OIP router at /
+        {**tiny_app("tiny_behind", str(cache_dir / "behind.json")), "route_prefix": None},
+        {"name": "oip", "route_prefix": "/", "import_path": "serve.oip.router:build_router",
+         "args": {"models": ["tiny_behind"], "num_cpus": 0.1}},
     ])
     try:
-        c.wait_running(["r50", "tiny", "tiny_ro"], timeout=400)
+        c.wait_running(["r50", "tiny", "tiny_ro", "tiny_behind", "oip"], timeout=400)
         yield c
     finally:
         c.shutdown()
@@ -167,6 +171,29 @@ def test_a_killed_replica_is_replaced_from_the_cache_and_only_in_flight_requests
     assert all(r[0] < killed_at for r in failed), failed
 
 
+def test_behind_the_router_a_killed_replica_fails_its_in_flight_requests_with_a_json_503(cluster):
+    """serve_config.yaml's layout: the router holds the client's connection, so a request whose
+    replica died is answered 503 + Retry-After + JSON (Ray's own proxy would answer a plain 500)."""
+    clients = 4
+    with Load(cluster, "/tiny_behind", clients) as load:
+        time.sleep(1.0)
+        _, after, killed_at = kill_replica_and_wait(cluster, "/tiny_behind", lambda t: True)
+        deadline = time.time() + 60
+        while len([r for r in load.records if r[0] > killed_at and r[2] == 200]) < 5 and time.time() < deadline:
+            time.sleep(0.1)
+    records = load.records
+    failed = [r for r in records if r[2] != 200]
+    first_ok = min((r[1] for r in records if r[0] > killed_at and r[2] == 200), default=None)
+    print(f"\nreplica kill behind the router, {clients} clients: {len(records)} requests, failed "
+          f"{[(r[2], r[3][:120]) for r in failed]}, first 200 sent after the kill answered "
+          f"{None if first_ok is None else round(first_ok - killed_at, 2)} s after it; cache {after['cache']}")
+    assert first_ok is not None and after["cache"] == "hit"
+    for sent, _, status, body in failed:
+        assert status == 503, (status, body)
+        assert "stopped while answering" in json.loads(body)["error"], body
+    assert len(failed) <= clients, failed  # what the dead process held, at most one per client
+
+
 def test_a_binary_then_a_poisoned_cache_then_a_restart_re_tunes_and_serves(cluster):
     path = cluster.cache_path
     assert json.loads(path.read_text())["entries"]
@@ -192,3 +219,13 @@ def test_an_unwritable_cache_path_tunes_in_memory_and_serves(cluster):
     assert t["cache"] == "miss" and 1 <= t["serving"]["max_batch_size"] <= 4
     r = cluster.post("/tiny_ro", TINY_BODY, "application/json")
     assert r.status_code == 200, r.text
+
+
+def test_the_routers_answer_for_a_lost_replica_says_when_to_retry():
+    from ray.exceptions import ActorDiedError
+
+    from serve.oip.router import REPLICA_LOST_RETRY_AFTER_S, ReplicaLost, _error
+
+    response = _error(ReplicaLost("resnet50", ActorDiedError()))
+    assert response.status_code == 503 and response.headers["retry-after"] == str(REPLICA_LOST_RETRY_AFTER_S)
+    assert "resnet50 replica stopped" in json.loads(response.body)["error"]

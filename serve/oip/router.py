@@ -36,6 +36,29 @@ log = logging.getLogger("ray.serve")
 
 DEFAULT_READY_TIMEOUT_S = 2.0
 DEFAULT_METADATA_TTL_S = 30.0
+REPLICA_LOST_RETRY_AFTER_S = 2  # Serve notices a dead replica within its health check period (2 s)
+
+
+class ReplicaLost(PayloadError):
+    """The model's replica died with this request in flight (killed, crashed, out of host memory).
+
+    Ray's own proxy answers that with a plain-text 500; behind this router it is a 503 with
+    Retry-After and a JSON body, since every route is idempotent and a replacement is starting."""
+
+    def __init__(self, model: str, exc: BaseException):
+        super().__init__(f"the {model} replica stopped while answering this request ({type(exc).__name__}); "
+                         f"Ray Serve is starting a replacement: retry in a few seconds", status=503)
+
+
+async def call_model(model: str, call):
+    """Await a DeploymentHandle call; a replica that died mid-request becomes ReplicaLost."""
+    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
+
+    try:
+        return await call
+    except RayActorError as exc:
+        log.warning("autobatch: %s: a replica died with a request in flight: %s", model, exc)
+        raise ReplicaLost(model, exc) from None
 
 
 class TensorDecl:
@@ -104,6 +127,11 @@ def _json(status: int, body: dict) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _error(exc: PayloadError) -> JSONResponse:
+    headers = {"retry-after": str(REPLICA_LOST_RETRY_AFTER_S)} if isinstance(exc, ReplicaLost) else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
 @serve.deployment(max_ongoing_requests=1024)
 class OipRouter:
     def __init__(self, models: list[str], max_body_bytes: int = rest.DEFAULT_MAX_BODY_BYTES,
@@ -120,7 +148,7 @@ class OipRouter:
         metadata.check_version(model, request.model_version)
         inputs, outputs = await self.directory.declared(model)
         validate(request, inputs, outputs)
-        result = await (await self.directory.handle(model)).oip_infer.remote(request)
+        result = await call_model(model, (await self.directory.handle(model)).oip_infer.remote(request))
         if isinstance(result, InferFailure):
             raise PayloadError(result.message, status=result.status)
         result.outputs = select_outputs(request, result.outputs)
@@ -140,7 +168,7 @@ class OipRouter:
             route = metadata.match_route(request.method, path)
             return await self._rest(route, request)
         except PayloadError as exc:
-            return _json(exc.status, {"error": exc.message})
+            return _error(exc)
 
     async def _rest(self, route: metadata.Route, request: Request) -> Response:
         if route.kind == "live":
@@ -178,8 +206,11 @@ class OipRouter:
         except PayloadError as exc:
             return _json(exc.status, {"error": exc.message})
         subpath = "/" + (parts[1] if len(parts) > 1 else "")
-        status, headers, content = await handle.http.remote(request.method, subpath, dict(request.headers),
-                                                            await request.body())
+        try:
+            status, headers, content = await call_model(
+                parts[0], handle.http.remote(request.method, subpath, dict(request.headers), await request.body()))
+        except ReplicaLost as exc:
+            return _error(exc)
         return Response(content=content, status_code=status, headers=headers)
 
     # ----- gRPC: inference.GRPCInferenceService (method names are the RPC names)

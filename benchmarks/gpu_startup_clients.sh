@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On one GPU box (issues 12 and 14): serve_config.yaml through `make serve`'s launcher, cold (empty
+# tuning cache) and cached, HAProxy ingress, then cached again under Ray's default proxy; in each,
+# start-up to first answer per model (benchmarks/startup.py) and README's tritonclient script for
+# all four models over HTTP and gRPC, 1 and 32 samples per request (examples/oip_clients.py).
+#   . .gpu/activate; export PYTHONPATH=$PWD:$PYTHONPATH; bash benchmarks/gpu_startup_clients.sh
+# tritonclient: `pip install tritonclient[http]` (or wheels in .gpu-extra/ on a machine without an index).
+set -uo pipefail
+out=${OUT:-gpu-startup-results}; mkdir -p "$out"
+if [ -d .gpu-extra ]; then
+  pip install -q --no-deps --no-index --target /tmp/tc .gpu-extra/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/tc:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+clients="python examples/oip_clients.py --samples 1 32"
+cache=$(mktemp -d)/tuning.json
+timeout 360 python benchmarks/startup.py --runs cold cached --ingress haproxy --cache "$cache" --then "$clients" \
+  --out "$out/startup-haproxy.json" 2>&1 | grep -v "^(ServeReplica\|^\s*$" | tail -60
+timeout 200 python benchmarks/startup.py --runs cached --ingress proxy --cache "$cache" --then "$clients" \
+  --out "$out/startup-proxy.json" 2>&1 | grep -v "^(ServeReplica\|^\s*$" | tail -40
+cp /tmp/startup-*/serve-*.log "$out/" 2>/dev/null

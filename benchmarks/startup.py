@@ -1,0 +1,133 @@
+"""Start-up to first answer for serve_config.yaml: `make serve`'s launcher, cold (an empty tuning
+cache: every replica loads and tunes) and cached (the cache the cold run wrote: load, no tuning).
+
+For each run: launch `python -m serve.local CONFIG --ingress I` with AUTOBATCH_CACHE pointing at
+one file, then send each model one sample over OIP v2 HTTP every 0.5 s until it answers 200; the
+seconds from the launch to that answer are the model's start-up. With `--then CMD` the command runs
+while the apps are up (e.g. examples/oip_clients.py), and its exit code is recorded. Prints a table,
+writes JSON.
+
+    python benchmarks/startup.py --runs cold cached --then "python examples/oip_clients.py"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import REPO, environment, say, table, write_json  # noqa: E402
+
+
+COLUMNS = [("run", "run", ""), ("ingress", "ingress", ""), ("model", "model", ""),
+           ("first answer s", "first_answer_s", ".1f"), ("cache", "cache", ""), ("batch", "batch_size", "")]
+
+
+def one_sample(model: str) -> dict:
+    """A v2 request of one sample: a tiny image (README's curl) for image models, a prompt for the Llama."""
+    if model.startswith("llama"):
+        return {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Once upon a time"]}],
+                "parameters": {"max_tokens": 4}}
+    return {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
+                        "data": [255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9]}]}
+
+
+def launch(config: str, ingress: str, cache: str, log_path: str) -> subprocess.Popen:
+    env = {**os.environ, "AUTOBATCH_CACHE": cache}
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "serve.local", config, "--ingress", ingress],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait_s)
+            return
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+
+
+def first_answers(base: str, models: list[str], started: float, timeout_s: float) -> dict[str, float | None]:
+    pending = {m: one_sample(m) for m in models}
+    answered: dict[str, float | None] = {}
+    with httpx.Client(base_url=base, timeout=60) as http:
+        while pending and time.perf_counter() - started < timeout_s:
+            for model, body in list(pending.items()):
+                try:
+                    r = http.post(f"/v2/models/{model}/infer", json=body)
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 200:
+                    answered[model] = time.perf_counter() - started
+                    say(f"{model}: first answer {answered[model]:.1f} s after the launch")
+                    del pending[model]
+            time.sleep(0.5)
+    return {**answered, **{m: None for m in pending}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="serve_config.yaml")
+    p.add_argument("--runs", nargs="+", default=["cold", "cached"], choices=["cold", "cached"])
+    p.add_argument("--ingress", nargs="+", default=["auto"], help="one launch per ingress per run")
+    p.add_argument("--cache", default=None, help="tuning cache file (default: a fresh temporary one)")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--then", default=None, help="a shell command to run while the apps are up")
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    config = yaml.safe_load(open(os.path.join(REPO, args.config)))
+    models = [a["args"]["model"] for a in config["applications"] if "model" in (a.get("args") or {})]
+    work = tempfile.mkdtemp(prefix="startup-")
+    cache = args.cache or os.path.join(work, "tuning.json")
+    rows, extra = [], []
+    for run in args.runs:
+        for ingress in args.ingress:
+            if run == "cold" and os.path.exists(cache):
+                os.remove(cache)
+            log_path = os.path.join(work, f"serve-{run}-{ingress}.log")
+            started = time.perf_counter()
+            proc = launch(args.config, ingress, cache, log_path)
+            try:
+                answers = first_answers(args.url, models, started, args.timeout_s)
+                for model, seconds in answers.items():
+                    row = {"run": run, "ingress": ingress, "model": model, "first_answer_s": seconds}
+                    try:
+                        t = httpx.get(f"{args.url}/{model}/tuning", timeout=30).json()
+                        row.update(cache=t.get("cache"), batch_size=t.get("batch_size"))
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                    rows.append(row)
+                if args.then:
+                    say(f"running: {args.then}")
+                    done = subprocess.run(args.then, shell=True, cwd=REPO, capture_output=True, text=True)
+                    print(done.stdout + done.stderr, flush=True)
+                    extra.append({"run": run, "ingress": ingress, "command": args.then, "rc": done.returncode,
+                                  "output": done.stdout + done.stderr})
+            finally:
+                stop(proc)
+                with open(log_path, errors="replace") as f:
+                    ingress_lines = [line.strip() for line in f if "autobatch: ingress" in line]
+                extra.append({"run": run, "ingress": ingress, "launcher_says": ingress_lines})
+                time.sleep(3)
+    print(table(rows, COLUMNS))
+    out = args.out or os.path.join(REPO, "benchmarks", "results", "startup.json")
+    write_json(out, {"environment": environment(), "config": args.config, "rows": rows, "runs": extra})
+    say(f"wrote {out}; launcher logs under {work}")
+    failed = any(r["first_answer_s"] is None for r in rows) or any(e.get("rc") for e in extra)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
