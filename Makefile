@@ -28,7 +28,7 @@ retune: $(STAMP)
 	$(VENV)/bin/autobatch retune $(ROUTE)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

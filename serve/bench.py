@@ -112,6 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrivals", choices=["uniform", "poisson"], default="uniform", help="open loop: arrival process")
     p.add_argument("--warmup", type=int, default=0, metavar="N", help="requests sent first and not counted")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url (only servers you run)")
+    p.add_argument("--honor-retry-after", action="store_true",
+                   help="closed loop: a client told 503 + Retry-After waits that long before its next request")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,7 +138,7 @@ def cmd_bench(args) -> int:
                     concurrency=args.concurrency if args.concurrency or args.rate else 8, rate=args.rate,
                     duration_s=args.duration, max_requests=args.requests, timeout_s=args.timeout,
                     max_in_flight=args.max_in_flight, arrivals=args.arrivals, warmup_requests=args.warmup,
-                    allow_remote=args.allow_remote)
+                    allow_remote=args.allow_remote, honor_retry_after=args.honor_retry_after)
         load.validate()  # before anything is sent, the default-payload query included
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)

@@ -134,6 +134,9 @@ class Load:
     # Another protocol's sender (serve/oip/commands.py V2Sender): open(), send(index) ->
     # (status, ok, tokens, samples), close(). None: POST the payloads to the route.
     sender: object | None = None
+    # closed loop: a client told 503 + Retry-After waits that long before its next request, as an
+    # HTTP client should; off, it resends at once (the worst case for the server)
+    honor_retry_after: bool = False
 
     def validate(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -184,24 +187,29 @@ class LoadRun:
         body, content_type = self.load.payloads[index % len(self.load.payloads)]
         return await client.post(self.route, content=body, headers={"content-type": content_type, **self.load.headers})
 
-    async def _one(self, client: httpx.AsyncClient, index: int, scheduled: float | None) -> None:
+    async def _one(self, client: httpx.AsyncClient, index: int, scheduled: float | None) -> float | None:
+        """Send one request and record it; the seconds a 503 asked to wait (Retry-After), else None."""
         sent = time.perf_counter()
         began = sent if scheduled is None else scheduled
         tokens = None
         if self.load.sender is not None:
             status, ok, tokens, samples = await self.load.sender.send(index)
             self.records.append(Record(sent - self.start, time.perf_counter() - began, status, ok, tokens, samples))
-            return
+            return None
+        retry_after_s = None
         try:
             response = await self._post(client, index)
             status, ok = str(response.status_code), 200 <= response.status_code < 300
             if ok:
                 tokens = _completion_tokens(response)
+            elif response.status_code == 503:
+                retry_after_s = _retry_after_s(response.headers.get("retry-after"))
         except httpx.TimeoutException:
             status, ok = "timeout", False
         except httpx.HTTPError as exc:
             status, ok = type(exc).__name__, False
         self.records.append(Record(sent - self.start, time.perf_counter() - began, status, ok, tokens))
+        return retry_after_s
 
     def _spawn(self, client, index, scheduled=None) -> asyncio.Task:
         task = asyncio.create_task(self._one(client, index, scheduled))
@@ -223,7 +231,9 @@ class LoadRun:
                     return
                 index = issued
                 issued += 1
-                await self._spawn(client, index)
+                retry_after_s = await self._spawn(client, index)
+                if retry_after_s and self.load.honor_retry_after:
+                    await asyncio.sleep(min(retry_after_s, max(0.0, deadline - time.perf_counter())))
 
         await asyncio.gather(*(worker() for _ in range(self.load.concurrency)))
 
@@ -330,6 +340,14 @@ class LoadRun:
 
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(width))),
                                timeout=self.load.timeout_s * max(1, math.ceil(len(queue) / width)))
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta-seconds form autobatch and Ray send); None if absent or a date."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _completion_tokens(response: httpx.Response) -> int | None:

@@ -81,6 +81,41 @@ def test_load_settings_are_checked_before_anything_is_sent():
     Load(**{**good, "url": "http://10.1.2.3:8000", "allow_remote": True}).validate()
 
 
+def test_a_client_that_honors_retry_after_waits_before_resending():
+    """A closed-loop client told 503 + Retry-After: 1 waits a second before its next request
+    (`autobatch bench --honor-retry-after`); without the flag it resends at once. A real HTTP server
+    on loopback, answering every request that way."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class AtCapacity(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = b'{"error": "the replica is at capacity; retry later"}'
+            self.send_response(503)
+            self.send_header("retry-after", "1")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), AtCapacity)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        counts = {}
+        for honor in (True, False):
+            report = run_load(Load(route="/r50", url=url, payloads=[(b"x", "image/jpeg")], concurrency=1,
+                                   duration_s=2.5, honor_retry_after=honor))
+            assert report["errors"] == {"503": report["requests"]}, report
+            counts[honor] = report["requests"]
+        assert counts[True] <= 3 < counts[False], counts  # sent at 0, 1 and 2 s vs back to back
+    finally:
+        server.shutdown()
+
+
 def test_payloads_and_routes():
     assert route_path("resnet50") == route_path("/resnet50/") == "/resnet50"
     assert make_payload(image_bytes("PNG"))[1] == "image/png"
