@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -86,12 +87,14 @@ class ModelDirectory:
     async def handle(self, model: str):
         self.check_known(model)
         if model not in self._handles:  # the controller lookup blocks: keep it off the event loop
+            # A model is an application: its ingress deployment answers, whatever that deployment
+            # is named (serve.app:build names it after the model family, not the application).
             try:
-                self._handles[model] = await asyncio.to_thread(serve.get_deployment_handle, model, model)
-            except KeyError:
+                self._handles[model] = await asyncio.to_thread(serve.get_app_handle, model)
+            except (KeyError, RayServeException):
                 raise PayloadError(f"model {model!r} is not deployed: the router serves it, but there is no "
-                                   f"application {model!r} with a deployment {model!r}; deploy it, or take it out "
-                                   f"of the router's models", status=503) from None
+                                   f"application {model!r} running; deploy it, or take it out of the router's "
+                                   f"models", status=503) from None
         return self._handles[model]
 
     async def metadata(self, model: str) -> dict:
