@@ -129,14 +129,13 @@ def measure_model(name: str, device: str, sizes: list[int], repeats: int, thread
     for curve, spec, run_batch in (("forward alone", host, forward_only), ("old path", host, None), ("new path", new, None)):
         say(f"feed_gpu: {name}: tuning on the {curve}")
         result = autobatch(spec, settings, cache=None, meter=meter, run_batch=run_batch, loaded=True, say=lambda line: None)
-        tuning = result.to_dict() if hasattr(result, "to_dict") else dict(result)
         forward_inputs.clear()
-        probes = sorted((p for p in tuning["probes"] if p.get("throughput")), key=lambda p: p["batch_size"])
-        tuner.append({"model": name, "curve": curve, "batch_size": tuning["batch_size"],
-                      "max_safe_batch": tuning["max_safe_batch"], "serve_throughput": tuning["serve_throughput"],
-                      "probes": [{"batch": p["batch_size"], "images_per_s": p["throughput"], "latency_s": p["latency_s"],
-                                  "outcome": p["outcome"]} for p in probes],
-                      "curve_text": " ".join(f"{p['batch_size']}:{p['throughput']:.0f}" for p in probes)})
+        probes = sorted((p for p in result.probes if p.throughput), key=lambda p: p.batch_size)
+        tuner.append({"model": name, "curve": curve, "batch_size": result.batch_size,
+                      "max_safe_batch": result.max_safe_batch, "serve_throughput": result.serve_throughput,
+                      "probes": [{"batch": p.batch_size, "images_per_s": p.throughput, "latency_s": p.latency_s,
+                                  "outcome": p.outcome} for p in probes],
+                      "curve_text": " ".join(f"{p.batch_size}:{p.throughput:.0f}" for p in probes)})
     host.model = new.model = None
     if kind == "cuda":
         torch.cuda.empty_cache()
