@@ -36,10 +36,15 @@ def app_fractions(applications: list[dict], kind: str, node_cpus: float) -> dict
             out[str(app.get("name"))] = 0.0
             continue
         replicas = int(args.get("num_replicas", 1))
+        gpu_share = float(args.get("num_gpus", 1.0))
+        per_gpu = args.get("replicas_per_gpu")
+        if kind == "cuda" and per_gpu:  # serve/app.py's placement: k replicas of 1/k of a card each
+            replicas = int(args.get("num_replicas", per_gpu))
+            gpu_share = 1.0 / int(per_gpu)
         fraction = args.get("memory_fraction")
         if fraction is None:
             cpu_share = float(args.get("num_cpus", 1.0)) / node_cpus if node_cpus else None
-            fraction = default_memory_fraction(kind, cpu_share, float(args.get("num_gpus", 1.0)))
+            fraction = default_memory_fraction(kind, cpu_share, gpu_share)
         if fraction is None and kind == "cuda":
             fraction = SHARE_FRACTION
         if fraction is None:

@@ -198,6 +198,23 @@ def stop_cluster(head: subprocess.Popen, grace_s: float = 40.0) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
+def forget_cluster_address(address: str, temp_dir: str | None = None) -> None:
+    """Remove the `ray_current_cluster` file(s) `ray start` wrote for this head, as `ray stop` does.
+    Left behind, they make a later plain `ray.init()` on this host (a benchmark, a notebook) try to
+    join the stopped head and fail ("When connecting to an existing cluster, num_cpus and num_gpus
+    must not be provided"). A file naming another head is left alone."""
+    from ray._common.utils import get_ray_address_file
+
+    for path in {get_ray_address_file(None), get_ray_address_file(temp_dir)}:
+        try:
+            with open(path) as f:
+                if f.read().strip() != address:
+                    continue
+            os.remove(path)
+        except OSError:
+            continue
+
+
 def _stop_serve_run(serve_run: subprocess.Popen) -> None:
     """A terminal's Ctrl-C reached `serve run` too: give its own shutdown a moment first."""
     for send in (None, signal.SIGINT, signal.SIGKILL):
@@ -232,7 +249,25 @@ def check_budgets(config_path: str, node_cpus: float | None = None) -> None:
     from .budgets import check_memory_shares
 
     config = yaml.safe_load(Path(config_path).read_text()) or {}
-    check_memory_shares(config.get("applications") or [], "cpu", float(node_cpus or os.cpu_count() or 1))
+    node_cpus = float(node_cpus or os.cpu_count() or 1)
+    check_memory_shares(config.get("applications") or [], "cpu", node_cpus)
+    gpus = _gpu_count()
+    if gpus:  # device: auto puts the model replicas on the cards: their shares must fit those too
+        check_memory_shares(config.get("applications") or [], "cuda", node_cpus, devices=gpus)
+
+
+def _gpu_count() -> int:
+    """The NVIDIA cards NVML sees here (0 without a driver), without importing torch."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, no library: no cards to budget
+        return 0
 
 
 def main(argv=None) -> int:
@@ -271,6 +306,7 @@ def main(argv=None) -> int:
         if serve_run is not None:
             _stop_serve_run(serve_run)
         stop_cluster(head)
+        forget_cluster_address(f"{LOOPBACK}:{args.port}", args.temp_dir)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,18 @@ def test_default_shares_follow_ray_placement():
     assert check_memory_shares([router, over[0]], "cpu", 2) == {"oip": 0.0, "big": 0.5}
 
 
+def test_replicas_per_gpu_count_as_k_replicas_on_a_card():
+    """serve/app.py places replicas_per_gpu k as k replicas of 1/k of a card each: the card's budget
+    counts all k, and a replica without a memory_fraction budgets 0.9 of its 1/k."""
+    shared = [{"name": "r", "args": {"model": "resnet50", "replicas_per_gpu": 4, "memory_fraction": 0.3}}]
+    with pytest.raises(BudgetError, match="1.20 of 1 GPU"):
+        check_memory_shares(shared, "cuda", 16)
+    default = [{"name": "r", "args": {"model": "resnet50", "replicas_per_gpu": 4}}]
+    assert check_memory_shares(default, "cuda", 16) == {"r": pytest.approx(0.9)}
+    # on a CPU machine replicas_per_gpu places nothing: one replica, as serve/app.py does there
+    assert check_memory_shares([{"name": "r", "args": {**shared[0]["args"], "num_cpus": 1}}], "cpu", 2) == {"r": 0.3}
+
+
 def test_a_replica_budgets_its_share_of_the_device():
     assert memory_fraction_for("cpu", None, 1.0, cpu_share=0.125) == pytest.approx(0.9 * 0.125)
     assert memory_fraction_for("cpu", 0.22, 1.0, cpu_share=0.125) == 0.22  # the app's own wins

@@ -249,4 +249,7 @@ def test_stopping_the_launcher_stops_its_cluster(cluster):
     gone, alive = psutil.wait_procs(tree, timeout=30)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, _title(p)) for p in alive]
+    # as `ray stop` leaves it: no address file of the stopped head, so a later plain ray.init() on this
+    # host starts a Ray of its own instead of failing to join this one
+    assert not (cluster["tmp"] / "ray" / "ray_current_cluster").exists()
 
