@@ -4,11 +4,12 @@
 # start-up to first answer per model (benchmarks/startup.py) and README's tritonclient script for
 # all four models over HTTP and gRPC, 1 and 32 samples per request (examples/oip_clients.py).
 #   . .gpu/activate; export PYTHONPATH=$PWD:$PYTHONPATH; bash benchmarks/gpu_startup_clients.sh
-# tritonclient: `pip install tritonclient[http]` (or wheels in .gpu-extra/ on a machine without an index).
+# tritonclient: `pip install tritonclient[http]`, or on the device (no index) wheels in .gpu-extra/, made here
+# by benchmarks/gpu_extra_wheels.sh and carried: carry [".gpu", ".gpu-extra"].
 set -uo pipefail
 out=${OUT:-gpu-startup-results}; mkdir -p "$out"
 if [ -d .gpu-extra ]; then
-  pip install -q --no-deps --no-index --target /tmp/tc .gpu-extra/*.whl 2>&1 | tail -2
+  python3 -m pip install -q --no-deps --no-index --target /tmp/tc .gpu-extra/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/tc:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
