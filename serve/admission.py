@@ -9,9 +9,10 @@ Rules (pure, no Ray; `Admission` holds the counts, the route glue calls it):
   wait     a request of n samples arriving behind `pending` samples completes after about
            ceil((pending + n) / batch_size) batches of `batch_time_s` each, plus one batch wait.
   bound    that expected time may be at most 2 latency budgets + one batch + its wait: a served
-           request's latency stays within twice the budget plus the batch in flight. A budget is
-           never taken as shorter than a batch in force (a pinned size or a slow device may take
-           longer): then the bound is 3 batches + the wait. A replica with nothing pending admits.
+           request's latency stays within twice the budget plus the batch in flight. The bound is
+           never below two batches + the wait (one computing, one filling), so that a batch slower
+           than the budget (a pinned size, a slow device) still finds the next one formed when it
+           ends and the device never idles for admission. A replica with nothing pending admits.
   deadline a client may send its own bound (DEADLINE_HEADER, milliseconds from arrival, or the
            Open Inference Protocol's `timeout` parameter, through `admit(deadline_s=...)`): a
            request whose expected time exceeds it is refused before it takes a batch slot, and one
@@ -36,6 +37,7 @@ from typing import Awaitable, Callable, Sequence
 
 DEADLINE_HEADER = "request-timeout-ms"  # the client's bound, in milliseconds from the request's arrival
 BOUND_LATENCY_BUDGETS = 2.0  # a served request's expected time is bounded by this many latency budgets
+MIN_BATCHES_IN_BOUND = 2  # never fewer: one batch computing, the next one filling
 BATCH_TIME_SMOOTHING = 0.3  # weight of the newest full batch in the batch-time average
 SHED_REASONS = ("overload", "deadline", "expired", "memory")
 
@@ -80,7 +82,8 @@ class Capacity:
 
     def bound_s(self, batch_time_s: float) -> float:
         """The most a request may expect to wait, when a batch takes `batch_time_s` (served or tuned)."""
-        return BOUND_LATENCY_BUDGETS * max(self.latency_budget_s, batch_time_s) + batch_time_s + self.wait_s
+        budgets = BOUND_LATENCY_BUDGETS * self.latency_budget_s + batch_time_s
+        return max(budgets, MIN_BATCHES_IN_BOUND * batch_time_s) + self.wait_s
 
 
 class Ticket:
@@ -178,7 +181,8 @@ class Admission:
             raise Refused(503, "overload",
                           f"the replica is at capacity: {self._pending_samples} samples are ahead of this request, "
                           f"about {expected:.2f} s of work, over its bound of {bound_s:.2f} s "
-                          f"({BOUND_LATENCY_BUDGETS:g} latency budgets + one batch); retry later",
+                          f"({BOUND_LATENCY_BUDGETS:g} latency budgets + one batch, at least {MIN_BATCHES_IN_BOUND} batches); "
+                          f"retry later",
                           retry_after_s=max(drain_s, 1.0))
         if cap.headroom_bytes is None:
             return

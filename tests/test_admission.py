@@ -40,12 +40,18 @@ def test_admits_up_to_the_bound_then_refuses_with_retry_after():
     a.admit()
 
 
-def test_a_batch_slower_than_the_budget_bounds_the_queue_at_three_batches():
-    a = admission(batch_time_s=5.0)  # a pinned size over the budget: 2 x 5 s + 5 s + wait
-    for _ in range(12):
+def test_a_batch_slower_than_the_budget_bounds_the_queue_at_two_batches():
+    """2 budgets + one batch would be 7 s, less than two 5 s batches: the bound keeps one batch
+    computing and the next one filling (10 s + wait), so the device never waits for admission, and
+    no more, so a served request waits at most the batch ahead of it."""
+    a = admission(batch_time_s=5.0)  # a pinned size over the budget
+    for _ in range(8):
         a.admit()
-    with pytest.raises(Refused):
+    with pytest.raises(Refused) as refused:
         a.admit()
+    assert "at least 2 batches" in refused.value.message
+    assert Capacity(4, 5.0, 0.01, 1.0).bound_s(5.0) == pytest.approx(10.01)
+    assert Capacity(4, 0.5, 0.01, 1.0).bound_s(0.5) == pytest.approx(2.51)  # 2 x 1 s + 0.5 s + wait
 
 
 def test_an_idle_replica_admits_what_fits_no_bound():
