@@ -32,13 +32,20 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
+
+from optimizer.stats import percentile
 
 DEADLINE_HEADER = "request-timeout-ms"  # the client's bound, in milliseconds from the request's arrival
 BOUND_LATENCY_BUDGETS = 2.0  # a served request's expected time is bounded by this many latency budgets
 MIN_BATCHES_IN_BOUND = 2  # never fewer: one batch computing, the next one filling
-BATCH_TIME_SMOOTHING = 0.3  # weight of the newest full batch in the batch-time average
+# The batch time a bound on served latency's tail must use is a tail too: the 90th percentile of
+# the last full batches, not their mean (their swing, and decodes sharing the replica's CPU, would
+# otherwise put admitted requests past the bound).
+SERVED_BATCH_WINDOW = 20
+SERVED_BATCH_PERCENTILE = 90.0
 SHED_REASONS = ("overload", "deadline", "expired", "memory")
 
 
@@ -117,7 +124,7 @@ class Admission:
         self._capacity: Capacity | None = None
         self._pending_samples = 0
         self._pending_body_bytes = 0
-        self._served_batch_time_s: float | None = None  # average of full batches served
+        self._served_batch_times_s: deque[float] = deque(maxlen=SERVED_BATCH_WINDOW)  # full batches served
 
     # ----- what the replica tells it -----
     def set_capacity(self, capacity: Capacity) -> None:
@@ -125,24 +132,24 @@ class Admission:
             changed = self._capacity is None or capacity.batch_size != self._capacity.batch_size
             self._capacity = capacity
             if changed:
-                self._served_batch_time_s = None  # another size: the tuning's time until batches show theirs
+                self._served_batch_times_s.clear()  # another size: the tuning's time until batches show theirs
 
     def record_batch(self, size: int, elapsed_s: float) -> None:
         """A batch ran: only full batches say how long a batch of batch_size takes."""
         with self._lock:
             if self._capacity is None or size != self._capacity.batch_size or not math.isfinite(elapsed_s):
                 return
-            old = self._served_batch_time_s
-            self._served_batch_time_s = elapsed_s if old is None else old + BATCH_TIME_SMOOTHING * (elapsed_s - old)
+            self._served_batch_times_s.append(elapsed_s)
 
     @property
     def pending_samples(self) -> int:
         return self._pending_samples
 
     def batch_time_s(self) -> float:
-        """The larger of the tuned and the served time of a full batch (a slower served batch wins)."""
+        """The larger of the tuned and the served time of a full batch (SERVED_BATCH_PERCENTILE of the
+        last SERVED_BATCH_WINDOW): a slower served batch wins."""
         cap = self._capacity
-        served = self._served_batch_time_s
+        served = percentile(self._served_batch_times_s, SERVED_BATCH_PERCENTILE)
         return cap.batch_time_s if served is None else max(cap.batch_time_s, served)
 
     def expected_s(self, samples: int = 1) -> float:

@@ -82,6 +82,22 @@ def test_served_batches_slower_than_tuned_tighten_the_bound():
         a.admit()  # 4 batches of 1 s + wait > 2 x 1 s + 1 s + wait
 
 
+def test_the_bound_reads_the_tail_of_served_batches_not_their_mean():
+    """A bound on served latency's tail needs a tail batch time: 4 slow batches in the last 20 set it,
+    and they age out of the window."""
+    a = admission()  # batch 4, tuned 0.5 s, budget 1 s
+    for elapsed in [0.5] * 16 + [1.0] * 4:
+        a.record_batch(4, elapsed)
+    assert a.batch_time_s() == pytest.approx(1.0)  # the mean, 0.6 s, would admit a batch more
+    for _ in range(12):
+        a.admit()
+    with pytest.raises(Refused):
+        a.admit()  # 4 batches of 1 s + wait > 2 x 1 s + 1 s + wait; at 0.6 s, 16 samples would pass
+    for _ in range(20):
+        a.record_batch(4, 0.5)
+    assert a.batch_time_s() == pytest.approx(0.5)
+
+
 def test_memory_share_refuses_what_cannot_fit_now_or_ever():
     a = admission(batch_size=8, headroom_bytes=1000.0, per_sample_bytes=100.0)
     with pytest.raises(Refused) as never:
