@@ -233,8 +233,9 @@ def _plain_image(mode: str, fmt: str) -> bytes:
 
     from PIL import Image
 
+    fill = {"RGBA": (10, 20, 30, 40), "CMYK": (1, 2, 3, 4)}.get(mode, 128)
     buffer = io.BytesIO()
-    Image.new(mode, (64, 48), (10, 20, 30, 40) if mode == "RGBA" else 128 if mode != "CMYK" else (1, 2, 3, 4)).save(buffer, fmt)
+    Image.new(mode, (64, 48), fill).save(buffer, fmt)
     return buffer.getvalue()
 
 
