@@ -48,7 +48,7 @@ for ingress in ${INGRESSES:-haproxy proxy}; do
   for model in $models; do
     ok=0
     for _ in $(seq 1 300); do
-      if curl -sf "127.0.0.1:8000/$model/tuning" 2>/dev/null | "$py" -c 'import json,sys; t=json.load(sys.stdin); sys.exit((t.get("warm_sizes") or {}).get("background") == "running")'; then ok=1; break; fi
+      if curl -sf "127.0.0.1:8000/$model/tuning" 2>/dev/null | "$py" -c 'import json,sys; t=json.load(sys.stdin); sys.exit((t.get("warm_sizes") or {}).get("background") == "running")' 2>/dev/null; then ok=1; break; fi
       sleep 1
     done
     echo "== ingress $ingress, $model x$replicas replicas: tuned and warm=$ok $((SECONDS - launched)) s after the launch"
