@@ -125,6 +125,7 @@ class Admission:
         self._pending_samples = 0
         self._pending_body_bytes = 0
         self._served_batch_times_s: deque[float] = deque(maxlen=SERVED_BATCH_WINDOW)  # full batches served
+        self._served_batch_time_s: float | None = None  # their SERVED_BATCH_PERCENTILE, updated per batch
 
     # ----- what the replica tells it -----
     def set_capacity(self, capacity: Capacity) -> None:
@@ -133,6 +134,7 @@ class Admission:
             self._capacity = capacity
             if changed:
                 self._served_batch_times_s.clear()  # another size: the tuning's time until batches show theirs
+                self._served_batch_time_s = None
 
     def record_batch(self, size: int, elapsed_s: float) -> None:
         """A batch ran: only full batches say how long a batch of batch_size takes."""
@@ -140,6 +142,8 @@ class Admission:
             if self._capacity is None or size != self._capacity.batch_size or not math.isfinite(elapsed_s):
                 return
             self._served_batch_times_s.append(elapsed_s)
+            # once per batch, not per admission: every request's check reads it several times
+            self._served_batch_time_s = percentile(self._served_batch_times_s, SERVED_BATCH_PERCENTILE)
 
     @property
     def pending_samples(self) -> int:
@@ -149,7 +153,7 @@ class Admission:
         """The larger of the tuned and the served time of a full batch (SERVED_BATCH_PERCENTILE of the
         last SERVED_BATCH_WINDOW): a slower served batch wins."""
         cap = self._capacity
-        served = percentile(self._served_batch_times_s, SERVED_BATCH_PERCENTILE)
+        served = self._served_batch_time_s
         return cap.batch_time_s if served is None else max(cap.batch_time_s, served)
 
     def expected_s(self, samples: int = 1) -> float:
