@@ -41,6 +41,17 @@ config["applications"] = apps
 yaml.safe_dump(config, open(path, "w"))
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# PYSPY=/path/to/py-spy: sample the model's replicas and the router (6 s, from 2 s into a bench) as
+# collapsed stacks per thread, to see where a replica's CPU goes under load.
+spy() {
+  [ -n "${PYSPY:-}" ] || return 0
+  for who in "ServeReplica:$model:" "ServeReplica:oip:"; do
+    for pid in $(pgrep -f "$who"); do
+      (sleep 2; timeout 30 "$PYSPY" record -p "$pid" -d 6 -r 250 --threads --nonblocking --format raw \
+        -o "$out/spy-$1-$(echo "$who" | cut -d: -f2)-$pid.txt" >/dev/null 2>&1) &
+    done
+  done
+}
 for ingress in ${INGRESSES:-haproxy proxy}; do
   launched=$SECONDS
   setsid "$py" -m serve.local "$cfg" --ingress "$ingress" --temp-dir /tmp/rayb > "$out/serve-$ingress-r$replicas.log" 2>&1 &
@@ -55,7 +66,9 @@ for ingress in ${INGRESSES:-haproxy proxy}; do
     [ "$ok" = 1 ] || continue
     curl -s "127.0.0.1:8000/$model/tuning" | "$py" -c 'import json,sys; t=json.load(sys.stdin); print("tuned batch", t["batch_size"], "max safe", t["max_safe_batch"], "serving", t["serving"]["max_batch_size"], "wait ms", round(t["serving"]["batch_wait_timeout_s"]*1e3,1), "cache", t["cache"])'
     tag="$ingress-$model-r$replicas"
+    spy "$tag-simple"
     "$py" -m serve.bench --route "$model" --concurrency 64 --duration "$duration" --warmup 64 --no-progress --out "$out/$tag-simple-1x64.json" | tail -3
+    spy "$tag-v2http"
     "$py" -m serve.bench --route "$model" --protocol v2 --samples-per-request 32 --concurrency 16 --duration "$duration" --warmup 16 --no-progress --out "$out/$tag-v2http-32x16.json" | tail -3
     "$py" -m serve.bench --route "$model" --protocol v2 --transport grpc --samples-per-request 32 --concurrency 16 --duration "$duration" --warmup 16 --no-progress --out "$out/$tag-v2grpc-32x16.json" | tail -3
   done

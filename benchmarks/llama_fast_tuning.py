@@ -55,6 +55,9 @@ def main(argv=None) -> int:
                      "max_safe_batch": tuning.max_safe_batch, "batch_size": tuning.batch_size,
                      "stopped_by": tuning.stopped_by, "serve_latency_s": tuning.serve_latency_s,
                      "tuning": tuning.to_dict()})
+        # what finished survives a later variant cut off by a time limit
+        write_json(args.out or default_out("llama_fast_tuning", kind, args.quick),
+                   {"environment": environment(kind), "load_s": load_s, "rows": rows, "partial": True})
     by = {r["search"]: r for r in rows}
     fast, full = by.get("fast probes"), by.get("whole generations")
     summary = {}
