@@ -163,6 +163,24 @@ class ModelSpec(abc.ABC):
     def encode(self, output: Any) -> dict:
         return output
 
+    # --- predict in two stages, so that a replica can feed the device the next batch while it
+    # computes this one (serve/batch_runner.py; the tuner times the same overlap, optimizer/model.py)
+    def overlaps(self) -> bool:
+        """True where `prepare` and `forward` use different parts of the machine, so that running
+        one batch's prepare during the previous batch's forward gains throughput: on a GPU the JPEG
+        decoder and the copy engine against the compute units. False: a replica runs predict whole."""
+        return False
+
+    def prepare(self, samples: list) -> Any:
+        """The first part of `predict`: the samples put on the device as one batch (decoded,
+        resized, normalised there), ready for `forward`. `forward(prepare(s))` answers as
+        `predict(s)` does. The default does nothing, for a spec that does not overlap."""
+        return samples
+
+    def forward(self, prepared: Any) -> list:
+        """The rest of `predict`: the model and its post-processing on a prepared batch."""
+        return self.predict(prepared)
+
     # --- the wire format (cheap: no model is loaded)
     @abc.abstractmethod
     def inputs(self) -> tuple[TensorSpec, ...]:

@@ -11,8 +11,8 @@ import os
 from typing import Any, ClassVar
 
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
-from .device_images import (ImageInput, TorchvisionJpegDecoder, classifier_batch, image_input, images_to_device,
-                            pipeline_for)
+from .device_images import (DeviceBatch, ImageInput, PrepareStream, TorchvisionJpegDecoder, classifier_batch,
+                            image_input, images_to_device, overlap_for, pipeline_for)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
                      image_tensor_samples)
 
@@ -63,14 +63,22 @@ class TorchvisionClassifierSpec(ModelSpec):
     builder_name: ClassVar[str]  # torchvision.models.<builder_name>
     weights_enum: ClassVar[str]  # torchvision.models.<weights_enum>, for transforms and categories
     crop_size: ClassVar[int] = 224
+    # 2: on a GPU the next batch is prepared while this one computes, and the tuner times that overlap
+    spec_version: ClassVar[int] = 2
 
     def __init__(self, weights_path: str | None = None, top_k: int = 5,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_pipeline: str = "auto",
+                 overlap: str | bool = "auto",
                  tuning_image_size: tuple[int, int] | list[int] = (640, 480), **options: Any):
         super().__init__(weights_path, **options)
         pipeline_for(image_pipeline, "cpu")  # validates
         self.image_pipeline = image_pipeline
+        try:
+            overlap_for(overlap, "device", "cpu")
+        except ValueError as exc:
+            raise SpecConfigError(str(exc)) from None
+        self.overlap = overlap  # prepare the next batch during this one's forward (overlap_for)
         # The JPEG (width, height) the device pipeline tunes with: decoding is part of what it times.
         self.tuning_image_size = (int(tuning_image_size[0]), int(tuning_image_size[1]))
         self.jpeg_decoder = None  # a JpegDecoder; load() sets torchvision's for the device unless one is given
@@ -83,6 +91,7 @@ class TorchvisionClassifierSpec(ModelSpec):
         self.max_image_bytes = int(max_image_bytes)
         self.max_image_pixels = int(max_image_pixels)
         self._transform = None
+        self._stream: PrepareStream | None = None  # the prepare stage's CUDA stream, made on first use
         self.categories: list[str] | None = None
 
     def _weights_meta(self):
@@ -104,7 +113,7 @@ class TorchvisionClassifierSpec(ModelSpec):
         return pipeline_for(self.image_pipeline, self.device)
 
     def input_signature(self) -> dict:
-        return {"image": [3, self.crop_size, self.crop_size], "pipeline": self.image_pipeline,
+        return {"image": [3, self.crop_size, self.crop_size], "pipeline": self.image_pipeline, "overlap": self.overlap,
                 "tuning_jpeg": list(self.tuning_image_size)}
 
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -132,6 +141,7 @@ class TorchvisionClassifierSpec(ModelSpec):
             # Category names only mean something when real (ImageNet) weights are loaded.
             self.categories = list(self._weights_meta().meta["categories"])
         self.device, self.dtype_name = device, dtype
+        self._stream = None
         self.model = model.eval().to(device=device, dtype=torch_dtype(dtype))
         if self.jpeg_decoder is None or self.jpeg_decoder.device != str(device):
             self.jpeg_decoder = TorchvisionJpegDecoder(device)
@@ -156,33 +166,52 @@ class TorchvisionClassifierSpec(ModelSpec):
         image = decode_image(payload, content_type, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
         return self.transform(crop_extreme_aspect(image))
 
+    def overlaps(self) -> bool:
+        """On a GPU with the device pipeline: the next batch's copy and JPEG decode (nvJPEG's
+        hardware engine) run beside this batch's forward."""
+        return overlap_for(self.overlap, self.pipeline, self.device)
+
     def predict(self, samples: list) -> list:
         """One output per sample; on the device pipeline a sample whose JPEG no decoder could read
         gets its PayloadError in its place (serve answers it alone) and the rest are computed."""
+        return self.forward(self.prepare(samples))
+
+    def prepare(self, samples: list) -> DeviceBatch:
+        """The batch on the device, normalised in the model's dtype: on the device pipeline the
+        JPEG bytes (or pixels) decoded and transformed there, on the prepare stream; on the host
+        pipeline the CPU's crops stacked and copied."""
+        import torch
+
+        dtype = torch_dtype(self.dtype_name)
+        with torch.inference_mode():
+            if not (samples and isinstance(samples[0], ImageInput)):
+                return DeviceBatch(torch.stack(samples).to(self.device, dtype=dtype, non_blocking=True), [None] * len(samples))
+            stream = self._prepare_stream()
+            with stream.active():
+                decoded = images_to_device(samples, self.jpeg_decoder)
+                errors = [d if isinstance(d, PayloadError) else None for d in decoded]
+                good = [d for d in decoded if not isinstance(d, PayloadError)]
+                batch = None
+                if good:
+                    t = self.transform
+                    batch = classifier_batch(good, resize_size=int(t.resize_size[0]), crop_size=self.crop_size,
+                                             mean=t.mean, std=t.std, dtype=dtype, max_aspect=MAX_ASPECT)
+                return DeviceBatch(batch, errors, ready=stream.done_event())
+
+    def forward(self, prepared: DeviceBatch) -> list:
         import torch
 
         with torch.inference_mode():
-            if samples and isinstance(samples[0], ImageInput):
-                return self._predict_on_device(samples)
-            batch = torch.stack(samples).to(self.device, dtype=torch_dtype(self.dtype_name), non_blocking=True)
+            batch = prepared.wait_ready()
+            if batch is None:
+                return prepared.answers([])
             probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
-        return top_k(probabilities, self.top_k, self.categories)
+        return prepared.answers(top_k(probabilities, self.top_k, self.categories))
 
-    def _predict_on_device(self, samples: list[ImageInput]) -> list:
-        import torch
-
-        decoded = images_to_device(samples, self.jpeg_decoder)
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, PayloadError)]
-        outputs: list = list(decoded)
-        if good:
-            t = self.transform
-            batch = classifier_batch([decoded[i] for i in good], resize_size=int(t.resize_size[0]),
-                                     crop_size=self.crop_size, mean=t.mean, std=t.std,
-                                     dtype=torch_dtype(self.dtype_name), max_aspect=MAX_ASPECT)
-            probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
-            for i, row in zip(good, top_k(probabilities, self.top_k, self.categories)):
-                outputs[i] = row
-        return outputs
+    def _prepare_stream(self) -> PrepareStream:
+        if self._stream is None:
+            self._stream = PrepareStream(self.device)
+        return self._stream
 
     def encode(self, output: list[dict]) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", "top_k": output}

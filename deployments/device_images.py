@@ -39,6 +39,17 @@ def pipeline_for(option: str, device: str) -> str:
     return "device" if str(device).startswith("cuda") else "host"
 
 
+def overlap_for(option, pipeline: str, device: str) -> bool:
+    """`overlap` resolved: auto overlaps the device pipeline on a GPU (the JPEG engine and copies
+    beside the compute units); true overlaps anywhere (on a CPU the stages share the cores, which
+    tests use to run the two-stage path), false never."""
+    if option in ("auto", None):
+        return pipeline == "device" and str(device).startswith("cuda")
+    if isinstance(option, bool):
+        return option
+    raise ValueError(f"overlap must be auto, true or false, got {option!r}")
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """One image on its way to the device: its JPEG file bytes (decoded there, in a batch) or its
@@ -97,6 +108,72 @@ class TorchvisionJpegDecoder:
 
         data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+
+
+class PrepareStream:
+    """Where a replica's `prepare` queues its device work: on a CUDA device a stream of its own, so
+    that the next batch's copies and JPEG decode are not queued behind this batch's forward on the
+    default stream and can run beside it; on a CPU nothing (the work is done when prepare returns).
+
+        with stream.active():   # the calling thread's current stream, until the block ends
+            ...                 # queue the copies, the decode, the transforms
+        batch = DeviceBatch(tensor, errors, ready=stream.done_event())
+    """
+
+    def __init__(self, device: str):
+        import torch
+
+        self._stream = torch.cuda.Stream(device=device) if str(device).startswith("cuda") else None
+
+    def active(self):
+        import contextlib
+
+        import torch
+
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def done_event(self):
+        """An event the forward's stream waits on before reading what was queued here (None on a CPU)."""
+        import torch
+
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+
+@dataclass
+class DeviceBatch:
+    """A prepared batch: `tensor` holds the samples that decoded, in order ([n_ok, ...] on the
+    device; None when none did); `errors` has, per sample, its PayloadError or None; `extra` what
+    the forward needs per kept sample (YOLO's letterbox geometry). `ready` is the prepare stream's
+    event; the forward waits on it (`wait_ready`) before it reads the tensor."""
+
+    tensor: Any
+    errors: list
+    extra: list | None = None
+    ready: Any = None
+
+    def wait_ready(self) -> Any:
+        """Make the calling thread's current stream wait for the prepare's work, and tell the
+        caching allocator the tensor is in use there too (it was allocated on the prepare stream,
+        which could otherwise reuse its memory for the next batch while this forward reads it)."""
+        if self.ready is not None and self.tensor is not None:
+            import torch
+
+            current = torch.cuda.current_stream(self.tensor.device)
+            current.wait_event(self.ready)
+            self.tensor.record_stream(current)
+        return self.tensor
+
+    def answers(self, outputs: list) -> list:
+        """The kept samples' outputs back in the request order, each failed sample's error in its place."""
+        expected = sum(error is None for error in self.errors)
+        if len(outputs) != expected:
+            raise RuntimeError(f"{len(outputs)} outputs for {expected} prepared samples")
+        kept = iter(outputs)
+        return [error if error is not None else next(kept) for error in self.errors]
 
 
 def _decoded_ok(tensor, image: ImageInput) -> bool:

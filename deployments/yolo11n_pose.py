@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
-from .device_images import (ImageInput, LetterboxGeometry, TorchvisionJpegDecoder, image_input, images_to_device,
-                            letterbox_batch, pipeline_for)
+from .pose_nms import nms_pose, nms_pose_batch, scale_boxes, scale_keypoints, xywh_to_xyxy  # noqa: F401 - also imported from here
+from .device_images import (DeviceBatch, ImageInput, LetterboxGeometry, PrepareStream, TorchvisionJpegDecoder,
+                            image_input, images_to_device, letterbox_batch, overlap_for, pipeline_for)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
                      image_tensor_samples)
 
@@ -76,60 +77,6 @@ def letterbox(image, size: int):
     return np.ascontiguousarray(out), g.gain, (float(g.left), float(g.top))
 
 
-def xywh_to_xyxy(boxes):
-    out = boxes.clone()
-    out[..., 0] = boxes[..., 0] - boxes[..., 2] / 2
-    out[..., 1] = boxes[..., 1] - boxes[..., 3] / 2
-    out[..., 2] = boxes[..., 0] + boxes[..., 2] / 2
-    out[..., 3] = boxes[..., 1] + boxes[..., 3] / 2
-    return out
-
-
-def nms_pose(prediction, num_classes: int, *, conf_threshold: float = 0.25, iou_threshold: float = 0.7,
-             max_det: int = 300, max_candidates: int = 30000):
-    """NMS for one image's raw pose-head output.
-
-    prediction: [4 + num_classes + 3*K, anchors]: xywh box (input pixels), class scores (already
-    sigmoid), then K keypoints as (x, y, conf). Returns (boxes xyxy [N,4], scores [N],
-    class ids [N], keypoints [N,K,3]), best score first, at most `max_det`. Class-aware: boxes of
-    different classes never suppress each other."""
-    import torch
-    from torchvision.ops import batched_nms
-
-    p = prediction.float().transpose(0, 1)  # [anchors, channels]
-    scores, class_ids = p[:, 4:4 + num_classes].max(dim=1)
-    keep = scores > conf_threshold
-    p, scores, class_ids = p[keep], scores[keep], class_ids[keep]
-    if p.shape[0] > max_candidates:
-        top = scores.topk(max_candidates).indices
-        p, scores, class_ids = p[top], scores[top], class_ids[top]
-    boxes = xywh_to_xyxy(p[:, :4])
-    keypoints = p[:, 4 + num_classes:]
-    keypoints = keypoints.reshape(keypoints.shape[0], keypoints.shape[1] // 3, 3)
-    kept = batched_nms(boxes, scores, class_ids, iou_threshold)[:max_det]  # sorted by score, descending
-    if kept.numel() == 0:
-        kept = torch.zeros(0, dtype=torch.long, device=p.device)
-    return boxes[kept], scores[kept], class_ids[kept], keypoints[kept]
-
-
-def scale_boxes(boxes, gain: tuple[float, float], pad: tuple[float, float], orig_size: tuple[int, int]):
-    """xyxy boxes in letterboxed pixels -> original image pixels, clipped to the image."""
-    height, width = orig_size
-    out = boxes.clone().float()
-    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / gain[0]).clamp(0, width)
-    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / gain[1]).clamp(0, height)
-    return out
-
-
-def scale_keypoints(keypoints, gain: tuple[float, float], pad: tuple[float, float], orig_size: tuple[int, int]):
-    """[N, K, 3] keypoints (x, y, conf) in letterboxed pixels -> original pixels (clipped); conf unchanged."""
-    height, width = orig_size
-    out = keypoints.clone().float()
-    out[..., 0] = ((out[..., 0] - pad[0]) / gain[0]).clamp(0, width)
-    out[..., 1] = ((out[..., 1] - pad[1]) / gain[1]).clamp(0, height)
-    return out
-
-
 # ---------------------------------------------------------------- the spec
 class YOLO11nPoseSpec(ModelSpec):
     name: ClassVar[str] = "yolo11n_pose"
@@ -137,18 +84,27 @@ class YOLO11nPoseSpec(ModelSpec):
                             "score and 17 COCO keypoints (x, y, confidence), in the image's own pixels")
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision", "ultralytics", "opencv-python")
     default_latency_budget_s: ClassVar[float] = 0.5
+    # 2: on a GPU the next batch is prepared while this one computes, and the tuner times that overlap
+    spec_version: ClassVar[int] = 2
 
     def __init__(self, weights_path: str | None = None, imgsz: int = 640, conf_threshold: float = 0.25,
                  iou_threshold: float = 0.7, max_det: int = 300, max_candidates: int = 1000,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_pipeline: str = "auto",
+                 overlap: str | bool = "auto",
                  tuning_image_size: tuple[int, int] | list[int] = (640, 480), **options: Any):
         super().__init__(weights_path, **options)
         pipeline_for(image_pipeline, "cpu")  # validates
         self.image_pipeline = image_pipeline
+        try:
+            overlap_for(overlap, "device", "cpu")
+        except ValueError as exc:
+            raise SpecConfigError(str(exc)) from None
+        self.overlap = overlap  # prepare the next batch during this one's forward (overlap_for)
         # The JPEG (width, height) the device pipeline tunes with: decoding is part of what it times.
         self.tuning_image_size = (int(tuning_image_size[0]), int(tuning_image_size[1]))
         self.jpeg_decoder = None  # a JpegDecoder; load() sets torchvision's for the device unless one is given
+        self._stream: PrepareStream | None = None  # the prepare stage's CUDA stream, made on first use
         try:
             imgsz = int(imgsz)
         except (TypeError, ValueError):
@@ -185,7 +141,7 @@ class YOLO11nPoseSpec(ModelSpec):
 
     def input_signature(self) -> dict:
         return {"image": [3, self.imgsz, self.imgsz], "max_det": self.max_det, "max_candidates": self.max_candidates,
-                "pipeline": self.image_pipeline, "tuning_jpeg": list(self.tuning_image_size)}
+                "pipeline": self.image_pipeline, "overlap": self.overlap, "tuning_jpeg": list(self.tuning_image_size)}
 
     def inputs(self) -> tuple[TensorSpec, ...]:
         return IMAGE_INPUTS
@@ -243,6 +199,7 @@ class YOLO11nPoseSpec(ModelSpec):
         for p in model.parameters():
             p.requires_grad_(False)
         self.device, self.dtype_name = device, dtype
+        self._stream = None
         self.model = model.to(device=device, dtype=torch_dtype(dtype))
         if self.jpeg_decoder is None or self.jpeg_decoder.device != str(device):
             self.jpeg_decoder = TorchvisionJpegDecoder(device)
@@ -287,49 +244,62 @@ class YOLO11nPoseSpec(ModelSpec):
         return PoseSample(tensor, (int(array.shape[0]), int(array.shape[1])), gain, pad)
 
     # --- batch
-    def _batch(self, samples: list[PoseSample]):
-        """(the model's input batch, the samples in it, PayloadError per sample that fell out or None)."""
-        import torch
-
-        if not isinstance(samples[0].image, ImageInput):
-            batch = torch.stack([s.image for s in samples]).to(self.device, non_blocking=True)
-            return batch.to(torch_dtype(self.dtype_name)).div_(255.0), samples, [None] * len(samples)
-        decoded = images_to_device([s.image for s in samples], self.jpeg_decoder)
-        errors = [d if isinstance(d, PayloadError) else None for d in decoded]
-        good = [d for d in decoded if not isinstance(d, PayloadError)]
-        kept = [s for s, e in zip(samples, errors) if e is None]
-        batch = letterbox_batch(good, self.imgsz, PAD_VALUE, torch_dtype(self.dtype_name)) if good else None
-        return batch, kept, errors
+    def overlaps(self) -> bool:
+        """On a GPU with the device pipeline: the next batch's copy, JPEG decode and letterbox run
+        beside this batch's forward and NMS."""
+        return overlap_for(self.overlap, self.pipeline, self.device)
 
     def predict(self, samples: list[PoseSample]) -> list[dict]:
         """One output per sample; on the device pipeline a sample whose JPEG no decoder could read
         gets its PayloadError in its place (serve answers it alone) and the rest are computed."""
+        return self.forward(self.prepare(samples))
+
+    def prepare(self, samples: list[PoseSample]) -> DeviceBatch:
+        """The letterboxed batch on the device in the model's dtype, [0, 1]; `extra` holds the kept
+        samples (their geometry maps detections back to the image as sent)."""
+        import torch
+
+        dtype = torch_dtype(self.dtype_name)
+        with torch.inference_mode():
+            if not isinstance(samples[0].image, ImageInput):
+                batch = torch.stack([s.image for s in samples]).to(self.device, non_blocking=True)
+                return DeviceBatch(batch.to(dtype).div_(255.0), [None] * len(samples), extra=list(samples))
+            if self._stream is None:
+                self._stream = PrepareStream(self.device)
+            with self._stream.active():
+                decoded = images_to_device([s.image for s in samples], self.jpeg_decoder)
+                errors = [d if isinstance(d, PayloadError) else None for d in decoded]
+                good = [d for d in decoded if not isinstance(d, PayloadError)]
+                kept = [s for s, e in zip(samples, errors) if e is None]
+                batch = letterbox_batch(good, self.imgsz, PAD_VALUE, dtype) if good else None
+                return DeviceBatch(batch, errors, extra=kept, ready=self._stream.done_event())
+
+    def forward(self, prepared: DeviceBatch) -> list[dict]:
         import torch
 
         with torch.inference_mode():
-            batch, kept, errors = self._batch(samples)
-            raw = self.model(batch) if batch is not None else []
-            raw = raw[0] if isinstance(raw, (tuple, list)) and batch is not None else raw
-            outputs = []
-            for prediction, sample in zip(raw, kept):
-                boxes, scores, class_ids, keypoints = nms_pose(
-                    prediction, self.num_classes, conf_threshold=-1.0 if sample.worst_case else self.conf_threshold,
-                    iou_threshold=self.iou_threshold, max_det=self.max_det, max_candidates=self.max_candidates)
-                boxes = scale_boxes(boxes.cpu(), sample.gain, sample.pad, sample.orig_size)
-                keypoints = scale_keypoints(keypoints.cpu(), sample.gain, sample.pad, sample.orig_size)
-                class_list = class_ids.cpu().tolist()
-                outputs.append({
-                    "image_size": [sample.orig_size[1], sample.orig_size[0]],  # width, height
-                    "boxes": boxes.tolist(),  # [x1, y1, x2, y2] in original pixels
-                    "scores": scores.cpu().tolist(),
-                    "class_ids": class_list,
-                    "labels": [self.names.get(c, str(c)) for c in class_list],
-                    "keypoints": keypoints.tolist(),  # per detection: 17 x [x, y, confidence]
-                })
-        answers = iter(outputs)
-        outputs = [error if error is not None else next(answers) for error in errors]
-        assert len(outputs) == len(samples)
-        return outputs
+            batch = prepared.wait_ready()
+            if batch is None:
+                return prepared.answers([])
+            raw = self.model(batch)
+            raw = raw[0] if isinstance(raw, (tuple, list)) else raw
+            kept = prepared.extra
+            detections = nms_pose_batch(
+                raw, self.num_classes, [-1.0 if s.worst_case else self.conf_threshold for s in kept],
+                iou_threshold=self.iou_threshold, max_det=self.max_det, max_candidates=self.max_candidates)
+        outputs = []
+        for (boxes, scores, class_ids, keypoints), sample in zip(detections, kept):
+            class_list = class_ids.tolist()
+            outputs.append({
+                "image_size": [sample.orig_size[1], sample.orig_size[0]],  # width, height
+                "boxes": scale_boxes(boxes, sample.gain, sample.pad, sample.orig_size).tolist(),  # x1, y1, x2, y2
+                "scores": scores.tolist(),
+                "class_ids": class_list,
+                "labels": [self.names.get(c, str(c)) for c in class_list],
+                # per detection: 17 x [x, y, confidence], in the image's own pixels
+                "keypoints": scale_keypoints(keypoints, sample.gain, sample.pad, sample.orig_size).tolist(),
+            })
+        return prepared.answers(outputs)
 
     def encode(self, output: dict) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", **output}

@@ -6,7 +6,11 @@ tuned, and the layering test can hold the optimizer to it.
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from .probe import BatchTiming
 
 
 @runtime_checkable
@@ -41,6 +45,17 @@ class TunableModel(Protocol):
     def predict(self, samples: list) -> list:
         """One output per sample."""
 
+    # predict in two stages (deployments/base.py's ModelSpec has the defaults: no overlap).
+    def overlaps(self) -> bool:
+        """True: a server runs `prepare` for the next batch while `forward` computes this one, so
+        the tuner times that overlap (ExampleBatches), not predict alone."""
+
+    def prepare(self, samples: list) -> Any:
+        """predict's first stage: the samples put on the device as one batch."""
+
+    def forward(self, prepared: Any) -> list:
+        """predict's second stage: one output per sample of a prepared batch."""
+
 
 class ExampleBatches:
     """`run_batch(n)` for probes: predict on the model's example batch of n.
@@ -49,24 +64,68 @@ class ExampleBatches:
     is part of what a probe measures (as a served batch's inputs are) and is not rebuilt per run.
     `fast`: run the model's `probe_batch` instead, and return its predicted seconds (times
     `latency_scale`, which the check against a real predict corrects) for the probe to record.
+
+    A model that overlaps its stages (`overlaps(model)`) is timed as a replica serves it at full
+    load: each run forwards the batch prepared by the run before while the next one prepares in a
+    second thread, and returns a BatchTiming (the batch's own latency, prepare then forward, and
+    the period between batches). The peak memory is then that of two prepared batches and one
+    forward, as in serving.
     """
 
     def __init__(self, model: TunableModel, fast: bool = False, latency_scale: float = 1.0):
         self._model = model
         self._held: dict[int, list] = {}
         self.fast, self.latency_scale = fast, latency_scale
+        self.overlap = not fast and bool(self._model.overlaps())
+        self._ahead: tuple[int, Any, float] | None = None  # (size, a prepared batch, its prepare's seconds)
+        self._helper: ThreadPoolExecutor | None = None
 
-    def __call__(self, n: int) -> float | None:
+    def __call__(self, n: int) -> float | BatchTiming | None:
         if n not in self._held:
-            self._held.clear()
+            self.clear()
             self._held[n] = self._model.example_batch(n)
         if self.fast:
             return self.latency_scale * float(self._model.probe_batch(self._held[n]))
+        if self.overlap:
+            return self._overlapped(n)
         self._model.predict(self._held[n])
         return None
 
+    def _timed_prepare(self, samples: list) -> tuple[Any, float]:
+        started = time.perf_counter()
+        prepared = self._model.prepare(samples)
+        ready = getattr(prepared, "ready", None)  # a CUDA event: the prepare's device work, queued
+        if ready is not None:
+            ready.synchronize()
+        return prepared, time.perf_counter() - started
+
+    def _overlapped(self, n: int) -> BatchTiming:
+        started = time.perf_counter()
+        if self._ahead is None:  # the first run of a size fills the pipe (the probe's warm-up run)
+            self._ahead = (n, *self._timed_prepare(self._held[n]))
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-tune-prepare")
+        _, prepared, prepare_s = self._ahead
+        self._ahead = None  # whatever fails below, no prepared batch outlives it (an OOM's clean-up frees it)
+        following = self._helper.submit(self._timed_prepare, self._held[n])
+        try:
+            forward_started = time.perf_counter()
+            self._model.forward(prepared)  # ends with the outputs on the host
+            forward_s = time.perf_counter() - forward_started
+        except BaseException:
+            following.exception()  # let the prepare finish before the caller cleans up
+            raise
+        finally:
+            del prepared
+        self._ahead = (n, *following.result())  # raises what the prepare raised (an OOM too)
+        return BatchTiming(latency_s=prepare_s + forward_s, period_s=time.perf_counter() - started)
+
     def clear(self) -> None:
         self._held.clear()
+        self._ahead = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
 
 
 __all__ = ["TunableModel", "ExampleBatches"]

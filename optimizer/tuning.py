@@ -203,6 +203,8 @@ def _probe(data: Any) -> ProbeResult:
         throughput=_typed(data, "throughput", float, optional=True),
         predicted_bytes=_typed(data, "predicted_bytes", int, optional=True),
         repeats=_typed(data, "repeats", int),
+        # absent from tunings stored before batches could overlap: those never did
+        period_s=_typed(data, "period_s", float, optional=True) if "period_s" in data else None,
     )
 
 

@@ -234,7 +234,8 @@ def capacity_from(tuning, size: int, wait_s: float) -> Capacity:
     from optimizer.wait import TunedLatency
 
     try:  # every timed probe counts, over the latency budget too: a pinned size may be one of those
-        batch_time_s = TunedLatency((p.batch_size, p.latency_s) for p in tuning.probes if p.latency_s)(size)
+        # overlapped batches (a period) follow one another faster than each one takes
+        batch_time_s = TunedLatency((p.batch_size, p.period_s or p.latency_s) for p in tuning.probes if p.latency_s)(size)
     except ValueError:  # no timed probe (a hand-made tuning): the one latency it states, if any
         batch_time_s = float(tuning.serve_latency_s or 0.0)
     latency_budget_s = tuning.latency_budget_s or batch_time_s

@@ -4,16 +4,23 @@ Mechanism, apart from the deployment's policy: the forward pass runs in the repl
 thread (the event loop keeps queueing the next batch); an out-of-memory splits the batch in halves
 and retries each (the deployment is told, and lowers its max batch); any other error retries the
 batch item by item, so one bad input gets its own 4xx and its batch-mates are answered.
+
+A spec whose stages overlap (ModelSpec.overlaps: on a GPU, the next batch's copy and JPEG decode
+beside this batch's forward) runs in two: `prepare` in a thread of its own under the `prepare`
+lock, then `forward` in the worker thread under the `forward` lock, so that while one batch
+computes the next one is put on the device (DeviceLocks). Other specs run `predict` whole under
+the `forward` lock. A tuning or a warm-up holds both locks (`exclusive`).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from deployments.base import PayloadError
 
@@ -53,6 +60,36 @@ class Outcome:
         return cls(status, json.dumps({"error": message}).encode())
 
 
+class DeviceLocks:
+    """Who may use the model's device when: `prepare` is held by the batch being put on the
+    device, `forward` by the batch being computed; `exclusive()` holds both, for a tuning or a
+    warm-up, which must have the device to themselves. A batch never holds one while waiting for
+    the other, so the two orders cannot deadlock."""
+
+    def __init__(self):
+        self.prepare = asyncio.Lock()
+        self.forward = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self.prepare:
+            async with self.forward:
+                yield
+
+
+@dataclass
+class BatchResult:
+    """A batch's answers, and when its stages ran (perf_counter seconds) when it ran whole:
+    `latency_s` its prepare and forward (the batch's own time), `period_s` the longer of the two
+    stages (at steady state, what each batch adds: the other stage overlaps it; both when the
+    stages do not overlap). None where the batch was split or retried."""
+
+    outcomes: list
+    started_s: float | None = None
+    latency_s: float | None = None
+    period_s: float | None = None
+
+
 class BatchRunner:
     """`run(items)` answers every item of a batch. The deployment passes what a batch needs:
     the spec (predict, encode), the meter (is this an OOM; clean up after one), the worker
@@ -60,20 +97,37 @@ class BatchRunner:
     message)` to learn from a real out-of-memory."""
 
     def __init__(self, spec, meter, executor: Executor, metrics, *, model_name: str,
-                 before_predict: Callable[[list[Item]], None], on_oom: Callable[[int, str], None]):
+                 before_predict: Callable[[list[Item]], None], on_oom: Callable[[int, str], None],
+                 locks: DeviceLocks | None = None, prepare_executor: Executor | None = None):
         self.spec, self.meter, self.metrics = spec, meter, metrics
         self._executor = executor
+        self._prepare_executor = prepare_executor or executor
+        self.locks = locks or DeviceLocks()
         self._model_name = model_name
         self._before_predict = before_predict
         self._on_oom = on_oom
         self.item_retries = 0  # batches that failed for a reason other than memory and were retried item by item
+        self.overlapped_batches = 0  # batches whose prepare began while another batch computed
 
-    def _forward(self, items: list[Item]) -> list[Outcome]:
-        """In the worker thread: one forward pass over the batch, then each output encoded alone.
-        A PayloadError in place of an output (a JPEG only the batch decode found corrupt) is that
-        item's 4xx."""
+    @property
+    def overlaps(self) -> bool:
+        """Whether batches run in two overlapping stages: the spec's say, and a thread to prepare in."""
+        return self._prepare_executor is not self._executor and bool(self.spec.overlaps())
+
+    def _prepare(self, items: list[Item]):
+        """In the prepare thread: the batch put on the device (the spec's first stage)."""
         self._before_predict(items)
-        outputs = self.spec.predict([item.sample for item in items])
+        return self.spec.prepare([item.sample for item in items])
+
+    def _forward(self, items: list[Item], prepared=None) -> list[Outcome]:
+        """In the worker thread: one forward pass over the batch (the whole predict, or the second
+        stage on what `_prepare` made), then each output encoded alone. A PayloadError in place of
+        an output (a JPEG only the batch decode found corrupt) is that item's 4xx."""
+        if prepared is None:
+            self._before_predict(items)
+            outputs = self.spec.predict([item.sample for item in items])
+        else:
+            outputs = self.spec.forward(prepared)
         if len(outputs) != len(items):
             raise RuntimeError(f"{self._model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
         outcomes = []
@@ -91,11 +145,36 @@ class BatchRunner:
 
     async def run(self, items: list[Item]) -> list[Outcome]:
         """Forward `items`; on OOM split and retry the halves; on another error retry item by item."""
+        return (await self.run_timed(items)).outcomes
+
+    async def _stages(self, items: list[Item]) -> BatchResult:
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        if not self.overlaps:
+            async with self.locks.forward:
+                started = time.perf_counter()
+                outcomes = await loop.run_in_executor(self._executor, self._forward, items)
+                elapsed_s = time.perf_counter() - started
+            return BatchResult(outcomes, started, elapsed_s, elapsed_s)
+        async with self.locks.prepare:
+            started = time.perf_counter()
+            self.overlapped_batches += self.locks.forward.locked()
+            prepared = await loop.run_in_executor(self._prepare_executor, self._prepare, items)
+            prepare_s = time.perf_counter() - started
+        try:
+            async with self.locks.forward:
+                forward_started = time.perf_counter()
+                outcomes = await loop.run_in_executor(self._executor, self._forward, items, prepared)
+                forward_s = time.perf_counter() - forward_started
+        finally:
+            del prepared
+        return BatchResult(outcomes, started, prepare_s + forward_s, max(prepare_s, forward_s))
+
+    async def run_timed(self, items: list[Item]) -> BatchResult:
+        """`run`, with the stages' times when the batch ran whole (BatchResult)."""
+        loop = asyncio.get_running_loop()
         failure = None
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._forward, items)
+            result = await self._stages(items)
         except Exception as exc:  # noqa: BLE001
             oom = self.meter.is_oom(exc)
             failure = (oom, type(exc).__name__, str(exc), isinstance(exc, PayloadError) and exc.status)
@@ -103,29 +182,30 @@ class BatchRunner:
                 log.warning("autobatch: a batch of %d raised %s: %s", len(items), type(exc).__name__, exc)
             # leave the except block before retrying: its traceback holds the failed batch's tensors
         if failure is None:
-            self.metrics.observe("autobatch_batch_inference_seconds", time.perf_counter() - started)
-            return outcomes
+            self.metrics.observe("autobatch_batch_inference_seconds", result.latency_s)
+            return result
         oom, exc_type, message, payload_status = failure
         n = len(items)
         if oom:
-            await loop.run_in_executor(self._executor, self.meter.cleanup)
+            async with self.locks.forward:
+                await loop.run_in_executor(self._executor, self.meter.cleanup)
             self.metrics.inc("autobatch_oom_events", phase="serving", kind="real")
             self._on_oom(n, message)
             if n == 1:
-                return [Outcome.error(413, f"this input needs more memory than the replica has "
-                                           f"({message}); send a smaller input")]
+                return BatchResult([Outcome.error(413, f"this input needs more memory than the replica has "
+                                                       f"({message}); send a smaller input")])
             half = n // 2
-            return await self.run(items[:half]) + await self.run(items[half:])
+            return BatchResult(await self.run(items[:half]) + await self.run(items[half:]))
         if n == 1:
             if payload_status:
-                return [Outcome.error(payload_status, message)]
+                return BatchResult([Outcome.error(payload_status, message)])
             if exc_type in INPUT_ERRORS:
-                return [Outcome.error(422, f"the model could not process this input ({exc_type}: {message}); "
-                                           f"its batch-mates were answered, so check this payload")]
-            return [Outcome.error(500, f"internal error in the model ({exc_type}: {message})")]
+                return BatchResult([Outcome.error(422, f"the model could not process this input ({exc_type}: {message}); "
+                                                       f"its batch-mates were answered, so check this payload")])
+            return BatchResult([Outcome.error(500, f"internal error in the model ({exc_type}: {message})")])
         self.item_retries += 1
         self.metrics.inc("autobatch_batch_item_retries")
         outcomes = []
         for item in items:
             outcomes += await self.run([item])
-        return outcomes
+        return BatchResult(outcomes)

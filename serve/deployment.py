@@ -135,6 +135,8 @@ class AutobatchDeployment:
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}  # Retry-After among them
         return response.status_code, headers, response.body
 
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
+    # Two batches may be in the handler: where the spec's stages overlap, the second is put on the
+    # device while the first computes; the replica lets one in at a time otherwise (replica.py).
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _infer(self, items: list[Item]) -> list[Outcome]:
         return await self.replica.run_batch(items)

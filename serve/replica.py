@@ -10,8 +10,10 @@ A replica's life:
                 @serve.batch (settings.py), then run once each batch size it may form and has not
                 run yet (warmup.py), so that no request waits out a size's first run.
   a batch       runs in the one worker thread (batch_runner.py: an error fails only its item, an
-                out-of-memory splits the batch and lowers the max batch). Its time and its requests'
-                arrivals go to the wait controller (optimizer/wait.py), which may move the wait.
+                out-of-memory splits the batch and lowers the max batch); where the spec's stages
+                overlap, its prepare runs in a second thread while the batch before it computes (two
+                batches in the handler at once). Its time and its requests' arrivals go to the wait
+                controller (optimizer/wait.py), which may move the wait.
   reconfigure   a new user_config: re-tune when a tuning key changed (cache first) or a new `retune`
                 value came (measured again), then the batch settings again.
 """
@@ -34,7 +36,7 @@ from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
-from .batch_runner import BatchRunner, Item, Outcome
+from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
@@ -67,7 +69,10 @@ class Replica:
         self._knobs = knobs
         self._max_ongoing = max_ongoing
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
-        self._model_lock = asyncio.Lock()  # one user of the model at a time: a batch, a tuning or a warm-up
+        # the next batch's prepare, beside this one's forward, for a spec whose stages overlap
+        self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-prepare")
+        self.locks = DeviceLocks()  # a batch's stages, or a tuning or warm-up holding the device alone
+        self._batches_in_handler: asyncio.Semaphore | None = None  # 2 where stages overlap, else 1 (set at start)
         self._started_at = time.time()
         self.stats = ServingStats()
         self.admission = Admission()  # what this replica takes in: serve/admission.py
@@ -104,11 +109,19 @@ class Replica:
         self.metrics = ReplicaMetrics(self.model_name, self.device_label)
         self._runner = BatchRunner(self.spec, self.meter, self._executor, self.metrics, model_name=self.model_name,
                                    before_predict=lambda items: self.config.faults.before_predict(items),
-                                   on_oom=self._on_serving_oom)
+                                   on_oom=self._on_serving_oom, locks=self.locks,
+                                   prepare_executor=self._prepare_executor)
         resolved = resolve(self.spec, self.config.tuning_settings(kind))
         log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", self.model_name,
                  self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
         await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
+        # @serve.batch lets two batches in (max_concurrent_batches=2): the second prepares while the
+        # first computes. A spec that does not overlap takes one at a time, as before, so a batch's
+        # deadlines are checked when it can run, not while it waits for the device.
+        self._batches_in_handler = asyncio.Semaphore(2 if self._runner.overlaps else 1)
+        log.info("autobatch: %s: %s", self.model_name,
+                 "batches overlap: the next one is prepared (copied, decoded) while this one computes"
+                 if self._runner.overlaps else "one batch at a time (predict whole)")
         await self._tune(force=False)
         self._apply_batch_settings()
         await self._warm_sizes()
@@ -118,7 +131,7 @@ class Replica:
         loop = asyncio.get_running_loop()
         settings = self.config.tuning_settings(self.meter.fingerprint.kind)
         capped = share_cap_applies(self.builder.share_cap, self.meter.fingerprint.kind, self.builder.gpu_share)
-        async with self._model_lock:  # no batch runs while the model is measured
+        async with self.locks.exclusive():  # no batch runs while the model is measured
             if capped and self.builder.share_cap == "tune":
                 await loop.run_in_executor(self._executor, self._cap_allocator, settings)
             started = time.perf_counter()
@@ -161,6 +174,7 @@ class Replica:
         self._serving = {"max_batch_size": s.size, "batch_wait_timeout_s": s.wait_s,
                          "pinned_batch_size": self.config.pins.batch_size, "oom_cap": self._oom_cap,
                          "max_ongoing_requests": limit, "notes": list(s.reasons),
+                         "overlap": self._runner.overlaps,
                          "tuned_batch_wait_timeout_s": float(self.tuning.batch_wait_timeout_s),
                          "faults": self.config.faults.describe()}
         self.metrics.batch_settings(s.size, s.wait_s)
@@ -204,7 +218,7 @@ class Replica:
             self._warm_task.cancel()
         loop = asyncio.get_running_loop()
         size = self.settings.size
-        async with self._model_lock:
+        async with self.locks.exclusive():
             report = await loop.run_in_executor(self._executor, self._warmer.warm, size, self._warmer.first_sizes(size))
         report.before_traffic = list(report.warmed)
         report.background = "running" if self._warmer.cold_sizes(size) and not report.left_cold else None
@@ -223,7 +237,7 @@ class Replica:
                 report.left_cold = self._warmer.cold_sizes(size)
                 report.stopped_by = f"the {self._warmer.budget_s:g} s warm-up budget ran out"
                 break
-            async with self._model_lock:
+            async with self.locks.exclusive():
                 part = await loop.run_in_executor(self._executor, self._warmer.warm, size, [cold])
             report.absorb(part)
             self._warm_report = report.to_dict()
@@ -240,14 +254,21 @@ class Replica:
         n = len(items)
         self._warmer.mark_warm([n])
         self.stats.batch_formed(n)
-        async with self._model_lock:
-            started = time.perf_counter()
-            outcomes = await run_unexpired(items, self._run_live, started, self._expired)
-            elapsed_s = time.perf_counter() - started
+        ran: dict = {}
+
+        async def run_live(live: list[Item]) -> list[Outcome]:
+            result = await self._runner.run_timed(live)
+            if result.period_s is not None:
+                self.admission.record_batch(len(live), result.period_s)  # what each batch adds at steady state
+                ran.update(started_s=result.started_s, latency_s=result.latency_s)
+            return result.outcomes
+
+        async with self._batches_in_handler:
+            outcomes = await run_unexpired(items, run_live, time.perf_counter(), self._expired)
         served = sum(o.ok for o in outcomes)
         # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
-        if self._wait is not None and served == n and not any(item.poisoned for item in items):
-            if self._wait.record([item.arrived_s for item in items], started, elapsed_s,
+        if self._wait is not None and ran and served == n and not any(item.poisoned for item in items):
+            if self._wait.record([item.arrived_s for item in items], ran["started_s"], ran["latency_s"],
                                  self.settings.size, self.settings.wait_s):
                 log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
                          self._wait.reason)
@@ -255,12 +276,6 @@ class Replica:
         self.stats.samples_served += served
         self.metrics.inc("autobatch_samples_served", served)
         self._update_memory_gauge()
-        return outcomes
-
-    async def _run_live(self, items: list[Item]) -> list[Outcome]:
-        started = time.perf_counter()
-        outcomes = await self._runner.run(items)
-        self.admission.record_batch(len(items), time.perf_counter() - started)
         return outcomes
 
     def _expired(self, item: Item) -> Outcome:
@@ -323,5 +338,5 @@ class Replica:
                         "served_batches_compared": wait.batches if wait else 0,
                         "admission": self.admission.describe()},
             "warm_sizes": self._warm_report,
-            "stats": self.stats.to_dict(self._runner.item_retries),
+            "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),
         }

@@ -28,7 +28,7 @@ class ServingStats:
     def largest_batch(self) -> int:
         return max(self.batch_sizes, default=0)
 
-    def to_dict(self, batch_item_retries: int) -> dict:
+    def to_dict(self, batch_item_retries: int, overlapped_batches: int = 0) -> dict:
         return {
             "batches": self.batches,
             "samples_served": self.samples_served,
@@ -36,6 +36,8 @@ class ServingStats:
             "largest_batch": self.largest_batch,
             "serving_ooms": self.serving_ooms,
             "batch_item_retries": batch_item_retries,
+            # batches put on the device while the one before them computed (batch_runner.py)
+            "overlapped_batches": overlapped_batches,
             "errors": dict(self.errors),
             "shed": dict(self.shed),
         }

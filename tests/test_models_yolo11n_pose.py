@@ -214,9 +214,15 @@ def test_predict_one_output_per_input_in_order_for_every_batch_size(live_checkpo
             assert got["image_size"] == want["image_size"]
             assert len(got["boxes"]) == len(want["boxes"])
             if got["boxes"]:
-                assert torch.allclose(torch.tensor(got["boxes"]), torch.tensor(want["boxes"]), atol=0.05)
-                assert torch.allclose(torch.tensor(got["keypoints"]), torch.tensor(want["keypoints"]), atol=0.05)
-                assert got["scores"] == pytest.approx(want["scores"], abs=1e-3)
+                # the same detections; two with near-equal scores may trade places, since a batch's
+                # forward rounds differently from one image's
+                got_rows = torch.cat([torch.tensor(got["boxes"]), torch.tensor(got["keypoints"]).flatten(1),
+                                      torch.tensor(got["scores"])[:, None]], dim=1)
+                want_rows = torch.cat([torch.tensor(want["boxes"]), torch.tensor(want["keypoints"]).flatten(1),
+                                       torch.tensor(want["scores"])[:, None]], dim=1)
+                nearest = torch.cdist(want_rows, got_rows, p=float("inf")).min(dim=1).values
+                assert nearest.max() <= 0.05
+                assert got["scores"] == pytest.approx(sorted(got["scores"], reverse=True))
     for (fmt, (width, height)), out in zip(sizes, alone):
         assert out["image_size"] == [width, height]
         assert len(out["boxes"]) == len(out["scores"]) == len(out["keypoints"]) == len(out["labels"])

@@ -119,12 +119,18 @@ def test_from_dict_refuses_a_malformed_probe(probe_changes, message):
         Tuning.from_dict(broken)
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ProbeResult)])
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ProbeResult) if f.name != "period_s"])
 def test_from_dict_refuses_a_probe_missing_a_field(name):
     broken = data()
     del broken["probes"][0][name]
     with pytest.raises(TuningFormatError, match=f"'{name}' is missing"):
         Tuning.from_dict(broken)
+
+
+def test_a_probe_stored_before_batches_overlapped_reads_as_not_overlapped():
+    old = data()
+    del old["probes"][0]["period_s"]
+    assert Tuning.from_dict(old).probes[0].period_s is None
 
 
 def test_from_dict_refuses_what_is_not_an_object():
