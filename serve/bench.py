@@ -73,6 +73,8 @@ def format_report(report: dict) -> str:
         shape = f"closed loop, concurrency {report['concurrency']}"
     else:
         shape = f"open loop, {report['rate']:g} req/s ({report['arrivals']} arrivals)"
+    if report.get("processes", 1) > 1:
+        shape += f" from {report['processes']} processes"
     lat = report["latency_s"]
     errors = ", ".join(f"{status}: {n}" for status, n in report["errors"].items()) or "none"
     lines = [
@@ -123,6 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=["http", "grpc"], default="http", help="v2: HTTP (--url) or gRPC (--grpc-url)")
     p.add_argument("--grpc-url", default=None, help="v2 over gRPC: host:port (default 127.0.0.1:9000, or $AUTOBATCH_GRPC_URL)")
     p.add_argument("--samples-per-request", type=int, default=1, metavar="N", help="v2: samples in each request")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="load processes sharing the concurrency or rate (one process sends ~1,000-2,000 small "
+                        "requests/s at most; a faster server needs several)")
 
 
 def cmd_bench(args) -> int:
@@ -138,7 +143,8 @@ def cmd_bench(args) -> int:
                     concurrency=args.concurrency if args.concurrency or args.rate else 8, rate=args.rate,
                     duration_s=args.duration, max_requests=args.requests, timeout_s=args.timeout,
                     max_in_flight=args.max_in_flight, arrivals=args.arrivals, warmup_requests=args.warmup,
-                    allow_remote=args.allow_remote, honor_retry_after=args.honor_retry_after)
+                    allow_remote=args.allow_remote, honor_retry_after=args.honor_retry_after,
+                    processes=getattr(args, "processes", 1))
         load.validate()  # before anything is sent, the default-payload query included
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)

@@ -21,7 +21,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 from urllib.parse import urlsplit
 
@@ -37,6 +37,7 @@ MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 1_000_000
 MAX_CONCURRENCY = 4096
 MAX_RATE = 10_000.0
+MAX_PROCESSES = 64
 DEFAULT_MAX_IN_FLIGHT = 1024
 DEFAULT_TIMEOUT_S = 60.0
 DROPPED = "dropped"  # open loop: an arrival while --max-in-flight requests were outstanding; not sent
@@ -137,6 +138,9 @@ class Load:
     # closed loop: a client told 503 + Retry-After waits that long before its next request, as an
     # HTTP client should; off, it resends at once (the worst case for the server)
     honor_retry_after: bool = False
+    # load processes: one Python process's event loop sends ~1,000-2,000 small requests/s at most,
+    # so a server faster than that needs several (the concurrency or rate is split between them)
+    processes: int = 1
 
     def validate(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -157,6 +161,11 @@ class Load:
             raise BenchError(f"--arrivals must be uniform or poisson, got {self.arrivals!r}")
         if not 0 <= self.warmup_requests <= MAX_REQUESTS:
             raise BenchError(f"--warmup must be between 0 and {MAX_REQUESTS}, got {self.warmup_requests}")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise BenchError(f"--processes must be between 1 and {MAX_PROCESSES}, got {self.processes}")
+        if self.concurrency is not None and self.processes > self.concurrency:
+            raise BenchError(f"--processes ({self.processes}) must not exceed --concurrency ({self.concurrency}): "
+                             f"each process keeps at least one request in flight")
         if not self.payloads:
             raise BenchError("no payload to send; give --input FILE or --prompt TEXT")
         if self.sender is not None:
@@ -171,6 +180,20 @@ class Load:
     @property
     def mode(self) -> str:
         return "closed" if self.concurrency is not None else "open"
+
+    def split(self) -> list["Load"]:
+        """One Load per process, the concurrency (or rate), the request bound and the warm-up shared
+        out between them, each with its own seed."""
+        n = self.processes
+
+        def share(total: int, i: int) -> int:
+            return total // n + (i < total % n)
+
+        return [replace(self, processes=1, seed=self.seed + i,
+                        concurrency=share(self.concurrency, i) if self.concurrency is not None else None,
+                        rate=self.rate / n if self.rate is not None else None,
+                        max_requests=max(1, share(self.max_requests, i)), warmup_requests=share(self.warmup_requests, i))
+                for i in range(n)]
 
 
 class LoadRun:
@@ -271,7 +294,9 @@ class LoadRun:
             bar.refresh()
             await asyncio.sleep(0.25)
 
-    async def run(self) -> dict:
+    async def run(self, after_warmup=None) -> dict:
+        """`after_warmup()`, if given, is called (in a thread) once the warm-up is done: processes
+        of one run wait for each other there, so that their timed parts start together."""
         load = self.load
         connections = load.concurrency if load.mode == "closed" else load.max_in_flight
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -280,6 +305,8 @@ class LoadRun:
         async with httpx.AsyncClient(base_url=load.url, timeout=load.timeout_s, limits=limits, trust_env=False) as client:
             if load.warmup_requests:
                 await self._warmup(client)
+            if after_warmup is not None:
+                await asyncio.to_thread(after_warmup)
             bar = ticker = None
             by_count = load.max_requests < DEFAULT_MAX_REQUESTS
             if self.progress:
@@ -312,16 +339,7 @@ class LoadRun:
                 bar.close()
         if load.sender is not None:
             await load.sender.close()
-        summary = summarize(self.records, wall)
-        return {
-            "url": load.url, "route": self.route, "mode": load.mode, "concurrency": load.concurrency,
-            "rate": load.rate, "arrivals": load.arrivals if load.mode == "open" else None,
-            "duration_bound_s": load.duration_s, "requests_bound": load.max_requests,
-            "stopped_by": self.stopped_by or "duration", "warmup_requests": load.warmup_requests,
-            "payloads": len(load.payloads), **summary,
-            **({"protocol": "v2", "transport": load.sender.transport, "samples_per_request": load.sender.samples,
-                "target": load.sender.url} if load.sender is not None else {}),
-        }
+        return report(load, self.route, self.records, wall, self.stopped_by)
 
     async def _warmup(self, client) -> None:
         width = self.load.concurrency or 1
@@ -361,7 +379,24 @@ def _completion_tokens(response: httpx.Response) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def report(load: Load, route: str, records: Sequence[Record], wall_s: float, stopped_by: str | None) -> dict:
+    """A run's report: its settings and summarize()'s numbers."""
+    return {
+        "url": load.url, "route": route, "mode": load.mode, "concurrency": load.concurrency,
+        "rate": load.rate, "arrivals": load.arrivals if load.mode == "open" else None,
+        "duration_bound_s": load.duration_s, "requests_bound": load.max_requests,
+        "stopped_by": stopped_by or "duration", "warmup_requests": load.warmup_requests,
+        "payloads": len(load.payloads), "processes": load.processes, **summarize(records, wall_s),
+        **({"protocol": "v2", "transport": load.sender.transport, "samples_per_request": load.sender.samples,
+            "target": load.sender.url} if load.sender is not None else {}),
+    }
+
+
 def run_load(load: Load, progress: bool = False) -> dict:
     """Run one bounded load and return its report (see format_report for the fields)."""
     load.validate()
+    if load.processes > 1:
+        from .load_processes import run_in_processes
+
+        return run_in_processes(load)
     return asyncio.run(LoadRun(load, progress).run())

@@ -74,6 +74,8 @@ def test_load_settings_are_checked_before_anything_is_sent():
         ({"duration_s": 10_000}, "--duration"),
         ({"max_requests": 0}, "--requests"),
         ({"payloads": []}, "payload"),
+        ({"processes": 0}, "--processes"),
+        ({"processes": 3}, "must not exceed --concurrency"),
     ]:
         with pytest.raises(BenchError, match=message):
             Load(**{**good, **bad}).validate()
@@ -112,6 +114,46 @@ def test_a_client_that_honors_retry_after_waits_before_resending():
             assert report["errors"] == {"503": report["requests"]}, report
             counts[honor] = report["requests"]
         assert counts[True] <= 3 < counts[False], counts  # sent at 0, 1 and 2 s vs back to back
+    finally:
+        server.shutdown()
+
+
+def test_a_load_split_between_processes_reports_every_request_once():
+    """`autobatch bench --processes 3`: each process sends its share of the concurrency and of the
+    request bound; the report counts each request once, over the processes' common wall time. A real
+    HTTP server on loopback counts what it received."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 - http.server's name
+            received.append(self.rfile.read(int(self.headers.get("content-length", 0))))
+            status = 200 if received[-1] == b"ok" else 415
+            self.send_response(status)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        load = Load(route="/r50", url=f"http://127.0.0.1:{server.server_address[1]}", concurrency=6, processes=3,
+                    payloads=[(b"ok", "image/jpeg"), (b"no", "text/plain")], max_requests=60, duration_s=30,
+                    warmup_requests=6)
+        assert [(p.concurrency, p.max_requests, p.warmup_requests) for p in load.split()] == [(2, 20, 2)] * 3
+        report = run_load(load)
+        assert report["processes"] == 3 and report["stopped_by"] == "requests"
+        assert report["requests"] == report["answered"] == 60 and report["ok"] + report["errors"]["415"] == 60
+        assert len(received) == 60 + 6  # the warm-up is sent, not counted
+        assert report["requests_per_s"] == pytest.approx(60 / report["wall_s"])
+        assert "from 3 processes" in format_report(report)
     finally:
         server.shutdown()
 

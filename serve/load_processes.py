@@ -1,0 +1,62 @@
+"""`autobatch bench --processes N`: one load split between N forked processes.
+
+One Python event loop sends ~1,000-2,000 small requests per second at most (httpx and the loop's
+own work per request), so measuring a server faster than that from one process measures the
+client. Each process runs its share of the concurrency (or rate) with serve/load.py's LoadRun,
+waits for the others after its warm-up, and sends its records back; the report is computed over
+all of them, as one run's.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from .client import route_path
+from .load import BenchError, Load, LoadRun, Record, report
+
+
+def _run_part(part: Load, barrier, conn) -> None:
+    """One load process: its share of the run; its records go back through `conn`."""
+    try:
+        run = LoadRun(part, progress=False)
+        finished = asyncio.run(run.run(after_warmup=lambda: barrier.wait(timeout=part.timeout_s * 4)))
+        conn.send(("ok", run.records, finished["wall_s"], run.stopped_by))
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        barrier.abort()
+        conn.send(("error", f"{type(exc).__name__}: {exc}", 0.0, None))
+    finally:
+        conn.close()
+
+
+def run_in_processes(load: Load) -> dict:
+    """The load split between `load.processes` forked processes that start their timed parts
+    together; one report over all of their requests (the wall is the longest process's)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # the payloads and the sender go as they are, unpickled
+    parts = load.split()
+    barrier = context.Barrier(len(parts))
+    pipes, children = [], []
+    for part in parts:
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_run_part, args=(part, barrier, send), daemon=True)
+        child.start()
+        send.close()
+        pipes.append(receive)
+        children.append(child)
+    records: list[Record] = []
+    walls, stopped, failures = [], set(), []
+    for receive, child in zip(pipes, children):
+        try:
+            kind, got, wall, stopped_by = receive.recv()
+        except EOFError:
+            kind, got, wall, stopped_by = "error", f"load process {child.pid} exited with {child.exitcode}", 0.0, None
+        child.join()
+        if kind != "ok":
+            failures.append(got)
+            continue
+        records += got
+        walls.append(wall)
+        stopped.add(stopped_by or "duration")
+    if failures:
+        raise BenchError(f"{len(failures)} of {len(parts)} load processes failed: {failures[0]}")
+    return report(load, route_path(load.route), records, max(walls), ", ".join(sorted(stopped)))
