@@ -7,6 +7,9 @@ model, side by side in one run.
   new path        the header check per image on the CPU, then predict: JPEG bytes to the device,
                   batched nvJPEG decode, resize/crop/normalise (or letterbox) there in fp16, forward
                   (image_pipeline=device); also nvJPEG's batched decode alone
+  overlapped      the new path as a replica serves it (overlap: auto): the next batch's prepare
+                  (copy, decode, resize on a stream of its own) in a second thread while this batch's
+                  forward computes; images/s from the period between batches (optimizer/model.py)
   tuner           autobatch's probes (batch, images/s) on the forward alone, the old and the new path
 
     python benchmarks/feed_gpu.py --out $OUT/feed.json               # the GPU run, ~4-6 min on an H200
@@ -30,6 +33,7 @@ from deployments.registry import create_spec  # noqa: E402
 VISION_MODELS = ("resnet50", "vit_b_16", "yolo11n_pose")
 COLUMNS = [("model", "model", ""), ("batch", "batch", ""), ("forward alone img/s", "forward_only", ".0f"),
            ("old path img/s", "old_path", ".0f"), ("new path img/s", "new_path", ".0f"),
+           ("overlapped img/s", "overlapped", ".0f"), ("overlapped / forward", "overlapped_vs_forward", ".2f"),
            ("new / forward", "new_vs_forward", ".2f"), ("new / old", "new_vs_old", ".2f"),
            ("batched JPEG decode img/s (nvJPEG on a GPU)", "device_decode", ".0f")]
 STAGE_COLUMNS = [("model", "model", ""), ("stage", "stage", ""), ("images/s", "images_per_s", ".0f"), ("note", "note", "")]
@@ -57,10 +61,11 @@ def timed(fn, repeats: int, sync) -> float:
 
 
 def measure_model(name: str, device: str, sizes: list[int], repeats: int, threads: int, jpeg_size, tune_max_batch: int,
-                  tune_repeats: int) -> dict:
+                  tune_repeats: int, tune: bool = True) -> dict:
     import torch
 
     from optimizer.devices import make_meter
+    from optimizer.model import ExampleBatches
     from optimizer.tune import TuningSettings, autobatch
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -106,9 +111,16 @@ def measure_model(name: str, device: str, sizes: list[int], repeats: int, thread
         new_t = timed(lambda: new.predict(new_samples), repeats, sync)
         jpegs = [s.image.jpeg if hasattr(s, "image") else s.jpeg for s in new_samples]
         decode_t = timed(lambda: new.jpeg_decoder.decode(jpegs), repeats, sync)
+        new.overlap = True  # as a GPU replica serves it (auto); on a CPU this times the same two threads
+        runs = ExampleBatches(new)
+        runs(size)  # fills the pipe
+        periods = [runs(size).period_s for _ in range(repeats)]
+        runs.clear()
+        new.overlap = "auto"
+        period = statistics.median(periods)
         rows.append({"model": name, "batch": size, "forward_only": size / forward, "old_path": size / old,
-                     "new_path": size / new_t, "new_vs_forward": forward / new_t, "new_vs_old": old / new_t,
-                     "device_decode": size / decode_t})
+                     "new_path": size / new_t, "overlapped": size / period, "overlapped_vs_forward": forward / period,
+                     "new_vs_forward": forward / new_t, "new_vs_old": old / new_t, "device_decode": size / decode_t})
         del old_samples, new_samples
         if kind == "cuda":
             torch.cuda.empty_cache()
@@ -126,7 +138,8 @@ def measure_model(name: str, device: str, sizes: list[int], repeats: int, thread
         with torch.inference_mode():
             host.model(forward_inputs[n])
 
-    for curve, spec, run_batch in (("forward alone", host, forward_only), ("old path", host, None), ("new path", new, None)):
+    curves = (("forward alone", host, forward_only), ("old path", host, None), ("new path, overlapped", new, None))
+    for curve, spec, run_batch in curves if tune else ():
         say(f"feed_gpu: {name}: tuning on the {curve}")
         result = autobatch(spec, settings, cache=None, meter=meter, run_batch=run_batch, loaded=True, say=lambda line: None)
         forward_inputs.clear()
@@ -152,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--jpeg-size", nargs=2, type=int, default=[640, 480], metavar=("W", "H"))
     p.add_argument("--tune-max-batch", type=int, default=512)
     p.add_argument("--tune-repeats", type=int, default=3)
+    p.add_argument("--no-tuner", action="store_true", help="skip the tuner's curves (the stage table only)")
     p.add_argument("--quick", action="store_true", help="CPU, resnet50, batches 1 and 2: checks the script runs")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -169,7 +183,7 @@ def main(argv=None) -> int:
     for name in args.models:
         started = time.perf_counter()
         measured = measure_model(name, device, args.sizes, args.repeats, args.threads, tuple(args.jpeg_size),
-                                 args.tune_max_batch, args.tune_repeats)
+                                 args.tune_max_batch, args.tune_repeats, tune=not args.no_tuner)
         measured["wall_s"] = time.perf_counter() - started
         results["models"][name] = measured
         rows += measured["rows"]

@@ -1,36 +1,49 @@
 #!/usr/bin/env bash
 # Serving on one GPU box, side by side in one run (issue 13): `make serve`'s launcher
-# (serve/local.py) with a cut-down serve_config.yaml (the OIP router + the models in $MODELS, each
-# with $REPLICAS replicas sharing the card), once per ingress in $INGRESSES; for each model, after
-# its replicas have finished warming their batch sizes (GET /<model>/tuning: warm_sizes.background
-# is no longer "running"; measuring before that times the warm-up's first runs of new sizes, which
-# cost ~1 s each on an H200 for YOLO), `autobatch bench`:
-#   simple route, one JPEG per request, 64 clients      (what a plain HTTP client sends)
-#   OIP v2 over HTTP, 32 JPEGs per request, 16 clients  (binary tensor data)
-#   OIP v2 over gRPC, 32 JPEGs per request, 16 clients
+# (serve/local.py) with a cut-down serve_config.yaml (the OIP router with $ROUTERS replicas + the
+# models in $MODELS, each with $REPLICAS replicas sharing the card), once per ingress in $INGRESSES;
+# for each model, after its replicas have finished warming their batch sizes (GET /<model>/tuning:
+# warm_sizes.background is no longer "running"; measuring before that times the warm-up's first runs
+# of new sizes, which cost ~1 s each on an H200 for YOLO), `autobatch bench`:
+#   simple route, one JPEG per request, at each of $SIMPLE_LEVELS clients (what a plain HTTP client
+#       sends; from $PROCESSES load processes: one process cannot send 1,000 requests/s)
+#   OIP v2 over HTTP, $SAMPLES JPEGs per request, $V2_CLIENTS clients (binary tensor data)
+#   OIP v2 over gRPC, the same (unless V2_GRPC=0)
+# $SERVER_TREE (default .) is where the served code comes from: a checkout of an earlier commit
+# serves "before" with this tree's load generator, so both are measured by the same client.
 # Results: one JSON report per run under $OUT (or ./gpu-serving-results), and a table on stdout.
 #
 #   . .gpu/activate; export PYTHONPATH=$PWD:$PYTHONPATH; bash benchmarks/gpu_serving.sh
 #   MODELS="resnet50 vit_b_16" REPLICAS=2 INGRESSES=haproxy DURATION=10 bash benchmarks/gpu_serving.sh
+#   SERVER_TREE=.baseline TAG=before MODELS=resnet50 INGRESSES=haproxy bash benchmarks/gpu_serving.sh
 # Each launch costs ~45 s before the first answer plus the warm-up; keep one call within 10 minutes.
 set -uo pipefail
 out=${OUT:-gpu-serving-results}; mkdir -p "$out"
 duration=${DURATION:-15}
 models=${MODELS:-resnet50}
 replicas=${REPLICAS:-1}
+routers=${ROUTERS:-2}
+num_cpus=${NUM_CPUS:-2}
+simple_levels=${SIMPLE_LEVELS:-64}
+processes=${PROCESSES:-4}
+samples=${SAMPLES:-32}
+v2_clients=${V2_CLIENTS:-24}
+server_tree=$(cd "${SERVER_TREE:-.}" && pwd)
+tag=${TAG:+$TAG-}
 py=${PYTHON:-python3}
 cfg=$(mktemp --suffix=.yaml)
-"$py" - "$cfg" "$replicas" $models <<'PY'
+"$py" - "$cfg" "$replicas" "$routers" "$num_cpus" "$server_tree/serve_config.yaml" $models <<'PY'
 import sys, yaml
-path, replicas, models = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-config = yaml.safe_load(open("serve_config.yaml"))
+path, replicas, routers, num_cpus, source, models = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6:]
+config = yaml.safe_load(open(source))
 apps = [a for a in config["applications"] if a["name"] in ("oip", *models)]
 share = 1.0 / len(models)  # the card split between the models, then between each model's replicas
 for app in apps:
     if app["name"] == "oip":
         app["args"]["models"] = models
+        app["args"]["num_replicas"] = routers
     else:
-        app["args"].update(num_cpus=1, memory_fraction=round(0.9 * share, 3))
+        app["args"].update(num_cpus=num_cpus, memory_fraction=round(0.9 * share, 3))
         app["args"].pop("num_gpus", None)
         if replicas > 1:
             app["args"]["replicas_per_gpu"] = replicas
@@ -52,9 +65,15 @@ spy() {
     done
   done
 }
+bench() {  # bench TAG ARGS...: one autobatch bench run, its report to $out/TAG.json, its summary lines here
+  local name=$1; shift
+  echo "-- $name"
+  "$py" -m serve.bench --route "$model" --duration "$duration" --no-progress --out "$out/$name.json" "$@" | tail -3
+}
 for ingress in ${INGRESSES:-haproxy proxy}; do
   launched=$SECONDS
-  setsid "$py" -m serve.local "$cfg" --ingress "$ingress" --temp-dir /tmp/rayb > "$out/serve-$ingress-r$replicas.log" 2>&1 &
+  (cd "$server_tree" && PYTHONPATH="$server_tree${PYTHONPATH:+:$PYTHONPATH}" exec setsid "$py" -m serve.local "$cfg" \
+     --ingress "$ingress" --temp-dir /tmp/rayb) > "$out/serve-$tag$ingress-r$replicas.log" 2>&1 &
   pid=$!
   for model in $models; do
     ok=0
@@ -62,15 +81,23 @@ for ingress in ${INGRESSES:-haproxy proxy}; do
       if curl -sf "127.0.0.1:8000/$model/tuning" 2>/dev/null | "$py" -c 'import json,sys; t=json.load(sys.stdin); sys.exit((t.get("warm_sizes") or {}).get("background") == "running")' 2>/dev/null; then ok=1; break; fi
       sleep 1
     done
-    echo "== ingress $ingress, $model x$replicas replicas: tuned and warm=$ok $((SECONDS - launched)) s after the launch"
+    echo "== ${tag:+$tag: }ingress $ingress, $model x$replicas replicas: tuned and warm=$ok $((SECONDS - launched)) s after the launch"
     [ "$ok" = 1 ] || continue
-    curl -s "127.0.0.1:8000/$model/tuning" | "$py" -c 'import json,sys; t=json.load(sys.stdin); print("tuned batch", t["batch_size"], "max safe", t["max_safe_batch"], "serving", t["serving"]["max_batch_size"], "wait ms", round(t["serving"]["batch_wait_timeout_s"]*1e3,1), "cache", t["cache"])'
-    tag="$ingress-$model-r$replicas"
-    spy "$tag-simple"
-    "$py" -m serve.bench --route "$model" --concurrency 64 --duration "$duration" --warmup 64 --no-progress --out "$out/$tag-simple-1x64.json" | tail -3
-    spy "$tag-v2http"
-    "$py" -m serve.bench --route "$model" --protocol v2 --samples-per-request 32 --concurrency 16 --duration "$duration" --warmup 16 --no-progress --out "$out/$tag-v2http-32x16.json" | tail -3
-    "$py" -m serve.bench --route "$model" --protocol v2 --transport grpc --samples-per-request 32 --concurrency 16 --duration "$duration" --warmup 16 --no-progress --out "$out/$tag-v2grpc-32x16.json" | tail -3
+    curl -s "127.0.0.1:8000/$model/tuning" | tee "$out/$tag$ingress-$model-r$replicas-tuning.json" | "$py" -c 'import json,sys; t=json.load(sys.stdin); s=t["serving"]; print("tuned batch", t["batch_size"], "max safe", t["max_safe_batch"], "serving", s["max_batch_size"], "wait ms", round(s["batch_wait_timeout_s"]*1e3,1), "overlap", s.get("overlap"), "cache", t["cache"])'
+    name="$tag$ingress-$model-r$replicas"
+    for clients in $simple_levels; do
+      spy "$name-simple-$clients"
+      p=$(( clients < processes ? clients : processes ))
+      bench "$name-simple-1x$clients" --concurrency "$clients" --warmup "$clients" --processes "$p"
+    done
+    spy "$name-v2http"
+    bench "$name-v2http-${samples}x$v2_clients" --protocol v2 --samples-per-request "$samples" --concurrency "$v2_clients" \
+      --warmup "$v2_clients" --processes 2
+    if [ "${V2_GRPC:-1}" = 1 ]; then
+      bench "$name-v2grpc-${samples}x$v2_clients" --protocol v2 --transport grpc --samples-per-request "$samples" \
+        --concurrency "$v2_clients" --warmup "$v2_clients"
+    fi
+    curl -s "127.0.0.1:8000/$model/tuning" > "$out/$name-tuning-after.json"
   done
   kill -INT -- -"$pid" 2>/dev/null; sleep 8; kill -KILL -- -"$pid" 2>/dev/null; sleep 2
 done

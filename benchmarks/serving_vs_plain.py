@@ -69,6 +69,8 @@ def build_variant(variant: str, args, on_gpu: bool, cache_path: str):
             app_args["user_config"] = dict(PINNED_USER_CONFIG)
         return build(app_args)
     cls = Unbatched if variant == "unbatched" else PlainBatched
+    if args.plain_image_pipeline:  # "as Ray Serve's docs teach": PIL decode per request is host
+        options = {**options, "image_pipeline": args.plain_image_pipeline}
     extra = {"max_ongoing_requests": 2 * args.max_batch} if variant == "plain batched, high ongoing" else {}
     return cls.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": 1.0 if on_gpu else 0}, **extra).bind(
         args.model, options, "cuda" if on_gpu else "cpu")
@@ -238,6 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=None, help="autobatch tuning cache (default: a fresh one, so the replica tunes)")
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/serving_vs_plain-<model>-<device>.json)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--plain-image-pipeline", choices=["auto", "host", "device"], default=None,
+                        help="the plain variants' image pipeline (vision models): host = PIL decode and transforms per "
+                             "request on the CPU, as Ray Serve's docs teach (default: the model's own, as autobatch)")
     parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, concurrency 4, 2 s per level, max batch 4")
     args = parser.parse_args(argv)
 

@@ -49,6 +49,16 @@ def _gpu_ids() -> list:
         return []
 
 
+def _assigned_cpus() -> float | None:
+    """The CPUs Ray gave this replica (num_cpus), None outside a Ray worker."""
+    import ray
+
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)) or None
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return None
+
+
 def _cpu_share() -> float | None:
     """This replica's CPUs as a share of its node's (serve/budgets.py: its default memory share)."""
     import ray
@@ -95,7 +105,8 @@ class AutobatchDeployment:
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
         config = builder.with_user_config(_initial_user_config())
-        self.replica = Replica(builder, config, knobs=self._infer, max_ongoing=self._max_ongoing_requests)
+        self.replica = Replica(builder, config, knobs=self._infer, max_ongoing=self._max_ongoing_requests,
+                               cpus=_assigned_cpus())
         await self.replica.start(_gpu_ids())
         self._routes = HttpRoutes(self.replica, self._infer)
         self._tensors = TensorRoutes(self.replica, self._infer)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -62,7 +63,7 @@ class Replica:
     deployment's max_ongoing_requests now (a batch can never be larger)."""
 
     def __init__(self, builder: ReplicaConfig, config: ReplicaConfig, knobs: BatchKnobs,
-                 max_ongoing: Callable[[], int | None]):
+                 max_ongoing: Callable[[], int | None], cpus: float | None = None):
         self.builder, self.config = builder, config
         self.model_name = builder.model
         self.cache = open_cache(builder.cache_path)
@@ -71,6 +72,11 @@ class Replica:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
         # the next batch's prepare, beside this one's forward, for a spec whose stages overlap
         self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-prepare")
+        # Requests' decoding before batching (PIL on the CPU pipeline, PNG/WebP, the JPEG header check on
+        # a GPU's): as many threads as the replica has CPUs (num_cpus, rounded up), not asyncio's default
+        # of cores + 4, which on a shared host takes other replicas' cores.
+        self.decode_threads = max(1, math.ceil(cpus)) if cpus else min(32, (os.cpu_count() or 1) + 4)
+        self.decode_executor = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="autobatch-decode")
         self.locks = DeviceLocks()  # a batch's stages, or a tuning or warm-up holding the device alone
         self._batches_in_handler: asyncio.Semaphore | None = None  # 2 where stages overlap, else 1 (set at start)
         self._started_at = time.time()
@@ -331,7 +337,8 @@ class Replica:
             "replica": {"pid": os.getpid(), "device": self.device_label, "tunings": self._tunings,
                         "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at,
                         "tuning_group": self.meter.fingerprint.extra.get("tuning_group"),
-                        "single_flight": self._flights is not None, "allocator_cap_fraction": self._allocator_cap},
+                        "single_flight": self._flights is not None, "allocator_cap_fraction": self._allocator_cap,
+                        "decode_threads": self.decode_threads},
             # the ratio as of now; the wait moves only when the controller checks (optimizer/wait.py)
             "serving": {**self._serving,
                         "served_vs_tuned_latency": wait.ratio if wait else None,

@@ -103,7 +103,8 @@ class HttpRoutes:
         replica = self._replica
         content_type = headers.get("content-type")
         try:
-            sample = await asyncio.to_thread(replica.spec.decode, body, content_type)
+            sample = await asyncio.get_running_loop().run_in_executor(replica.decode_executor, replica.spec.decode,
+                                                                      body, content_type)
         except PayloadError as exc:
             return self._reply_error(exc.status, exc.message)
         except Exception as exc:  # noqa: BLE001 - a decoder bug must still not become a 500 for the client's payload

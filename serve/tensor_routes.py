@@ -98,7 +98,8 @@ class TensorRoutes:
         n = request.samples
         inputs = {t.name: t.data for t in request.inputs}
         try:
-            samples = await asyncio.to_thread(spec.decode_tensors, inputs, dict(request.parameters))
+            samples = await asyncio.get_running_loop().run_in_executor(replica.decode_executor, spec.decode_tensors,
+                                                                       inputs, dict(request.parameters))
         except PayloadError as exc:
             return self._fail(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder bug must still not become a 500 for the client's tensors
