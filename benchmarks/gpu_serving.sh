@@ -30,7 +30,8 @@ samples=${SAMPLES:-32}
 v2_clients=${V2_CLIENTS:-24}
 server_tree=$(cd "${SERVER_TREE:-.}" && pwd)
 tag=${TAG:+$TAG-}
-py=${PYTHON:-python3}
+py=$(command -v "${PYTHON:-python3}")
+case $py in /*) ;; *) py=$PWD/$py ;; esac  # absolute: the launcher runs from $SERVER_TREE
 cfg=$(mktemp --suffix=.yaml)
 "$py" - "$cfg" "$replicas" "$routers" "$num_cpus" "$server_tree/serve_config.yaml" $models <<'PY'
 import sys, yaml
@@ -78,6 +79,7 @@ for ingress in ${INGRESSES:-haproxy proxy}; do
   for model in $models; do
     ok=0
     for _ in $(seq 1 300); do
+      kill -0 "$pid" 2>/dev/null || { echo "the launcher exited; see $out/serve-$tag$ingress-r$replicas.log"; break; }
       if curl -sf "127.0.0.1:8000/$model/tuning" 2>/dev/null | "$py" -c 'import json,sys; t=json.load(sys.stdin); sys.exit((t.get("warm_sizes") or {}).get("background") == "running")' 2>/dev/null; then ok=1; break; fi
       sleep 1
     done
@@ -99,5 +101,9 @@ for ingress in ${INGRESSES:-haproxy proxy}; do
     fi
     curl -s "127.0.0.1:8000/$model/tuning" > "$out/$name-tuning-after.json"
   done
-  kill -INT -- -"$pid" 2>/dev/null; sleep 8; kill -KILL -- -"$pid" 2>/dev/null; sleep 2
+  kill -INT -- -"$pid" 2>/dev/null; sleep 8; kill -KILL -- -"$pid" 2>/dev/null
+  # `ray start` daemonised the cluster outside the launcher's group: stop it, and the ingress it ran,
+  # so that the next launch (another ingress, another tree) starts clean on the same ports
+  ray stop --force >/dev/null 2>&1; pkill -x haproxy 2>/dev/null
+  for _ in $(seq 1 30); do ss -ltn | grep -qE ':(8000|9000|6379) ' || break; sleep 1; done
 done
