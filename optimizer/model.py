@@ -45,7 +45,8 @@ class TunableModel(Protocol):
     def predict(self, samples: list) -> list:
         """One output per sample."""
 
-    # predict in two stages (deployments/base.py's ModelSpec has the defaults: no overlap).
+    # predict in two stages (deployments/base.py's ModelSpec has the defaults: no overlap; a model
+    # without `overlaps` is run whole).
     def overlaps(self) -> bool:
         """True: a server runs `prepare` for the next batch while `forward` computes this one, so
         the tuner times that overlap (ExampleBatches), not predict alone."""
@@ -76,7 +77,8 @@ class ExampleBatches:
         self._model = model
         self._held: dict[int, list] = {}
         self.fast, self.latency_scale = fast, latency_scale
-        self.overlap = not fast and bool(self._model.overlaps())
+        # a model without the two stages (a minimal one, as in the benchmarks) runs predict whole
+        self.overlap = not fast and hasattr(model, "overlaps") and bool(self._model.overlaps())
         self._ahead: tuple[int, Any, float] | None = None  # (size, a prepared batch, its prepare's seconds)
         self._helper: ThreadPoolExecutor | None = None
 

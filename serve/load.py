@@ -21,7 +21,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Sequence
 from urllib.parse import urlsplit
 
@@ -180,20 +180,6 @@ class Load:
     @property
     def mode(self) -> str:
         return "closed" if self.concurrency is not None else "open"
-
-    def split(self) -> list["Load"]:
-        """One Load per process, the concurrency (or rate), the request bound and the warm-up shared
-        out between them, each with its own seed."""
-        n = self.processes
-
-        def share(total: int, i: int) -> int:
-            return total // n + (i < total % n)
-
-        return [replace(self, processes=1, seed=self.seed + i,
-                        concurrency=share(self.concurrency, i) if self.concurrency is not None else None,
-                        rate=self.rate / n if self.rate is not None else None,
-                        max_requests=max(1, share(self.max_requests, i)), warmup_requests=share(self.warmup_requests, i))
-                for i in range(n)]
 
 
 class LoadRun:

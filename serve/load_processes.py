@@ -9,9 +9,25 @@ all of them, as one run's.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from .client import route_path
 from .load import BenchError, Load, LoadRun, Record, report
+
+
+def split(load: Load) -> list[Load]:
+    """One Load per process, the concurrency (or rate), the request bound and the warm-up shared
+    out between them, each with its own seed."""
+    n = load.processes
+
+    def share(total: int, i: int) -> int:
+        return total // n + (i < total % n)
+
+    return [replace(load, processes=1, seed=load.seed + i,
+                    concurrency=share(load.concurrency, i) if load.concurrency is not None else None,
+                    rate=load.rate / n if load.rate is not None else None,
+                    max_requests=max(1, share(load.max_requests, i)), warmup_requests=share(load.warmup_requests, i))
+            for i in range(n)]
 
 
 def _run_part(part: Load, barrier, conn) -> None:
@@ -33,7 +49,7 @@ def run_in_processes(load: Load) -> dict:
     import multiprocessing
 
     context = multiprocessing.get_context("fork")  # the payloads and the sender go as they are, unpickled
-    parts = load.split()
+    parts = split(load)
     barrier = context.Barrier(len(parts))
     pipes, children = [], []
     for part in parts:

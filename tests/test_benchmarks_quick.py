@@ -110,7 +110,8 @@ def test_feed_gpu_quick(tmp_path):
     assert [r["batch"] for r in measured["rows"]] == [1, 2]
     for r in measured["rows"]:
         assert r["forward_only"] > 0 and r["old_path"] > 0 and r["new_path"] > 0 and r["device_decode"] > 0
-    assert [t["curve"] for t in measured["tuner"]] == ["forward alone", "old path", "new path"]
+        assert r["overlapped"] > 0  # the two stages in two threads, as a GPU replica runs them
+    assert [t["curve"] for t in measured["tuner"]] == ["forward alone", "old path", "new path, overlapped"]
     assert all(t["probes"] and 1 <= t["batch_size"] <= 2 for t in measured["tuner"])
 
 

@@ -147,7 +147,9 @@ def test_a_load_split_between_processes_reports_every_request_once():
         load = Load(route="/r50", url=f"http://127.0.0.1:{server.server_address[1]}", concurrency=6, processes=3,
                     payloads=[(b"ok", "image/jpeg"), (b"no", "text/plain")], max_requests=60, duration_s=30,
                     warmup_requests=6)
-        assert [(p.concurrency, p.max_requests, p.warmup_requests) for p in load.split()] == [(2, 20, 2)] * 3
+        from serve.load_processes import split
+
+        assert [(p.concurrency, p.max_requests, p.warmup_requests) for p in split(load)] == [(2, 20, 2)] * 3
         report = run_load(load)
         assert report["processes"] == 3 and report["stopped_by"] == "requests"
         assert report["requests"] == report["answered"] == 60 and report["ok"] + report["errors"]["415"] == 60
