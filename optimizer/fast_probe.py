@@ -42,7 +42,11 @@ def tune_with_fast_probes(
     for attempt in range(max_corrections + 1):
         # One timed run per fast probe: its decode time is already a median of several steps.
         tuning = decide(make_prober(ExampleBatches(spec, fast=True, latency_scale=scale), None, 1))
-        check = make_prober(ExampleBatches(spec), 0, 1).run(tuning.batch_size)
+        # warmed up once, as every probe is: the first whole generation at a size pays its cache's
+        # growth and kernel choices (on an H100 the 8B Llama's cold check at batch 74 took 13.7 s,
+        # warm whole generations at 35 and 49 took 7.0-7.1 s, and the correction then scaled every
+        # prediction by the cold run: docs/results/issue14/h100_llama_fast.log)
+        check = make_prober(ExampleBatches(spec), 1, 1).run(tuning.batch_size)
         if check.outcome in (OOM, OVER_MEMORY):
             note = (f"one real batch of {tuning.batch_size} went {check.outcome.replace('_', ' ')} although its fast "
                     f"probe fit: searching again with real batches")
