@@ -18,7 +18,9 @@ work=$(mktemp -d)/issue13; mkdir -p "$work"
 baseline=${BASELINE:-.baseline}
 duration=${DURATION:-5}
 stages=" ${STAGES:-1 2 3 4 5} "
-run() { case "$stages" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+run() { save; case "$stages" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# what has finished reaches $OUT before the next stage starts (a call cut off keeps it)
+save() { mkdir -p "$final"; tar -czf "$final/issue13.tgz" -C "$(dirname "$work")" issue13 2>/dev/null; }
 if [ -f .gpu-extra/py-spy.xz ]; then xz -dc .gpu-extra/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$work/gpu.txt"
 python3 -c "import torch, torchvision, ray; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__)" | tee -a "$work/gpu.txt"
@@ -45,4 +47,4 @@ run 5 && echo "=== 5. after: ViT-B/16 and YOLO11n-pose" && OUT=$work/serving TAG
   timeout 240 bash benchmarks/gpu_serving.sh 2>&1 | grep -E "^==|^tuned|^-- |throughput" | tee -a "$work/serving.log"
 
 python3 benchmarks/serving_table.py "$work/serving" "$work/plain-resnet50.json" | tee "$work/summary.txt"
-mkdir -p "$final"; tar -czf "$final/issue13.tgz" -C "$(dirname "$work")" issue13; cp "$work/summary.txt" "$final/"
+save; cp "$work/summary.txt" "$final/"

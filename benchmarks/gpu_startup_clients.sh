@@ -13,12 +13,13 @@ if [ -d .gpu-extra ]; then
   export PYTHONPATH=/tmp/tc:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-clients="python examples/oip_clients.py --samples 1 32"
+py=${PYTHON:-python3}  # the GPU image has python3 only
+clients="$py examples/oip_clients.py --samples 1 32"
 cache=$(mktemp -d)/tuning.json
-timeout 360 python benchmarks/startup.py --runs cold cached --ingress haproxy --cache "$cache" --then "$clients" --timeout-s 200 \
+timeout 360 "$py" benchmarks/startup.py --runs cold cached --ingress haproxy --cache "$cache" --then "$clients" --timeout-s 200 \
   --out "$out/startup-haproxy.json" 2>&1 | grep -v "^(ServeReplica\|^\s*$" | tail -60
 if [ "${PROXY_LEG:-1}" = 1 ]; then
-  timeout 200 python benchmarks/startup.py --runs cached --ingress proxy --cache "$cache" --then "$clients" \
+  timeout 200 "$py" benchmarks/startup.py --runs cached --ingress proxy --cache "$cache" --then "$clients" \
     --out "$out/startup-proxy.json" 2>&1 | grep -v "^(ServeReplica\|^\s*$" | tail -40
 fi
 # the launchers' logs (each replica's load, tuning and warm-up lines) in one file: a device run returns 8 files at most
