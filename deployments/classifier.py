@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
 from .device_images import (DeviceBatch, ImageInput, PrepareStream, TorchvisionJpegDecoder, classifier_batch,
-                            image_input, images_to_device, overlap_for, pipeline_for)
+                            image_input, overlap_for, pipeline_for, prepare_on_device)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
                      image_tensor_samples)
 
@@ -186,17 +186,12 @@ class TorchvisionClassifierSpec(ModelSpec):
         with torch.inference_mode():
             if not (samples and isinstance(samples[0], ImageInput)):
                 return DeviceBatch(torch.stack(samples).to(self.device, dtype=dtype, non_blocking=True), [None] * len(samples))
-            stream = self._prepare_stream()
-            with stream.active():
-                decoded = images_to_device(samples, self.jpeg_decoder)
-                errors = [d if isinstance(d, PayloadError) else None for d in decoded]
-                good = [d for d in decoded if not isinstance(d, PayloadError)]
-                batch = None
-                if good:
-                    t = self.transform
-                    batch = classifier_batch(good, resize_size=int(t.resize_size[0]), crop_size=self.crop_size,
-                                             mean=t.mean, std=t.std, dtype=dtype, max_aspect=MAX_ASPECT)
-                return DeviceBatch(batch, errors, ready=stream.done_event())
+            if self._stream is None:
+                self._stream = PrepareStream(self.device)
+            t = self.transform
+            return prepare_on_device(samples, self.jpeg_decoder, self._stream, lambda good: classifier_batch(
+                good, resize_size=int(t.resize_size[0]), crop_size=self.crop_size, mean=t.mean, std=t.std, dtype=dtype,
+                max_aspect=MAX_ASPECT))
 
     def forward(self, prepared: DeviceBatch) -> list:
         import torch
@@ -207,11 +202,6 @@ class TorchvisionClassifierSpec(ModelSpec):
                 return prepared.answers([])
             probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
         return prepared.answers(top_k(probabilities, self.top_k, self.categories))
-
-    def _prepare_stream(self) -> PrepareStream:
-        if self._stream is None:
-            self._stream = PrepareStream(self.device)
-        return self._stream
 
     def encode(self, output: list[dict]) -> dict:
         return {"model": self.name, "weights": "local" if self.weights_path else "synthetic", "top_k": output}

@@ -252,6 +252,18 @@ def images_to_device(images: Sequence[ImageInput], decoder: JpegDecoder) -> list
     return results
 
 
+def prepare_on_device(images: Sequence[ImageInput], decoder: JpegDecoder, stream: PrepareStream,
+                      to_batch: Callable[[list], Any]) -> DeviceBatch:
+    """A vision spec's `prepare`: on the prepare stream, every image put on the device (decoded
+    there when it is a JPEG), `to_batch(images that decoded)` making the model's batch of them, and
+    each image that did not decode its PayloadError in its place."""
+    with stream.active():
+        decoded = images_to_device(images, decoder)
+        errors = [d if isinstance(d, PayloadError) else None for d in decoded]
+        good = [d for d in decoded if not isinstance(d, PayloadError)]
+        return DeviceBatch(to_batch(good) if good else None, errors, ready=stream.done_event())
+
+
 def map_by_shape(images: Sequence, transform: Callable) -> list:
     """transform(uint8 or float [N, C, H, W] of one size) -> N outputs, applied once per distinct
     image size (a kernel launch per size, not per image); outputs come back in the input order."""

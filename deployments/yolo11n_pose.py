@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
 from .pose_nms import nms_pose, nms_pose_batch, scale_boxes, scale_keypoints, xywh_to_xyxy  # noqa: F401 - also imported from here
 from .device_images import (DeviceBatch, ImageInput, LetterboxGeometry, PrepareStream, TorchvisionJpegDecoder,
-                            image_input, images_to_device, letterbox_batch, overlap_for, pipeline_for)
+                            image_input, letterbox_batch, overlap_for, pipeline_for, prepare_on_device)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
                      image_tensor_samples)
 
@@ -266,13 +266,10 @@ class YOLO11nPoseSpec(ModelSpec):
                 return DeviceBatch(batch.to(dtype).div_(255.0), [None] * len(samples), extra=list(samples))
             if self._stream is None:
                 self._stream = PrepareStream(self.device)
-            with self._stream.active():
-                decoded = images_to_device([s.image for s in samples], self.jpeg_decoder)
-                errors = [d if isinstance(d, PayloadError) else None for d in decoded]
-                good = [d for d in decoded if not isinstance(d, PayloadError)]
-                kept = [s for s, e in zip(samples, errors) if e is None]
-                batch = letterbox_batch(good, self.imgsz, PAD_VALUE, dtype) if good else None
-                return DeviceBatch(batch, errors, extra=kept, ready=self._stream.done_event())
+            prepared = prepare_on_device([s.image for s in samples], self.jpeg_decoder, self._stream,
+                                         lambda good: letterbox_batch(good, self.imgsz, PAD_VALUE, dtype))
+            prepared.extra = [s for s, error in zip(samples, prepared.errors) if error is None]
+            return prepared
 
     def forward(self, prepared: DeviceBatch) -> list[dict]:
         import torch
