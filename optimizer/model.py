@@ -66,7 +66,7 @@ class ExampleBatches:
     `fast`: run the model's `probe_batch` instead, and return its predicted seconds (times
     `latency_scale`, which the check against a real predict corrects) for the probe to record.
 
-    A model that overlaps its stages (`overlaps(model)`) is timed as a replica serves it at full
+    A model that overlaps its stages (`model.overlaps()`) is timed as a replica serves it at full
     load: each run forwards the batch prepared by the run before while the next one prepares in a
     second thread, and returns a BatchTiming (the batch's own latency, prepare then forward, and
     the period between batches). The peak memory is then that of two prepared batches and one
