@@ -5,6 +5,7 @@ pipeline's (PIL + the weights' transforms, cv2 letterbox) within a level of 255 
 ViT-B/16 and YOLO11n-pose."""
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,6 +142,7 @@ def classifiers():
     """(host spec, device spec) per classifier on the CPU, one model each, with a random head centred
     on the test images' features so top-1 differs between images (random backbones score alike)."""
     pairs = {}
+    torch.manual_seed(0)  # the random backbones, fixed so one run's near-ties are every run's
     for name in ("resnet50", "vit_b_16"):
         host, device = create_spec(name, image_pipeline="host"), create_spec(name, image_pipeline="device")
         host.load("cpu", "float32")
@@ -173,10 +175,20 @@ def test_classifier_device_pipeline_matches_the_weights_transforms(classifiers, 
     assert levels.max() <= 1.01 and levels.mean() < 0.3, (levels.max(), levels.mean())
     host_out = host.predict(list(expected))
     device_out = device.predict([device.decode(p) for p in payloads])
-    assert [o[0]["class_id"] for o in device_out] == [o[0]["class_id"] for o in host_out]
     assert len({o[0]["class_id"] for o in host_out}) > 1  # the comparison distinguishes images
-    for d, h in zip(device_out, host_out):
-        assert d[0]["score"] == pytest.approx(h[0]["score"], abs=0.02)
+    score_tolerance = 0.02
+    lead_nats = [math.log(h[0]["score"] / h[1]["score"]) for h in host_out]
+    for d, h, lead in zip(device_out, host_out, lead_nats):
+        assert d[0]["score"] == pytest.approx(h[0]["score"], abs=score_tolerance)
+        # The backbone's weights are random, so two classes can score within what a level of 255
+        # moves them (measured: up to ~0.1 nats): top-1 must agree where the host's lead is larger,
+        # and otherwise be one of the two it was torn between (CI once saw such a near-tie).
+        if lead > 0.25:
+            assert d[0]["class_id"] == h[0]["class_id"], (d[:2], h[:2])
+        else:
+            assert d[0]["class_id"] in {h[0]["class_id"], h[1]["class_id"]}, (d[:2], h[:2])
+    clear = [lead for lead in lead_nats if lead > 0.25]
+    assert len(clear) >= 2, "the head should give most test images a clear top-1"
 
 
 def test_classifier_example_batch_is_what_decode_gives_on_each_pipeline(classifiers):
