@@ -70,7 +70,10 @@ def ray_quantile(q: float, metric: str) -> str:
 
 
 SAMPLES_RATE = f"sum by (model) (rate({ab('autobatch_samples_served')}{{{M}}}[{RATE}]))"
-BATCHES_RATE = f"sum by (model) ({by_model(f'rate(ray_serve_batches_processed_total{{{D}}}[{RATE}])')})"
+DEVICE_BATCH = ab("autobatch_device_batch_size")
+# The batches the device ran (serve/device_queue.py merges what @serve.batch's clock closed meanwhile).
+BATCHES_RATE = f"sum by (model) (rate({DEVICE_BATCH}_count{{{M}}}[{RATE}]))"
+DEVICE_BATCH_P95 = f"histogram_quantile(0.95, sum by (model, le) (rate({DEVICE_BATCH}_bucket{{{M}}}[{RATE}])))"
 MEAN_BATCH = f"{SAMPLES_RATE} / {BATCHES_RATE}"
 
 
@@ -118,16 +121,18 @@ def serving_panels() -> list:
            "Samples answered successfully per second (rate of ray_autobatch_samples_served_total).", "reqps",
            (SAMPLES_RATE, "{{model}}")),
         ts(2, "Batch size: formed vs tuned",
-           "What the batches really hold against what the tuning chose. Formed (mean) = samples served / "
-           "batches Ray Serve processed; formed p95 from Ray's ray_serve_actual_batch_size histogram "
-           "(interpolated within power-of-two buckets). Tuned = the size the tuning selected; max safe = "
+           "What the device's batches really hold against what the tuning chose. Formed (mean) = samples "
+           "served / batches the device ran; formed p95 from ray_autobatch_device_batch_size (interpolated "
+           "within power-of-two buckets). Ray's clock batches = p95 of ray_serve_actual_batch_size, what "
+           "@serve.batch closed before the device queue merged them. Tuned = the size the tuning selected; max safe = "
            "the largest size that fit memory and the latency budget; in effect = max_batch_size on "
            "@serve.batch now (pinned by reconfigure or lowered after an OOM while serving).", "none",
            (MEAN_BATCH, "{{model}} formed (mean)"),
-           (ray_quantile(0.95, "ray_serve_actual_batch_size"), "{{model}} formed p95"),
+           (DEVICE_BATCH_P95, "{{model}} formed p95"),
            (f"max by (model) ({ab('autobatch_tuned_batch_size')}{{{M}}})", "{{model}} tuned"),
            (f"max by (model) ({ab('autobatch_tuned_max_safe_batch')}{{{M}}})", "{{model}} max safe"),
-           (f"max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})", "{{model}} in effect")),
+           (f"max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})", "{{model}} in effect"),
+           (ray_quantile(0.95, "ray_serve_actual_batch_size"), "{{model}} Ray's clock batches p95")),
         ts(3, "Batch utilisation",
            "How full the batches are: Ray Serve's ray_serve_batch_utilization_percent (batch size / "
            "max_batch_size, p50), and the mean formed batch over the max_batch_size in effect.", "percent",
@@ -135,15 +140,18 @@ def serving_panels() -> list:
            (f"100 * ({MEAN_BATCH}) / max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})",
             "{{model}} mean / in effect")),
         heatmap.Panel().id(4).title("Batch sizes formed").description(
-            "Batches per bucket of Ray Serve's ray_serve_actual_batch_size histogram (upper bound of the "
+            "Batches the device ran per bucket of ray_autobatch_device_batch_size (upper bound of the "
             "bucket, powers of two).").datasource(DATASOURCE).span(12).height(8).calculate(False)
         .color(heatmap.HeatmapColorOptions().mode(heatmap_color_mode()).scheme("Oranges").steps(64))
         .y_axis(heatmap.YAxisConfig().unit("none").decimals(0))
-        .with_target(q(f"sum by (le) (increase(ray_serve_actual_batch_size_bucket{{{D}}}[{RATE}]))", "{{le}}", "A",
+        .with_target(q(f"sum by (le) (increase({DEVICE_BATCH}_bucket{{{M}}}[{RATE}]))", "{{le}}", "A",
                        fmt=PromQueryFormat.HEATMAP)),
         ts(5, "Batch queue length",
-           "Requests waiting in the @serve.batch queue (ray_serve_batch_queue_length), per model.", "none",
-           (f"sum by (model) ({by_model(f'ray_serve_batch_queue_length{{{D}}}')})", "{{model}}")),
+           "Samples waiting for the device: in the replicas' device queues (ray_autobatch_samples_waiting, "
+           "set as each batch starts) and still in @serve.batch's queue (ray_serve_batch_queue_length), per model.",
+           "none",
+           (f"sum by (model) ({ab('autobatch_samples_waiting')}{{{M}}})", "{{model}} device queue"),
+           (f"sum by (model) ({by_model(f'ray_serve_batch_queue_length{{{D}}}')})", "{{model}} @serve.batch")),
         ts(6, "Batch wait",
            "How long a batch waited to fill (Ray Serve's ray_serve_batch_wait_time_ms, p50/p95) against "
            "the batch_wait_timeout the tuning derived.", "ms",

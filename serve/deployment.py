@@ -16,6 +16,7 @@ faults (test hooks, accepted only with AUTOBATCH_TEST_FAULTS=1, see faults.py).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +32,21 @@ from .routes import HttpRoutes  # noqa: E402
 from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, memory_fraction_for,  # noqa: E402,F401
                        parse_user_config)
 from .tensor_routes import TensorRoutes  # noqa: E402
+
+
+# More than any max_ongoing_requests a replica is given: @serve.batch hands every closed batch on.
+RAY_CONCURRENT_BATCHES = 4096
+
+
+class _NoConcurrentBatchesWarning(logging.Filter):
+    """Ray warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, which is
+    here by design (the device queue, not Ray, bounds what runs): the warning would mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in str(record.msg)
+
+
+logging.getLogger("ray.serve").addFilter(_NoConcurrentBatchesWarning())
 
 
 def _initial_user_config():
@@ -146,8 +162,9 @@ class AutobatchDeployment:
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}  # Retry-After among them
         return response.status_code, headers, response.body
 
-    # Two batches may be in the handler: where the spec's stages overlap, the second is put on the
-    # device while the first computes; the replica lets one in at a time otherwise (replica.py).
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    # Every batch Ray's clock closes goes straight on to the replica's device queue, which forms the
+    # device's batch when the device can take one (serve/device_queue.py): so Ray must never hold a
+    # closed batch back, hence far more concurrent batches than a replica has requests.
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=RAY_CONCURRENT_BATCHES)
     async def _infer(self, items: list[Item]) -> list[Outcome]:
-        return await self.replica.run_batch(items)
+        return await self.replica.enqueue(items)

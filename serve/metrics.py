@@ -34,6 +34,7 @@ BASE_TAGS = ("model", "device")
 GAUGE_REFRESH_S = 5.0
 
 INFERENCE_SECONDS_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]  # Ray's own batch-size buckets
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class MetricDef:
     kind: str
     description: str
     extra_tags: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = tuple(INFERENCE_SECONDS_BOUNDARIES)  # a histogram's buckets
 
     @property
     def tag_keys(self) -> tuple[str, ...]:
@@ -93,6 +95,14 @@ METRICS: tuple[MetricDef, ...] = (
               "Batches that raised (not an OOM) and were retried item by item so batch-mates still answer."),
     MetricDef("autobatch_batch_inference_seconds", HISTOGRAM,
               "Seconds of one forward pass (predict + encode) of one batch, in the worker thread."),
+    MetricDef("autobatch_device_batch_size", HISTOGRAM,
+              "Samples per batch the device ran. The device queue (serve/device_queue.py) forms them when the "
+              "device can take one, from every batch @serve.batch closed meanwhile, so under load they are "
+              "larger than Ray's ray_serve_actual_batch_size (the batches its clock closed).",
+              boundaries=tuple(BATCH_SIZE_BOUNDARIES)),
+    MetricDef("autobatch_samples_waiting", GAUGE,
+              "Samples in the replica's device queue, waiting for the device (those still in @serve.batch's "
+              "own queue are Ray's ray_serve_batch_queue_length)."),
     MetricDef("autobatch_device_memory_bytes", GAUGE,
               "Device memory this replica holds now (CUDA: allocator reserved + context; CPU: resident set)."),
 )
@@ -120,7 +130,7 @@ class ReplicaMetrics:
                 metric = serve_metrics.Counter(d.name, description=d.description, tag_keys=d.tag_keys)
             else:
                 metric = serve_metrics.Histogram(d.name, description=d.description, tag_keys=d.tag_keys,
-                                                 boundaries=INFERENCE_SECONDS_BOUNDARIES)
+                                                 boundaries=list(d.boundaries))
             metric.set_default_tags(dict(self.tags))
             self._m[d.name] = metric
         # Counters appear in Prometheus only once recorded: record a zero for the series a dashboard

@@ -9,10 +9,12 @@ A replica's life:
                 lock, within this replica's share of the memory), hand the batch size and wait to
                 @serve.batch (settings.py), then run once each batch size it may form and has not
                 run yet (warmup.py), so that no request waits out a size's first run.
-  a batch       runs in the one worker thread (batch_runner.py: an error fails only its item, an
+  a batch       @serve.batch's batches go to the device queue (device_queue.py), which forms the
+                device's batch when it can take one: all that waits, up to the max batch. It runs in
+                the one worker thread (batch_runner.py: an error fails only its item, an
                 out-of-memory splits the batch and lowers the max batch); where the spec's stages
                 overlap, its prepare runs in a second thread while the batch before it computes (two
-                batches in the handler at once). Its time and its requests' arrivals go to the wait
+                device batches in flight). Its time and its requests' arrivals go to the wait
                 controller (optimizer/wait.py), which may move the wait.
   reconfigure   a new user_config: re-tune when a tuning key changed (cache first) or a new `retune`
                 value came (measured again), then the batch settings again.
@@ -38,6 +40,7 @@ from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
+from .device_queue import DeviceQueue
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
@@ -78,7 +81,8 @@ class Replica:
         self.decode_threads = max(1, math.ceil(cpus)) if cpus else min(32, (os.cpu_count() or 1) + 4)
         self.decode_executor = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="autobatch-decode")
         self.locks = DeviceLocks()  # a batch's stages, or a tuning or warm-up holding the device alone
-        self._batches_in_handler: asyncio.Semaphore | None = None  # 2 where stages overlap, else 1 (set at start)
+        # @serve.batch's batches wait here for the device; its slots (2 where stages overlap) are set at start
+        self.device_queue: DeviceQueue[Item, Outcome] = DeviceQueue(self.run_batch)
         self._started_at = time.time()
         self.stats = ServingStats()
         self.admission = Admission()  # what this replica takes in: serve/admission.py
@@ -121,10 +125,9 @@ class Replica:
         log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", self.model_name,
                  self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
         await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
-        # @serve.batch lets two batches in (max_concurrent_batches=2): the second prepares while the
-        # first computes. A spec that does not overlap takes one at a time, as before, so a batch's
-        # deadlines are checked when it can run, not while it waits for the device.
-        self._batches_in_handler = asyncio.Semaphore(2 if self._runner.overlaps else 1)
+        # Two device batches in flight where the stages overlap (the second prepares while the first
+        # computes), else one: a batch is formed, and its deadlines checked, when it can run.
+        self.device_queue.set_slots(2 if self._runner.overlaps else 1)
         log.info("autobatch: %s: %s", self.model_name,
                  "batches overlap: the next one is prepared (copied, decoded) while this one computes"
                  if self._runner.overlaps else "one batch at a time (predict whole)")
@@ -175,6 +178,7 @@ class Replica:
         s = effective_settings(self.tuning, self.config.pins, self._oom_cap, limit,
                                self._wait.learnt if self._wait else None)
         self._knobs.set_max_batch_size(s.size)
+        self.device_queue.set_max_batch_size(s.size)
         self._knobs.set_batch_wait_timeout_s(s.wait_s)
         self.settings = s
         self._serving = {"max_batch_size": s.size, "batch_wait_timeout_s": s.wait_s,
@@ -255,9 +259,15 @@ class Replica:
         log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
 
     # ----- serving -----
+    async def enqueue(self, items: list[Item]) -> list[Outcome]:
+        """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py)."""
+        return await self.device_queue.put(items)
+
     async def run_batch(self, items: list[Item]) -> list[Outcome]:
-        """One batch @serve.batch formed: run it, count it, and let the wait learn from it."""
+        """One batch the device queue formed: run it, count it, and let the wait learn from it."""
         n = len(items)
+        self.metrics.observe("autobatch_device_batch_size", n)
+        self.metrics.set("autobatch_samples_waiting", self.device_queue.waiting_samples)
         self._warmer.mark_warm([n])
         self.stats.batch_formed(n)
         ran: dict = {}
@@ -269,8 +279,7 @@ class Replica:
                 ran.update(started_s=result.started_s, latency_s=result.latency_s)
             return result.outcomes
 
-        async with self._batches_in_handler:
-            outcomes = await run_unexpired(items, run_live, time.perf_counter(), self._expired)
+        outcomes = await run_unexpired(items, run_live, time.perf_counter(), self._expired)
         served = sum(o.ok for o in outcomes)
         # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
         if self._wait is not None and ran and served == n and not any(item.poisoned for item in items):
@@ -343,6 +352,7 @@ class Replica:
             "serving": {**self._serving,
                         "served_vs_tuned_latency": wait.ratio if wait else None,
                         "served_batches_compared": wait.batches if wait else 0,
+                        "device_queue": self.device_queue.describe(),
                         "admission": self.admission.describe()},
             "warm_sizes": self._warm_report,
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),

@@ -333,8 +333,9 @@ def test_panels_name_only_metrics_that_are_exported(observed):
                 unknown.append(f"{name} (panel {item['panel']!r} [{item['refId']}])")
     assert not unknown, "panels name metrics that nothing exports:\n" + "\n".join(sorted(set(unknown)))
     # the parser really reads the expressions: Ray's batch histogram and autobatch's gauges are there
-    assert {"ray_serve_actual_batch_size_bucket", "ray_autobatch_tuned_batch_size",
-            "ray_serve_batch_queue_length"} <= set(used)
+    assert {"ray_autobatch_device_batch_size_bucket", "ray_serve_actual_batch_size_bucket",
+            "ray_autobatch_tuned_batch_size", "ray_serve_batch_queue_length",
+            "ray_autobatch_samples_waiting"} <= set(used)
 
 
 def test_the_parser_finds_names_where_a_regex_would_not():

@@ -123,6 +123,23 @@ def test_concurrent_requests_form_batches(cluster):
     assert t["replica"]["pid"] == before["replica"]["pid"]
 
 
+def test_batches_ray_closes_while_the_model_computes_run_as_one_device_batch(cluster):
+    """With a 1 ms wait, @serve.batch closes batches far faster than the model computes one; the
+    device queue merges those that wait meanwhile (serve/device_queue.py), never past the max."""
+    reconfigure(cluster, pinned(MAX_BATCH, 1), lambda t: t["serving"]["batch_wait_timeout_s"] == 0.001)
+    before = cluster.tuning(ROUTE)
+    n = 4 * MAX_BATCH
+    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)], retries_on_503=3)
+    assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses if r.status_code != 200]
+    after = cluster.tuning(ROUTE)
+    delta = stats_delta(before, after)
+    queue_before, queue_after = before["serving"]["device_queue"], after["serving"]["device_queue"]
+    assert queue_after["coalesced_batches"] > queue_before["coalesced_batches"], (queue_before, queue_after)
+    assert queue_after["device_batches"] - queue_before["device_batches"] == sum(delta["batch_sizes"].values())
+    assert 1 < max(delta["batch_sizes"]) <= MAX_BATCH, delta
+    assert queue_after["waiting_samples"] == 0 and queue_after["batches_in_flight"] == 0
+
+
 def test_a_poisoned_item_in_a_concurrent_batch_fails_alone(cluster):
     reconfigure(cluster, pinned(MAX_BATCH, faults={"poison_header": "x-poison"}),
                 lambda t: t["serving"]["faults"] == {"poison_header": "x-poison"})
