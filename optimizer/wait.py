@@ -120,7 +120,6 @@ class BatchObservation:
 def wait_from_arrivals(
     ceiling_s: float,
     batches: Sequence[BatchObservation],
-    limit_s: float | None = None,
     config: WaitControllerConfig = DEFAULT_WAIT_CONFIG,
 ) -> tuple[float, str]:
     """How long to wait, from how the requests of recent batches short of full arrived.
@@ -128,10 +127,11 @@ def wait_from_arrivals(
     `ceiling_s` is the rule's wait: the most worth waiting on an idle device; whether anyone
     arrives in that window is the clients' doing.
     - Formed batches sat waiting for a busy device (the median batch held longer than
-      `held_fraction` of its wait and `held_min_s`): Ray Serve closes a batch at its wait even while
-      the device is busy, so a wait shorter than a batch splits the queue into a convoy of small
-      batches. The time they sat was free, so the wait grows to what the median batch had anyway,
-      up to `limit_s` (what the latency budget allows).
+      `held_fraction` of its wait and `held_min_s`): the device, not the wait, set those batches.
+      The replica's device queue (serve/device_queue.py) merged everything that arrived while
+      they sat, so a longer wait would not fill them (before that queue, Ray's clock split a busy
+      device's queue into a convoy of small batches and a longer wait merged them; now it would only
+      delay the first batch after the device frees). The rule's wait stands.
     - Arrivals reach the end of the window (the `spread_percentile` batch spread over more than
       `reach` of its wait): more may come after it, so the ceiling.
     - Otherwise the window's tail catches no one: `margin` x the `spread_percentile` spread, at least
@@ -146,13 +146,9 @@ def wait_from_arrivals(
     held_past = percentile((b.held_s - max(c.held_fraction * b.wait_s, c.held_min_s) for b in batches),
                            c.held_percentile, OBSERVED)
     if held_past > 0:
-        wait_s = max(ceiling_s, held_until_s)
-        if limit_s is not None:
-            wait_s = min(wait_s, limit_s)
-        return wait_s, (f"formed batches sat for a busy device after their wait (median of {n}: "
-                        f"{held_until_s * 1e3:.1f} ms from the first request to the run), so waiting that long is "
-                        f"free; at least the rule's {ceiling_s * 1e3:.1f} ms"
-                        + (f", at most the budget's {limit_s * 1e3:.1f} ms" if limit_s is not None else ""))
+        return ceiling_s, (f"formed batches sat for a busy device after their wait (median of {n}: "
+                           f"{held_until_s * 1e3:.1f} ms from the first request to the run), so the device set "
+                           f"their size, not the wait: the rule's {ceiling_s * 1e3:.1f} ms")
     spread_s = percentile((b.spread_s for b in batches), c.spread_percentile, OBSERVED)
     used = percentile((b.used for b in batches), c.spread_percentile, OBSERVED)
     if used > c.reach:
@@ -334,9 +330,9 @@ class WaitController:
         self._checked_at = (self.batches, self.seconds)
         if self.state is WaitState.CHECKING_NEW_WAIT:
             self.state = WaitState.LEARNT
-        ceiling_s, limit_s, why = self._ceiling()
+        ceiling_s, why = self._ceiling()
         if enough_arrivals:
-            wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, limit_s, c)
+            wait_s, arrivals_why = wait_from_arrivals(ceiling_s, recent, c)
         else:
             wait_s, arrivals_why = ceiling_s, "too few batches short of full to read the arrivals from yet"
         current = self.current_s
@@ -347,9 +343,9 @@ class WaitController:
         self.state = WaitState.CHECKING_NEW_WAIT
         return True
 
-    def _ceiling(self) -> tuple[float, float | None, str]:
+    def _ceiling(self) -> tuple[float, str]:
         """The rule's wait at the times batches take as served (the tuning's own without a ratio
-        yet), the most the arrivals may grow it to, and why."""
+        yet), and why."""
         t, ratio, c = self.tuning, self.ratio, self.config
         if ratio is not None:
             batch1_s = self.latency.tuned(1)
@@ -357,14 +353,9 @@ class WaitController:
             ceiling_s = batch_wait_timeout_s(serve_latency_s, t.latency_budget_s, batch1_s * ratio,
                                              (t.batch1_throughput or 1 / batch1_s) / ratio,
                                              t.serve_throughput / ratio, c.budget_fraction)
-            why = (f"served batches take {ratio:.2f}x the tuning's time for their size (batch 1: "
-                   f"{batch1_s * ratio * 1e3:.1f} ms), so the tuning's rule gives {ceiling_s * 1e3:.1f} ms")
-        else:
-            serve_latency_s = t.serve_latency_s
-            ceiling_s, why = self.tuned_wait_s, f"the tuning's {self.tuned_wait_s * 1e3:.1f} ms"
-        budget_s = t.latency_budget_s
-        limit_s = None if budget_s is None else max(ceiling_s, c.budget_fraction * max(0.0, budget_s - serve_latency_s))
-        return ceiling_s, limit_s, why
+            return ceiling_s, (f"served batches take {ratio:.2f}x the tuning's time for their size (batch 1: "
+                               f"{batch1_s * ratio * 1e3:.1f} ms), so the tuning's rule gives {ceiling_s * 1e3:.1f} ms")
+        return self.tuned_wait_s, f"the tuning's {self.tuned_wait_s * 1e3:.1f} ms"
 
 
 __all__ = ["WaitControllerConfig", "DEFAULT_WAIT_CONFIG", "batch_wait_timeout_s", "wait_from_arrivals",
