@@ -155,3 +155,16 @@ def test_soak_quick(results):
     assert sum(v for k, v in statuses.items() if k.startswith("4")) > 0
     assert summary["rss_after_warmup_mib"] > 0 and summary["same_replica_throughout"]
     assert set(summary["malformed_cases"]) >= {"empty", "1 byte", "truncated JPEG", "text as JPEG", "GIF", "bad JSON"}
+
+
+def test_device_queue_quick(tmp_path):
+    """benchmarks/device_queue.py serves its stand-in device from a tree and measures batch formation."""
+    out = tmp_path / "device_queue.json"
+    stdout = run_script("device_queue.py", "--trees", "after=.", "--concurrency", "6", "--duration", "2",
+                        "--warmup-s", "1", "--fixed-ms", "20", "--per-sample-ms", "1", "--max-batch", "8",
+                        "--latency-budget-ms", "500", "--out", str(out))
+    assert "mean device batch" in stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tree"] == "after" and row["clients"] == 6 and row["errors"] == 0 and row["requests_per_s"] > 0
+    assert row["device_batches"] > 0 and 1 <= row["mean_batch"] <= row["largest_batch"] <= 8
+    assert row["coalesced_batches"] is not None  # this tree's replica reports its device queue
