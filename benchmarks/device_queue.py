@@ -26,13 +26,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_common import environment, markdown_table, say, table, write_json  # noqa: E402
 
-ROUTE = "/stand_in"
+MODEL = "stand_in_device"
+ROUTE = "/stand_in"  # --layout direct: the model app's own route
 REGISTRATION = "stand_in_device=stand_in_device:StandInDeviceSpec"
 
 
 # ------------------------------------------------------------------ the server, in its own process
 def serve_one(tree: str, fixed_ms: float, per_sample_ms: float, max_batch: int, num_cpus: float,
-              latency_budget_ms: float) -> None:
+              latency_budget_ms: float, layout: str) -> None:
     """Serve the stand-in from `tree` and print its base URL; run until stdin closes."""
     tree = os.path.abspath(tree)
     sys.path[:0] = [tree, HERE]
@@ -54,16 +55,26 @@ def serve_one(tree: str, fixed_ms: float, per_sample_ms: float, max_batch: int, 
     cache = os.path.join(tempfile.mkdtemp(prefix="device-queue-"), "tuning.json")
     app = build({"model": "stand_in_device", "device": "cpu", "max_batch": max_batch, "cache_path": cache,
                  "num_cpus": num_cpus, "latency_budget_ms": latency_budget_ms, "options": {"fixed_ms": fixed_ms, "per_sample_ms": per_sample_ms}})
-    serve.run(app, name="stand_in", route_prefix=ROUTE)
-    print(json.dumps({"url": f"http://127.0.0.1:{port}"}), flush=True)
+    if layout == "router":  # serve_config.yaml's: the OIP router owns every path, the model has no route
+        from serve.oip.router import build_router
+
+        serve.run(app, name=MODEL, route_prefix=None)
+        serve.run(build_router({"models": [MODEL], "num_cpus": 0.1}), name="oip", route_prefix="/")
+    else:
+        serve.run(app, name="stand_in", route_prefix=ROUTE)
+    # Ray puts the driver's working directory on its workers' paths: check the replicas run `tree`'s code
+    served_from = ray.get(ray.remote(num_cpus=0)(lambda: __import__("serve.replica").replica.__file__).remote())
+    if not os.path.abspath(served_from).startswith(tree + os.sep):
+        raise RuntimeError(f"Ray workers import serve/ from {served_from}, not from {tree}")
+    print(json.dumps({"url": f"http://127.0.0.1:{port}", "served_from": served_from}), flush=True)
     sys.stdin.read()
     serve.shutdown()
     ray.shutdown()
 
 
 # ------------------------------------------------------------------ the load, from this tree
-def stats(http) -> dict:
-    t = http.get(ROUTE + "/tuning").json()
+def stats(http, route: str) -> dict:
+    t = http.get(route + "/tuning").json()
     return {"batches": t["stats"]["batches"], "samples": t["stats"]["samples_served"],
             "sizes": {int(k): v for k, v in t["stats"]["batch_sizes"].items()}, "serving": t["serving"],
             "batch_size": t["batch_size"], "wait_ms": t["batch_wait_timeout_s"] * 1e3}
@@ -73,12 +84,14 @@ def measure(label: str, tree: str, args) -> list[dict]:
     import httpx
 
     from serve.bench import Load, run_load
+    from serve.oip.commands import V2Sender
 
     cmd = [sys.executable, os.path.abspath(__file__), "--serve-one", tree, "--fixed-ms", str(args.fixed_ms),
            "--per-sample-ms", str(args.per_sample_ms), "--max-batch", str(args.max_batch), "--num-cpus", str(args.num_cpus),
-           "--latency-budget-ms", str(args.latency_budget_ms)]
+           "--latency-budget-ms", str(args.latency_budget_ms), "--layout", args.layout]
+    route = f"/{MODEL}" if args.layout == "router" else ROUTE
     started = time.perf_counter()
-    server = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.path.abspath(tree))
     try:
         line = server.stdout.readline()
         if not line:
@@ -88,24 +101,33 @@ def measure(label: str, tree: str, args) -> list[dict]:
         # the replica runs each batch size it may form once, between served batches, after start-up
         # (serve/warmup.py): each run holds the device, so measure once that is done
         deadline = time.perf_counter() + 300
-        while (http.get(ROUTE + "/tuning").json().get("warm_sizes") or {}).get("background") == "running":
+        while (http.get(route + "/tuning").json().get("warm_sizes") or {}).get("background") == "running":
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"the {label} replica was still warming batch sizes after 300 s")
             time.sleep(1.0)
-        first = stats(http)
-        say(f"{label} ({tree}): serving in {time.perf_counter() - started:.0f} s; tuned batch {first['batch_size']}, "
+        first = stats(http, route)
+        say(f"{label} ({json.loads(line)['served_from']}): serving in {time.perf_counter() - started:.0f} s; tuned batch {first['batch_size']}, "
             f"wait {first['wait_ms']:.1f} ms")
         payloads = [(b"1.5", "application/json")]
-        run_load(Load(route=ROUTE, url=base, payloads=payloads, concurrency=max(args.concurrency), duration_s=args.warmup_s))
+
+        def load(clients: int, duration_s: float) -> Load:
+            spec = Load(route=route, url=base, payloads=payloads, concurrency=clients, duration_s=duration_s)
+            if args.samples_per_request:  # Open Inference Protocol v2 over HTTP, binary tensors, through the router
+                spec.sender = V2Sender(base, "http", MODEL, [body for body, _ in payloads], args.samples_per_request, None, spec.timeout_s,
+                                       connections=clients)
+            return spec
+
+        run_load(load(max(args.concurrency), args.warmup_s))
         rows = []
         for clients in args.concurrency:
-            before = stats(http)
-            report = run_load(Load(route=ROUTE, url=base, payloads=payloads, concurrency=clients, duration_s=args.duration))
-            after = stats(http)
+            before = stats(http, route)
+            report = run_load(load(clients, args.duration))
+            after = stats(http, route)
             batches, samples = after["batches"] - before["batches"], after["samples"] - before["samples"]
             sizes = {k: v - before["sizes"].get(k, 0) for k, v in after["sizes"].items() if v > before["sizes"].get(k, 0)}
             lat = report["latency_s"]
             rows.append({"tree": label, "clients": clients, "requests_per_s": report["requests_per_s"],
+                         "samples_per_s": report["samples_per_s"], "samples_per_request": args.samples_per_request or 1,
                          "p50_ms": lat["p50"] * 1e3, "p99_ms": lat["p99"] * 1e3, "errors": sum(report["errors"].values()),
                          "device_batches": batches, "mean_batch": samples / batches if batches else None,
                          "largest_batch": max(sizes, default=0), "tuned_batch": after["batch_size"],
@@ -137,17 +159,25 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--latency-budget-ms", type=float, default=2000.0)
     p.add_argument("--num-cpus", type=float, default=1.0)
+    p.add_argument("--layout", choices=["direct", "router"], default="direct",
+                   help="direct: the model app's own route; router: serve_config.yaml's OIP router in front")
+    p.add_argument("--samples-per-request", type=int, default=0,
+                   help="N > 0: Open Inference Protocol v2 requests of N samples over HTTP (needs --layout router)")
     p.add_argument("--out", default=None)
     p.add_argument("--serve-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_one:
-        serve_one(args.serve_one, args.fixed_ms, args.per_sample_ms, args.max_batch, args.num_cpus, args.latency_budget_ms)
+        serve_one(args.serve_one, args.fixed_ms, args.per_sample_ms, args.max_batch, args.num_cpus, args.latency_budget_ms,
+                  args.layout)
         return
+    if args.samples_per_request and args.layout != "router":
+        p.error("--samples-per-request needs --layout router (the OIP routes are the router's)")
     rows = []
     for entry in args.trees:
         label, _, tree = entry.partition("=")
         rows += measure(label, tree or ".", args)
     columns = [("tree", "tree", ""), ("clients", "clients", "d"), ("req/s", "requests_per_s", ".1f"),
+               ("samples/s", "samples_per_s", ".1f"),
                ("p50 ms", "p50_ms", ".0f"), ("p99 ms", "p99_ms", ".0f"), ("errors", "errors", "d"),
                ("mean device batch", "mean_batch", ".1f"), ("largest", "largest_batch", "d"),
                ("device batches", "device_batches", "d"), ("tuned batch", "tuned_batch", "d"),

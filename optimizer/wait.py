@@ -297,13 +297,15 @@ class WaitController:
         return self.latency.ratio if self.latency else None
 
     def record(self, arrivals_s: Sequence[float], started_s: float, elapsed_s: float, max_batch_size: int,
-               wait_s: float) -> bool:
+               wait_s: float, batch_size: int | None = None) -> bool:
         """A batch whose requests reached @serve.batch at `arrivals_s` (perf_counter seconds), began
-        running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved."""
+        running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved.
+        `batch_size` (default: one per arrival) with no arrivals: a batch that did not pass through the
+        wait (a tensor request's samples), whose time still counts."""
         self.batches += 1
         self.seconds += elapsed_s
         if self.latency is not None:
-            self.latency.record(len(arrivals_s), elapsed_s)
+            self.latency.record(len(arrivals_s) if batch_size is None else batch_size, elapsed_s)
         if arrivals_s and min(arrivals_s) >= self._moved_at_s:
             self.arrivals.record(arrivals_s, started_s, max_batch_size, wait_s)
         moved = self._step()

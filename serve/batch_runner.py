@@ -40,6 +40,8 @@ class Item:
     keep_value: bool = False
     arrived_s: float = field(default_factory=time.perf_counter)  # when it reached @serve.batch: the wait learns from it
     deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
+    # put on the device queue directly, not through @serve.batch and its wait (a tensor request's samples)
+    direct: bool = False
 
 
 @dataclass

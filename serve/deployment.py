@@ -125,7 +125,7 @@ class AutobatchDeployment:
                                cpus=_assigned_cpus())
         await self.replica.start(_gpu_ids())
         self._routes = HttpRoutes(self.replica, self._infer)
-        self._tensors = TensorRoutes(self.replica, self._infer)
+        self._tensors = TensorRoutes(self.replica)
 
     def _max_ongoing_requests(self) -> int | None:
         try:

@@ -283,8 +283,10 @@ class Replica:
         served = sum(o.ok for o in outcomes)
         # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
         if self._wait is not None and ran and served == n and not any(item.poisoned for item in items):
-            if self._wait.record([item.arrived_s for item in items], ran["started_s"], ran["latency_s"],
-                                 self.settings.size, self.settings.wait_s):
+            # A tensor request's samples skipped @serve.batch's wait: how they arrived says nothing about it.
+            through_wait = not any(item.direct for item in items)
+            if self._wait.record([item.arrived_s for item in items] if through_wait else [], ran["started_s"],
+                                 ran["latency_s"], self.settings.size, self.settings.wait_s, batch_size=n):
                 log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
                          self._wait.reason)
                 self._apply_batch_settings()  # a user_config pin still wins there

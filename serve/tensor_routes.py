@@ -1,8 +1,10 @@
 """A replica's side of the Open Inference Protocol: what the OIP router (serve/oip/router.py) calls
 by DeploymentHandle. The router parsed the wire and checked the tensors against the declared ones;
-here a request of N samples becomes N items of the replica's @serve.batch queue, so batches form
-by sample (a request larger than a batch spreads over several, and the batch wait, the served
-latency and the stats all count samples), and the N answers are gathered back in order.
+here a request of N samples becomes N items put on the replica's device queue together
+(serve/device_queue.py), so batches form by sample (a request larger than a batch spreads over
+several; the served latency and the stats count samples), and the N answers come back in order.
+They skip @serve.batch: its wait gathers one-sample requests, and a request of many brings its own
+batch (the device queue still merges requests that arrive while the device computes).
 
 A request fails whole, with the first failing element's index and its own status: decoding runs
 first and nothing is queued when an element cannot be decoded; an element that fails in its batch
@@ -15,7 +17,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -50,11 +51,10 @@ def timeout_parameter_s(parameters: dict) -> float | None:
     return float(value) / 1e6
 
 class TensorRoutes:
-    """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
+    """A tensor request's samples go to the replica's device queue together (`Replica.enqueue`)."""
 
-    def __init__(self, replica: Replica, infer: Callable[[Item], Awaitable[Outcome]]):
+    def __init__(self, replica: Replica):
         self._replica = replica
-        self._infer = infer
 
     def metadata(self) -> dict:
         """The model's declared tensors as the router reads them (TensorSpec fields)."""
@@ -113,7 +113,12 @@ class TensorRoutes:
             if isinstance(sample, PayloadError):
                 return self._fail(sample, index)
         try:
-            outcomes = await asyncio.gather(*(self._infer(Item(sample, keep_value=True, deadline_at=deadline_at)) for sample in samples))
+            # Straight onto the device queue, all n at once: a request of many samples brings its own
+            # batch, so @serve.batch's wait (which gathers one-sample requests) has nothing to add, and
+            # n samples cost one put, not n trips through Ray's queue (serve/device_queue.py). The queue
+            # merges concurrent requests, splits one larger than the max batch and keeps the order.
+            items = [Item(sample, keep_value=True, deadline_at=deadline_at, direct=True) for sample in samples]
+            outcomes = await replica.enqueue(items)
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
             log.exception("autobatch: batch handler failed")
             return self._fail(PayloadError(f"internal error while serving ({type(exc).__name__}: {exc})", 500))

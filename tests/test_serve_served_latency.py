@@ -190,3 +190,13 @@ def test_a_config_changes_the_schedule_and_the_reading_of_arrivals():
     assert not any(serve_batch(wait, 4, i, 0.1, spread_s=0.010) for i in range(4))
     assert serve_batch(wait, 4, 4, 0.1, spread_s=0.010)  # 5 batches are enough under this config
     assert wait.wait_s == pytest.approx(2.0 * 0.010) and "2x that" in wait.reason
+
+
+def test_a_batch_that_skipped_the_wait_counts_its_time_but_not_its_arrivals():
+    """A tensor request's samples go to the device queue directly: their batch's time scales the
+    rule like any other, but when they arrived says nothing about @serve.batch's wait."""
+    wait = WaitController(llama_tuning())
+    for i in range(20):
+        wait.record([], started_s=float(i), elapsed_s=0.2, max_batch_size=9, wait_s=wait.current_s, batch_size=4)
+    assert wait.latency.recorded == 20 and wait.ratio == pytest.approx(0.2 / TunedLatency.from_probes(llama_tuning().probes)(4))
+    assert wait.arrivals.batches() == [] and wait.arrivals.recorded == 0
