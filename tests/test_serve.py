@@ -4,6 +4,7 @@ probe) so the module runs in about two minutes on 2 cores."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from serve_helpers import ServeCluster, image_bytes, stats_delta, warmed_up
@@ -126,10 +127,18 @@ def test_concurrent_requests_form_batches(cluster):
 def test_batches_ray_closes_while_the_model_computes_run_as_one_device_batch(cluster):
     """With a 1 ms wait, @serve.batch closes batches far faster than the model computes one; the
     device queue merges those that wait meanwhile (serve/device_queue.py), never past the max."""
+    from concurrent.futures import ThreadPoolExecutor
+
     reconfigure(cluster, pinned(MAX_BATCH, 1), lambda t: t["serving"]["batch_wait_timeout_s"] == 0.001)
     before = cluster.tuning(ROUTE)
     n = 4 * MAX_BATCH
-    responses = cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)], retries_on_503=3)
+
+    def staggered(i):  # 10 ms apart, so each is a clock batch of its own (1 ms wait) while a batch computes
+        time.sleep(0.010 * i)
+        return cluster.post_concurrently(ROUTE, [(image_bytes("JPEG", seed=i), "image/jpeg", {})], retries_on_503=3)[0]
+
+    with ThreadPoolExecutor(n) as pool:
+        responses = list(pool.map(staggered, range(n)))
     assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses if r.status_code != 200]
     after = cluster.tuning(ROUTE)
     delta = stats_delta(before, after)
