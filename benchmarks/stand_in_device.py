@@ -4,8 +4,8 @@ Its `predict` sleeps `fixed_ms + per_sample_ms x n` and computes nothing: like a
 batch takes wall time while the host's cores stay free for the event loop, the proxy and the load
 generator. On a 2-core machine a real model's forward takes the cores the serving path needs, so
 the serving path and the model cannot be told apart; with this stand-in they can. The defaults are
-ResNet-50's overlapped batch on one H100 scaled 5x slower (the tuner's 36 ms for 200 images there:
-~6 ms fixed + 0.15 ms per image; here 30 ms + 0.75 ms), so that 2 cores can send it enough requests.
+benchmarks/device_queue.py's: 300 ms + 10 ms per sample, a device slow enough that 2 cores' HTTP
+path can send it more than it computes (a batch of 64 in 940 ms).
 
 Registered for benchmarks/device_queue.py through $AUTOBATCH_MODELS
 (`stand_in_device=stand_in_device:StandInDeviceSpec`, this folder on the PYTHONPATH).
@@ -24,7 +24,7 @@ class StandInDeviceSpec(ModelSpec):
     name: ClassVar[str] = "stand_in_device"
     usage: ClassVar[str] = "POST any JSON number; the answer echoes it after the stand-in device's batch time"
 
-    def __init__(self, weights_path: str | None = None, fixed_ms: float = 30.0, per_sample_ms: float = 0.75, **options):
+    def __init__(self, weights_path: str | None = None, fixed_ms: float = 300.0, per_sample_ms: float = 10.0, **options):
         super().__init__(weights_path, **options)
         self.fixed_s, self.per_sample_s = float(fixed_ms) / 1e3, float(per_sample_ms) / 1e3
 

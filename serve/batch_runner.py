@@ -38,7 +38,8 @@ class Item:
     poisoned: bool = False
     # True: the answer stays the encoded value (Outcome.value), for a tensor request to gather; else JSON bytes
     keep_value: bool = False
-    arrived_s: float = field(default_factory=time.perf_counter)  # when it reached @serve.batch: the wait learns from it
+    # when it reached @serve.batch (or, direct, the device queue): the wait learns from the former
+    arrived_s: float = field(default_factory=time.perf_counter)
     deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
     # put on the device queue directly, not through @serve.batch and its wait (a tensor request's samples)
     direct: bool = False
