@@ -7,7 +7,7 @@
 # of new sizes, which cost ~1 s each on an H200 for YOLO), `autobatch bench`:
 #   simple route, one JPEG per request, at each of $SIMPLE_LEVELS clients (what a plain HTTP client
 #       sends; from $PROCESSES load processes: one process cannot send 1,000 requests/s)
-#   OIP v2 over HTTP, $SAMPLES JPEGs per request, $V2_CLIENTS clients (binary tensor data)
+#   OIP v2 over HTTP, $SAMPLES JPEGs per request, $V2_CLIENTS clients (binary tensor data; or each of $V2_LEVELS)
 #   OIP v2 over gRPC, the same (unless V2_GRPC=0)
 # $SERVER_TREE (default .) is where the served code comes from: a checkout of an earlier commit
 # serves "before" with this tree's load generator, so both are measured by the same client.
@@ -71,6 +71,14 @@ bench() {  # bench TAG ARGS...: one autobatch bench run, its report to $out/TAG.
   echo "-- $name"
   "$py" -m serve.bench --route "$model" --duration "$duration" --no-progress --out "$out/$name.json" "$@" | tail -3
 }
+# A `timeout` or Ctrl-C that ends this script ends what it launched too (the launcher runs in a group
+# of its own, and `ray start` daemonises the cluster outside it).
+pid=
+cleanup() {
+  [ -n "$pid" ] && { kill -INT -- -"$pid" 2>/dev/null; sleep 5; kill -KILL -- -"$pid" 2>/dev/null; }
+  ray stop --force >/dev/null 2>&1; pkill -x haproxy 2>/dev/null
+}
+trap 'cleanup; exit 143' TERM INT
 for ingress in ${INGRESSES:-haproxy proxy}; do
   launched=$SECONDS
   (cd "$server_tree" && PYTHONPATH="$server_tree${PYTHONPATH:+:$PYTHONPATH}" exec setsid "$py" -m serve.local "$cfg" \
@@ -92,9 +100,11 @@ for ingress in ${INGRESSES:-haproxy proxy}; do
       p=$(( clients < processes ? clients : processes ))
       bench "$name-simple-1x$clients" --concurrency "$clients" --warmup "$clients" --processes "$p"
     done
-    spy "$name-v2http"
-    bench "$name-v2http-${samples}x$v2_clients" --protocol v2 --samples-per-request "$samples" --concurrency "$v2_clients" \
-      --warmup "$v2_clients" --processes 2
+    for v2c in ${V2_LEVELS:-$v2_clients}; do  # V2_LEVELS="16 32 64 128": a goodput curve past saturation
+      spy "$name-v2http-$v2c"
+      bench "$name-v2http-${samples}x$v2c" --protocol v2 --samples-per-request "$samples" --concurrency "$v2c" \
+        --warmup "$v2c" --processes 2
+    done
     if [ "${V2_GRPC:-1}" = 1 ]; then
       bench "$name-v2grpc-${samples}x$v2_clients" --protocol v2 --transport grpc --samples-per-request "$samples" \
         --concurrency "$v2_clients" --warmup "$v2_clients"
