@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gc
 import logging
 import threading
@@ -82,6 +83,7 @@ def _measure(spec, model_name: str) -> int:
     return size
 
 
+@functools.lru_cache(maxsize=1)
 def _malloc_trim():
     """glibc's malloc_trim, or None (musl, macOS: nothing to call)."""
     try:
@@ -98,7 +100,6 @@ class HeapTrimmer:
     gc + malloc_trim runs in a background thread (never two at once)."""
 
     def __init__(self, min_bytes: int = TRIM_MIN_BYTES):
-        self._trim = _malloc_trim()
         self._min_bytes = int(min_bytes)
         self._lock = threading.Lock()
         self._released_bytes = 0
@@ -116,8 +117,9 @@ class HeapTrimmer:
     def trim_now(self) -> None:
         """Collect cycles (a request's buffers may hang on a traceback's frames) and trim the heap."""
         gc.collect()
-        if self._trim is not None:
-            self._trim(0)
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
         self.trims += 1
 
     def _run(self) -> None:
@@ -130,4 +132,14 @@ class HeapTrimmer:
                 self._running = False
 
 
-TRIMMER = HeapTrimmer()  # one per process: the heap is the process's
+_TRIMMER: HeapTrimmer | None = None  # one per process (the heap is the process's), made on first use
+
+
+def released(released_bytes: int) -> None:
+    """A request holding `released_bytes` is done: trim the heap once enough has been released.
+    (A function, not a module-level object: Ray pickles the deployments that call it, and a lock or
+    a ctypes function cannot be pickled.)"""
+    global _TRIMMER
+    if _TRIMMER is None:
+        _TRIMMER = HeapTrimmer()
+    _TRIMMER.released(released_bytes)

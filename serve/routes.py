@@ -20,7 +20,8 @@ from deployments.base import PayloadError
 
 from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
 from .batch_runner import Item, Outcome
-from .costs import TRIMMER, decoded_sample_bytes
+from . import costs
+from .costs import decoded_sample_bytes
 from .replica import Replica
 
 log = logging.getLogger("ray.serve")
@@ -90,7 +91,7 @@ class HttpRoutes:
                     return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
                 return await self._decode_and_infer(headers, body, ticket)
         finally:  # answered, refused in decoding or cancelled: its buffers go back to the OS
-            TRIMMER.released(len(body) + ticket.decoded_bytes)
+            costs.released(len(body) + ticket.decoded_bytes)
 
     def admit(self, headers: Mapping[str, str], body_bytes: int, samples: int = 1) -> Ticket | Response:
         """A ticket for this request (serve/admission.py), or the answer that refuses it."""

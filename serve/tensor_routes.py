@@ -24,7 +24,8 @@ from deployments.base import PayloadError
 
 from .admission import Refused
 from .batch_runner import Item, Outcome
-from .costs import TRIMMER, decoded_sample_bytes
+from . import costs
+from .costs import decoded_sample_bytes
 from .oip.request import InferFailure, InferRequest, InferResponse
 from .oip.tensors import NUMPY_DTYPES, Tensor
 from .replica import Replica
@@ -94,14 +95,14 @@ class TensorRoutes:
         except Refused as refused:
             self._replica.count_shed(refused.reason)
             self._replica.count_error(refused.status)
-            TRIMMER.released(body_bytes)
+            costs.released(body_bytes)
             return InferFailure(refused.status, refused.message)
         try:
             with ticket:
                 return await self._infer_admitted(request, ticket.deadline_at)
         finally:  # answered, failed or cancelled (the client left): its buffers go back to the OS
             request.inputs = []
-            TRIMMER.released(body_bytes + ticket.decoded_bytes)
+            costs.released(body_bytes + ticket.decoded_bytes)
 
     async def _infer_admitted(self, request: InferRequest, deadline_at: float | None) -> InferResponse | InferFailure:
         replica, spec = self._replica, self._replica.spec

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 
 from deployments.base import PayloadError
 
-from ..costs import TRIMMER
+from .. import costs
 from . import grpc_codec, metadata, rest
 from . import grpc_predict_v2_pb2 as pb
 from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
@@ -244,7 +244,7 @@ class OipRouter:
             response = await self.infer(parsed)
             content, headers = rest.encode_infer_response(response, parsed)
         finally:  # its buffers go back to the OS, answered or refused
-            TRIMMER.released(body_bytes)
+            costs.released(body_bytes)
         return Response(content=content, status_code=200, headers=headers)
 
     async def _simple_route(self, request: Request, path: str) -> Response:
@@ -269,7 +269,7 @@ class OipRouter:
         except PayloadError as exc:
             return _error(exc)
         finally:
-            TRIMMER.released(len(body))
+            costs.released(len(body))
         return Response(content=content, status_code=status, headers=headers)
 
     # ----- gRPC: inference.GRPCInferenceService (method names are the RPC names)
