@@ -17,10 +17,11 @@ Rules (pure, no Ray; `Admission` holds the counts, the route glue calls it):
            Open Inference Protocol's `timeout` parameter, through `admit(deadline_s=...)`): a
            request whose expected time exceeds it is refused before it takes a batch slot, and one
            whose deadline passed while it queued is dropped from its batch before compute.
-  samples  a request carries at most REQUEST_BATCHES x the largest batch the replica may run (the
-           tuning's max safe batch, or the served size where a pin set it higher): more is 413 with
-           the bound, before anything is decoded. A request of many samples is decoded whole before
-           its first batch and holds the device for its batches, so it must stay a few batches.
+  samples  a request carries at most REQUEST_BATCHES x the max batch (the builder's `max_batch`, the
+           largest batch the tuning may try, or the served size where a pin set it higher): more is
+           413 with the bound, before anything is decoded. A request of many samples is decoded whole
+           before its first batch and holds the device for its batches, so it must stay a few of
+           the largest; what its samples cost in memory is bounded by the memory rule below.
   memory   every admitted sample is charged at the tuning's fitted peak per sample (measured at the
            worst input the tuning ran, e.g. the longest prompt + max_new_tokens for the Llama),
            every pending request's body at its size, and its decoded samples at what decoding makes
@@ -269,7 +270,9 @@ def capacity_from(tuning, size: int, wait_s: float) -> Capacity:
     except ValueError:  # no timed probe (a hand-made tuning): the one latency it states, if any
         batch_time_s = float(tuning.serve_latency_s or 0.0)
     latency_budget_s = tuning.latency_budget_s or batch_time_s
-    max_request_samples = REQUEST_BATCHES * max(int(tuning.max_safe_batch or 0), int(size), 1)
+    # the configured max batch, not the max safe one: on a slow CPU that can be 1, and a request of
+    # 32 samples is still a fine way to send them (the memory rule bounds what they cost)
+    max_request_samples = REQUEST_BATCHES * max(int(tuning.max_batch or 0), int(size), 1)
     fit = tuning.memory_fit
     if fit is None or not fit.per_sample_bytes or fit.per_sample_bytes <= 0:
         return Capacity(size, batch_time_s, wait_s, latency_budget_s, max_request_samples=max_request_samples)

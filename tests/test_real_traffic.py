@@ -70,6 +70,11 @@ def live(tmp_path_factory):
         deployed = apps(str(tmp_path_factory.mktemp("real-traffic") / "tuning.json"))
         c.deploy(deployed)
         c.wait_running([a["name"] for a in deployed], timeout=420)
+        # Behind HAProxy, Ray's fallback proxy takes what HAProxy cannot hand the router directly
+        # (busy, not yet registered) and forwards it over gRPC: its ports are fixed here, so the
+        # tests send to it too, not only when HAProxy happens to use it.
+        c.fallback_ports = ((int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]), int(env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]))
+                            if "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" in env else None)
         c.pids_at_start = actor_pids()
         c.tuning_at_start = c.tuning("/resnet50")
         yield c
@@ -118,24 +123,31 @@ def test_a_6mb_photo_is_answered_on_the_simple_route_and_over_v2(live):
     simple = live.post("/resnet50", photo)
     assert simple.status_code == 200, simple.text
     want = [c["class_id"] for c in simple.json()["top_k"]]
-    http = tritonclient_http.InferenceServerClient(f"127.0.0.1:{live.http_port}", network_timeout=300,
-                                                   connection_timeout=300)
-    grpc = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{live.grpc_port}")
-    try:
-        for client, module in ((http, tritonclient_http), (grpc, tritonclient_grpc)):
-            result = client.infer("resnet50", [v2_images([photo], module)])
-            assert result.as_numpy("class_ids")[0].tolist() == want, module.__name__
-    finally:
-        http.close()
-        grpc.close()
+    ingresses = [(live.http_port, live.grpc_port)] + ([live.fallback_ports] if live.fallback_ports else [])
+    for http_port, grpc_port in ingresses:
+        r = httpx.post(f"http://127.0.0.1:{http_port}/resnet50", content=photo, headers={"content-type": "image/jpeg"},
+                       timeout=120)
+        assert r.status_code == 200 and [c["class_id"] for c in r.json()["top_k"]] == want, (http_port, r.text)
+        http = tritonclient_http.InferenceServerClient(f"127.0.0.1:{http_port}", network_timeout=300,
+                                                       connection_timeout=300)
+        grpc = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        try:
+            for client, module in ((http, tritonclient_http), (grpc, tritonclient_grpc)):
+                result = client.infer("resnet50", [v2_images([photo], module)])
+                assert result.as_numpy("class_ids")[0].tolist() == want, (module.__name__, http_port, grpc_port)
+        finally:
+            http.close()
+            grpc.close()
+    time.sleep(1.0)  # the heap trim runs in a thread of its own once a request is answered
+    rss_warm, _ = replica_rss_bytes(live)
     for _ in range(3):  # more of them: the replica's memory must come back, not pile up
         assert live.post("/resnet50", photo).status_code == 200
-    time.sleep(1.0)  # the heap trim runs in a thread of its own once the request is answered
+    time.sleep(1.0)
     rss_after, _ = replica_rss_bytes(live)
     assert rss_after <= budget, (rss_after, budget)
-    # Six 6 MB bodies and their 2600x2000 decodes passed through; what stays is far less than one
-    # decode's RGB copies (3 x 15.6 MB), or the memory is not being returned.
-    assert rss_after - rss_before < 48 * 2**20, (rss_before, rss_after)
+    # Three more 6 MB bodies and their 2600x2000 decodes (3 x 15.6 MB of RGB each) passed through
+    # a replica that had served the size before: what stays is less than one of them.
+    assert rss_after - rss_warm < 48 * 2**20, (rss_before, rss_warm, rss_after)
 
 
 # ---------------------------------------------------------------- bodies over the limit

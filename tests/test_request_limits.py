@@ -114,10 +114,10 @@ def test_samples_past_the_bound_are_413_with_the_bound():
 
 
 def test_the_bound_is_a_few_of_the_largest_batches():
-    tuning = make_tuning(max_safe_batch=16, batch_size=8,
+    tuning = make_tuning(max_batch=16, max_safe_batch=2, batch_size=2,
                          memory_fit=MemoryFit(intercept_bytes=0.0, per_sample_bytes=1000.0))
-    assert capacity_from(tuning, 8, 0.0).max_request_samples == REQUEST_BATCHES * 16
-    assert capacity_from(tuning, 32, 0.0).max_request_samples == REQUEST_BATCHES * 32  # a pin above max safe
+    assert capacity_from(tuning, 2, 0.0).max_request_samples == REQUEST_BATCHES * 16  # the max batch, not max safe
+    assert capacity_from(tuning, 32, 0.0).max_request_samples == REQUEST_BATCHES * 32  # a pin above it
 
 
 def test_decoded_bytes_are_charged_before_decoding_413_never_503_not_now():
@@ -181,3 +181,40 @@ def test_the_heap_is_trimmed_once_enough_is_released():
             break
         __import__("time").sleep(0.01)
     assert trimmer.trims == 1
+
+
+TRIM_SCRIPT = r'''
+import sys
+from serve import costs
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+big = bytearray(8 * 2**20); del big  # an mmapped block freed: glibc's mmap threshold rises to 8 MiB
+held = [bytearray(4 * 2**20) for _ in range(32)]  # 128 MiB of request buffers, on the heap now
+sentinel = bytearray(4096)  # above them: free() alone cannot give the heap's top back
+for block in held:
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+before = rss()
+del held
+after_free = rss()
+costs.HeapTrimmer().trim_now()
+print(before, after_free, rss())
+'''
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux") or costs._malloc_trim() is None,
+                    reason="malloc_trim is glibc's")
+def test_freed_request_buffers_go_back_to_the_os_only_when_trimmed():
+    """What the replica's RSS does after a large request without the trim: it stays."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    before, after_free, after_trim = map(int, done.stdout.split())
+    assert after_free > before - 32 * 2**20  # freed, but most of it still resident
+    assert after_trim < before - 96 * 2**20  # trimmed: the 128 MiB went back

@@ -22,7 +22,8 @@ call replicas over gRPC, whose message limit (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE
 refused every larger body; a call carrying BY_REFERENCE_MIN_BYTES or more, or answering
 BY_REFERENCE_MIN_SAMPLES or more samples, goes by Ray's actor path instead, its arguments through
 the object store (docs/benchmarks.md, "Large bodies": for 6 MiB it cost no more than gRPC with a
-raised limit, which would also need the same setting in every process).
+raised limit, which would also need the same setting in every process). The one hop into the router
+that Ray makes itself (its fallback proxy, behind HAProxy) gets the raised limit: `router_env`.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from deployments.base import PayloadError
 
 from .. import costs
+from ..admission import REQUEST_BATCHES
 from . import grpc_codec, metadata, rest
 from . import grpc_predict_v2_pb2 as pb
 from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
@@ -54,6 +56,7 @@ REPLICA_LOST_RETRY_AFTER_S = 2  # Serve notices a dead replica within its health
 # pass 4 MiB from a small request.
 BY_REFERENCE_MIN_BYTES = 2**20
 BY_REFERENCE_MIN_SAMPLES = 64
+ROUTER_GRPC_MARGIN_BYTES = 2**20  # a body's headers and its request's pickled envelope
 
 
 class ReplicaLost(PayloadError):
@@ -194,8 +197,8 @@ class OipRouter:
         limit = (await self.directory.metadata(model)).get("max_request_samples")
         if limit is not None and request.samples > limit:  # before forwarding: the replica would refuse it too
             raise PayloadError(f"this request carries {request.samples} samples, over {model}'s limit of {limit} per "
-                               f"request (a few of its largest batches); split it into requests of at most {limit} "
-                               f"samples", status=413)
+                               f"request ({REQUEST_BATCHES} x its max batch of {limit // REQUEST_BATCHES}); split it "
+                               f"into requests of at most {limit} samples", status=413)
         handle = await self.directory.handle(model)
         result = await call_model(model, forward(handle, "oip_infer", request.payload_bytes,
                                                  request.samples).remote(request))
@@ -325,4 +328,14 @@ def build_router(args: dict):
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown OIP router arg(s) {unknown}; use models, num_replicas, num_cpus, {', '.join(sorted(known))}")
-    return OipRouter.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}).bind(models=models, **args)
+    max_body_bytes = int(args.get("max_body_bytes", rest.DEFAULT_MAX_BODY_BYTES))
+    actor_options = {"num_cpus": num_cpus, "runtime_env": {"env_vars": router_env(max_body_bytes)}}
+    return OipRouter.options(num_replicas=num_replicas, ray_actor_options=actor_options).bind(models=models, **args)
+
+
+def router_env(max_body_bytes: int) -> dict[str, str]:
+    """The router replica's own gRPC server (Ray Serve's, between its processes) takes messages of
+    a whole body: under the HAProxy ingress, HAProxy hands a request to Ray's fallback proxy when it
+    finds the router busy or not yet registered, and that proxy forwards it over gRPC, which at
+    Ray's 4 MiB refused every larger one. Calls the router makes go by reference instead (forward)."""
+    return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(max_body_bytes + ROUTER_GRPC_MARGIN_BYTES)}
