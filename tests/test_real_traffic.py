@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -40,7 +41,16 @@ def ingress_env() -> dict:
     from serve.local import ingress_env as local_ingress_env
 
     path, _ = haproxy_binary()
-    return local_ingress_env("haproxy") if path else {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    env = local_ingress_env("haproxy") if path else {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    # Direct ingress puts each ingress replica on a port of a fixed range (Ray's 30000.. and 40000..),
+    # and gRPC servers bind with SO_REUSEPORT: a second cluster on this host (another test run)
+    # would share the router's port and answer half its calls. A range of this cluster's own:
+    rng = random.Random(os.getpid() ^ int(time.time()))
+    for kind, base in (("HTTP", rng.randrange(42000, 50000)), ("GRPC", rng.randrange(51000, 59000))):
+        env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"] = str(base)
+        env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"] = str(base + 200)
+    env["RAY_ADDRESS"] = "local"  # a cluster of its own, even where a `make serve` head left its address file
+    return env
 
 
 def apps(cache_path: str) -> list[dict]:
