@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     os.environ["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] = str(RAISED_LIMIT_BYTES)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own, not a running head
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # HAProxy's port: a free one
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.5})
