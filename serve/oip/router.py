@@ -266,7 +266,8 @@ class OipRouter:
         try:
             body = await self._read_body(request)
             if "json" in (request.headers.get("content-type") or "") and body:
-                rest.check_json(body, self.max_json_bytes, what="the request's JSON")
+                # depth only: a simple route's model bounds its own payload's size (413 naming its limit)
+                rest.check_json(body, self.max_body_bytes, what="the request's JSON")
             status, headers, content = await call_model(
                 parts[0], forward(handle, "http", len(body)).remote(request.method, subpath, dict(request.headers), body))
         except PayloadError as exc:
