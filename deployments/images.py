@@ -27,6 +27,10 @@ def _pillow_open():
 _PIL_OPEN = _pillow_open()
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+# Per image, checked from its header before a pixel is decoded (413 past either): room for a phone
+# photo as phones save them (12-24 MP, 3-8 MB); a full-resolution 48 MP one is over it (send it
+# downscaled, or raise the model option max_image_pixels). One decode at the limit holds 40 M x 3
+# bytes of RGB (120 MB) in a decode thread, which a replica's memory share affords. README, "Limits".
 DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 

@@ -17,11 +17,18 @@ Rules (pure, no Ray; `Admission` holds the counts, the route glue calls it):
            Open Inference Protocol's `timeout` parameter, through `admit(deadline_s=...)`): a
            request whose expected time exceeds it is refused before it takes a batch slot, and one
            whose deadline passed while it queued is dropped from its batch before compute.
+  samples  a request carries at most REQUEST_BATCHES x the max batch (the builder's `max_batch`, the
+           largest batch the tuning may try, or the served size where a pin set it higher): more is
+           413 with the bound, before anything is decoded. A request of many samples is decoded whole
+           before its first batch and holds the device for its batches, so it must stay a few of
+           the largest; what its samples cost in memory is bounded by the memory rule below.
   memory   every admitted sample is charged at the tuning's fitted peak per sample (measured at the
-           worst input the tuning ran, e.g. the longest prompt + max_new_tokens for the Llama), and
-           every pending request's body at its size; a batch of the costliest `batch_size` pending
-           samples plus the bodies must fit the replica's memory budget above its base. A request
-           that could never fit is 413, one that does not fit now is 503.
+           worst input the tuning ran, e.g. the longest prompt + max_new_tokens for the Llama),
+           every pending request's body at its size, and its decoded samples at what decoding makes
+           of them (`decoded_bytes`, counted before decoding: all of a request's samples are decoded
+           before its first batch); a batch of the costliest `batch_size` pending samples plus the
+           bodies and decoded samples must fit the replica's memory budget above its base. A
+           request that could never fit is 413, one that does not fit now is 503.
 
 Answers: refused for time or memory now -> 503 with Retry-After (the seconds the queue needs to
 drain, at least 1), JSON {"error": ...} saying to retry; deadline passed while queued -> 504 (the
@@ -46,7 +53,8 @@ MIN_BATCHES_IN_BOUND = 2  # never fewer: one batch computing, the next one filli
 # otherwise put admitted requests past the bound).
 SERVED_BATCH_WINDOW = 20
 SERVED_BATCH_PERCENTILE = 90.0
-SHED_REASONS = ("overload", "deadline", "expired", "memory")
+SHED_REASONS = ("overload", "deadline", "expired", "memory", "samples")
+REQUEST_BATCHES = 4  # a request carries at most this many of the replica's largest batches
 
 
 class Refused(Exception):
@@ -86,6 +94,8 @@ class Capacity:
     latency_budget_s: float
     headroom_bytes: float | None = None  # memory budget above the base; None: not bounded by memory
     per_sample_bytes: float = 0.0
+    max_request_samples: int | None = None  # samples one request may carry; None: no bound
+
 
     def bound_s(self, batch_time_s: float) -> float:
         """The most a request may expect to wait, when a batch takes `batch_time_s` (served or tuned)."""
@@ -97,9 +107,11 @@ class Ticket:
     """One admitted request; `release()` once answered (idempotent). `deadline_at` is on
     time.perf_counter's clock, None without a deadline."""
 
-    def __init__(self, admission: "Admission", samples: int, body_bytes: int, deadline_at: float | None):
+    def __init__(self, admission: "Admission", samples: int, body_bytes: int, deadline_at: float | None,
+                 decoded_bytes: int = 0):
         self._admission = admission
         self.samples, self.body_bytes, self.deadline_at = samples, body_bytes, deadline_at
+        self.decoded_bytes = decoded_bytes
         self._released = False
 
     def release(self) -> None:
@@ -124,6 +136,7 @@ class Admission:
         self._capacity: Capacity | None = None
         self._pending_samples = 0
         self._pending_body_bytes = 0
+        self._pending_decoded_bytes = 0
         self._served_batch_times_s: deque[float] = deque(maxlen=SERVED_BATCH_WINDOW)  # full batches served
         self._served_batch_time_s: float | None = None  # their SERVED_BATCH_PERCENTILE, updated per batch
 
@@ -165,19 +178,34 @@ class Admission:
         return batches * self.batch_time_s() + cap.wait_s
 
     # ----- the decision -----
-    def admit(self, deadline_s: float | None = None, samples: int = 1, body_bytes: int = 0) -> Ticket:
+    def max_request_samples(self) -> int | None:
+        """The most samples one request may carry now (None until tuned)."""
+        cap = self._capacity
+        return None if cap is None else cap.max_request_samples
+
+    def admit(self, deadline_s: float | None = None, samples: int = 1, body_bytes: int = 0,
+              decoded_bytes: int = 0) -> Ticket:
         """A Ticket for a request of `samples` with the client's bound `deadline_s` (seconds from now,
-        None: none), or Refused. The caller releases the ticket once the request is answered."""
+        None: none), or Refused. `decoded_bytes`: what its samples will take once decoded (charged
+        from now, before decoding). The caller releases the ticket once the request is answered."""
         now = self._clock()
         with self._lock:
             cap = self._capacity
             if cap is not None:
-                self._check(cap, deadline_s, samples, body_bytes)
+                self._check(cap, deadline_s, samples, body_bytes + decoded_bytes)
             self._pending_samples += samples
             self._pending_body_bytes += body_bytes
-        return Ticket(self, samples, body_bytes, None if deadline_s is None else now + deadline_s)
+            self._pending_decoded_bytes += decoded_bytes
+        return Ticket(self, samples, body_bytes, None if deadline_s is None else now + deadline_s, decoded_bytes)
 
     def _check(self, cap: Capacity, deadline_s: float | None, samples: int, body_bytes: int) -> None:
+        """`body_bytes`: the request's body and its decoded samples, the memory it holds until answered."""
+        if cap.max_request_samples is not None and samples > cap.max_request_samples:
+            raise Refused(413, "samples",
+                          f"this request carries {samples} samples, over this replica's limit of "
+                          f"{cap.max_request_samples} per request ({REQUEST_BATCHES} x its largest batch of "
+                          f"{cap.max_request_samples // REQUEST_BATCHES}); split it into requests of at most "
+                          f"{cap.max_request_samples} samples")
         expected = self.expected_s(samples)
         drain_s = math.ceil(self._pending_samples / cap.batch_size) * self.batch_time_s()
         if deadline_s is not None and expected > deadline_s:
@@ -204,7 +232,8 @@ class Admission:
                           f"{cap.headroom_bytes / 2**20:.0f} MiB this replica has above its model; send fewer samples "
                           f"or a smaller body")
         in_batch = min(self._pending_samples + samples, cap.batch_size)
-        charged = in_batch * cap.per_sample_bytes + self._pending_body_bytes + body_bytes
+        charged = (in_batch * cap.per_sample_bytes + self._pending_body_bytes + self._pending_decoded_bytes
+                   + body_bytes)
         if charged > cap.headroom_bytes:
             raise Refused(503, "memory",
                           f"the replica's memory share is taken by the requests ahead of this one (about "
@@ -215,6 +244,7 @@ class Admission:
         with self._lock:
             self._pending_samples -= ticket.samples
             self._pending_body_bytes -= ticket.body_bytes
+            self._pending_decoded_bytes -= ticket.decoded_bytes
 
     def describe(self) -> dict:
         """What GET /tuning shows under serving.admission."""
@@ -222,6 +252,7 @@ class Admission:
         if cap is None:
             return {"capacity": None}
         return {"pending_samples": self._pending_samples, "pending_body_bytes": self._pending_body_bytes,
+                "pending_decoded_bytes": self._pending_decoded_bytes, "max_request_samples": cap.max_request_samples,
                 "batch_time_s": self.batch_time_s(), "bound_s": cap.bound_s(self.batch_time_s()),
                 "expected_s_for_one_more": self.expected_s(1),
                 "memory_headroom_bytes": cap.headroom_bytes, "per_sample_bytes": cap.per_sample_bytes}
@@ -239,13 +270,16 @@ def capacity_from(tuning, size: int, wait_s: float) -> Capacity:
     except ValueError:  # no timed probe (a hand-made tuning): the one latency it states, if any
         batch_time_s = float(tuning.serve_latency_s or 0.0)
     latency_budget_s = tuning.latency_budget_s or batch_time_s
+    # the configured max batch, not the max safe one: on a slow CPU that can be 1, and a request of
+    # 32 samples is still a fine way to send them (the memory rule bounds what they cost)
+    max_request_samples = REQUEST_BATCHES * max(int(tuning.max_batch or 0), int(size), 1)
     fit = tuning.memory_fit
     if fit is None or not fit.per_sample_bytes or fit.per_sample_bytes <= 0:
-        return Capacity(size, batch_time_s, wait_s, latency_budget_s)
+        return Capacity(size, batch_time_s, wait_s, latency_budget_s, max_request_samples=max_request_samples)
     per_sample = float(fit.per_sample_bytes)
     headroom = max(tuning.memory_budget_bytes - tuning.base_bytes, tuning.max_safe_batch * per_sample)
     return Capacity(size, batch_time_s, wait_s, latency_budget_s, headroom_bytes=float(headroom),
-                    per_sample_bytes=per_sample)
+                    per_sample_bytes=per_sample, max_request_samples=max_request_samples)
 
 
 def expired_message(waited_s: float) -> str:

@@ -20,6 +20,8 @@ from deployments.base import PayloadError
 
 from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
 from .batch_runner import Item, Outcome
+from . import costs
+from .costs import decoded_sample_bytes
 from .replica import Replica
 
 log = logging.getLogger("ray.serve")
@@ -52,6 +54,7 @@ class HttpRoutes:
     def __init__(self, replica: Replica, infer: Callable[[Item], Awaitable[Outcome]]):
         self._replica = replica
         self._infer = infer
+        self.decoded_bytes_per_sample = decoded_sample_bytes(replica.spec, replica.model_name)
 
     def _reply_error(self, status: int, message: str) -> JSONResponse:
         self._replica.count_error(status)
@@ -79,12 +82,16 @@ class HttpRoutes:
         ticket = self.admit(headers, _declared_length(headers))
         if isinstance(ticket, Response):
             return ticket
-        with ticket:
-            try:
-                body = await read_body()
-            except Exception as exc:  # noqa: BLE001 - client went away / broken stream
-                return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
-            return await self._decode_and_infer(headers, body, ticket)
+        body = b""
+        try:
+            with ticket:
+                try:
+                    body = await read_body()
+                except Exception as exc:  # noqa: BLE001 - client went away / broken stream
+                    return self._reply_error(400, f"could not read the request body ({exc}); send the payload again")
+                return await self._decode_and_infer(headers, body, ticket)
+        finally:  # answered, refused in decoding or cancelled: its buffers go back to the OS
+            costs.released(len(body) + ticket.decoded_bytes)
 
     def admit(self, headers: Mapping[str, str], body_bytes: int, samples: int = 1) -> Ticket | Response:
         """A ticket for this request (serve/admission.py), or the answer that refuses it."""
@@ -93,7 +100,8 @@ class HttpRoutes:
         except ValueError as exc:
             return self._reply_error(400, str(exc))
         try:
-            return self._replica.admission.admit(deadline_s, samples=samples, body_bytes=body_bytes)
+            return self._replica.admission.admit(deadline_s, samples=samples, body_bytes=body_bytes,
+                                                 decoded_bytes=samples * self.decoded_bytes_per_sample)
         except Refused as refused:
             self._replica.count_shed(refused.reason)
             self._replica.count_error(refused.status)

@@ -24,6 +24,8 @@ from deployments.base import PayloadError
 
 from .admission import Refused
 from .batch_runner import Item, Outcome
+from . import costs
+from .costs import decoded_sample_bytes
 from .oip.request import InferFailure, InferRequest, InferResponse
 from .oip.tensors import NUMPY_DTYPES, Tensor
 from .replica import Replica
@@ -53,15 +55,19 @@ def timeout_parameter_s(parameters: dict) -> float | None:
 class TensorRoutes:
     """A tensor request's samples go to the replica's device queue together (`Replica.enqueue`)."""
 
-    def __init__(self, replica: Replica):
+    def __init__(self, replica: Replica, decoded_bytes_per_sample: int | None = None):
         self._replica = replica
+        self.decoded_bytes_per_sample = (decoded_sample_bytes(replica.spec, replica.model_name)
+                                         if decoded_bytes_per_sample is None else int(decoded_bytes_per_sample))
 
     def metadata(self) -> dict:
-        """The model's declared tensors as the router reads them (TensorSpec fields)."""
+        """The model's declared tensors as the router reads them (TensorSpec fields), and the most
+        samples a request may carry (the router refuses more before forwarding the request)."""
         spec = self._replica.spec
         fields = lambda t: {**dataclasses.asdict(t), "shape": list(t.shape)}  # noqa: E731
         return {"name": self._replica.model_name, "inputs": [fields(t) for t in spec.inputs()],
-                "outputs": [fields(t) for t in spec.outputs()]}
+                "outputs": [fields(t) for t in spec.outputs()],
+                "max_request_samples": self._replica.admission.max_request_samples()}
 
     def ready(self) -> bool:
         try:
@@ -78,20 +84,25 @@ class TensorRoutes:
         """Admitted by its sample count (serve/admission.py: a replica at capacity sheds it whole,
         before any decoding), then decoded, batched by sample and gathered."""
         n = request.samples
-        body_bytes = sum(sum(len(e) for e in t.data.reshape(-1)) if t.data.dtype == object else t.data.nbytes
-                         for t in request.inputs)
+        body_bytes = request.payload_bytes
         try:
             deadline_s = timeout_parameter_s(request.parameters)
         except PayloadError as exc:
             return self._fail(exc)
         try:
-            ticket = self._replica.admission.admit(deadline_s, samples=n, body_bytes=body_bytes)
+            ticket = self._replica.admission.admit(deadline_s, samples=n, body_bytes=body_bytes,
+                                                   decoded_bytes=n * self.decoded_bytes_per_sample)
         except Refused as refused:
             self._replica.count_shed(refused.reason)
             self._replica.count_error(refused.status)
+            costs.released(body_bytes)
             return InferFailure(refused.status, refused.message)
-        with ticket:
-            return await self._infer_admitted(request, ticket.deadline_at)
+        try:
+            with ticket:
+                return await self._infer_admitted(request, ticket.deadline_at)
+        finally:  # answered, failed or cancelled (the client left): its buffers go back to the OS
+            request.inputs = []
+            costs.released(body_bytes + ticket.decoded_bytes)
 
     async def _infer_admitted(self, request: InferRequest, deadline_at: float | None) -> InferResponse | InferFailure:
         replica, spec = self._replica, self._replica.spec

@@ -36,6 +36,11 @@ class InferRequest:
         """Samples in the request: the first dimension, which validate() made the same for every input."""
         return self.inputs[0].samples if self.inputs else 0
 
+    @property
+    def payload_bytes(self) -> int:
+        """The bytes its tensors hold (a BYTES element by its length): what crosses to the replica."""
+        return sum(t.nbytes for t in self.inputs)
+
     def input(self, name: str) -> Tensor | None:
         return next((t for t in self.inputs if t.name == name), None)
 

@@ -4,7 +4,9 @@ an InferResponse -> bytes and headers. Ray-free; the router calls it."""
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, AsyncIterator, Mapping
+
+import numpy as np
 
 from deployments.base import PayloadError
 
@@ -12,8 +14,17 @@ from .request import InferRequest, InferResponse, RequestedOutput
 from .tensors import Tensor, check_datatype, check_shape, from_binary, from_json, to_binary, to_json
 
 HEADER_LENGTH = "inference-header-content-length"
-# A request body over this is answered 413 before it is parsed; the router's default.
-DEFAULT_MAX_BODY_BYTES = 256 * 2**20
+# A request body over this is answered 413 before it is read whole; the router's default. Room for
+# a batch of phone photos (3-8 MB each) in one request; larger bodies belong in several requests.
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+# The JSON part of a request (all of it, or the header before binary tensor data) is bounded before
+# it is parsed: Python's parser builds an object per number (a JSON image is ~10x its pixels in
+# memory) and recurses per nesting level (`[` x 100,000 is a RecursionError). OIP tensors nest at
+# most as deep as their shape (a few levels) inside the request object; tensor data this large
+# belongs in binary form (binary_data_size).
+DEFAULT_MAX_JSON_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
+_DEPTH_CHUNK_BYTES = 4 * 2**20
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -31,14 +42,70 @@ def _parameters(where: str, value) -> dict[str, Any]:
     return dict(value)
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"
+
+
 def check_body_size(length: int, max_body_bytes: int) -> None:
     if length > max_body_bytes:
-        raise PayloadError(f"the request body is {length} bytes, over this server's limit of {max_body_bytes}; "
-                           f"send fewer samples per request", status=413)
+        raise PayloadError(f"the request body is {length} bytes, over this server's limit of {max_body_bytes} "
+                           f"bytes ({_mib(max_body_bytes)}, the router's max_body_bytes); send fewer samples per "
+                           f"request or smaller images", status=413)
+
+
+async def read_limited(chunks: AsyncIterator[bytes], content_length: str | None, max_body_bytes: int) -> bytes:
+    """The whole body, or PayloadError 413 as soon as it is known to be over `max_body_bytes`: from
+    its Content-Length before a byte is read, else (chunked) once the bytes read pass the limit."""
+    if content_length is not None and content_length.strip().isdigit():
+        check_body_size(int(content_length), max_body_bytes)
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > max_body_bytes:
+            raise PayloadError(f"the request body passed this server's limit of {max_body_bytes} bytes "
+                               f"({_mib(max_body_bytes)}, the router's max_body_bytes) while it was read; send "
+                               f"fewer samples per request or smaller images", status=413)
+        if chunk:
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+def json_depth(data: bytes) -> int:
+    """How deeply a JSON text nests arrays and objects, counted without parsing it (brackets inside
+    strings do not count), in C-speed passes. Escapes are removed first: every `\\` pair, then
+    every `\"`; what remains of a backslash is outside any string, where JSON allows none (the
+    parser refuses it there, before it nests any deeper than this count)."""
+    clean = bytes(data).replace(b"\\\\", b"").replace(b'\\"', b"")
+    view = np.frombuffer(clean, dtype=np.uint8)
+    depth = deepest = 0
+    in_string = False
+    for start in range(0, len(view), _DEPTH_CHUNK_BYTES):
+        chunk = view[start:start + _DEPTH_CHUNK_BYTES]
+        inside = (np.cumsum(chunk == 34, dtype=np.uint8) & 1).astype(bool) ^ in_string  # 34: '"'
+        step = ((chunk == 91) | (chunk == 123)).astype(np.int32) - ((chunk == 93) | (chunk == 125))  # [{ ]}
+        step[inside] = 0
+        running = np.cumsum(step, dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+        in_string = bool(inside[-1])
+    return deepest
+
+
+def check_json(data: bytes, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
+               what: str = "the inference request's JSON") -> None:
+    """PayloadError 400, naming the limit, for JSON too large or too deeply nested to parse safely."""
+    if len(data) > max_json_bytes:
+        raise PayloadError(f"{what} is {len(data)} bytes, over this server's limit of {max_json_bytes} bytes "
+                           f"({_mib(max_json_bytes)}) of JSON; send tensor data as binary (Triton's binary tensor "
+                           f"data extension: parameters.binary_data_size, and Inference-Header-Content-Length)")
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise PayloadError(f"{what} nests {depth} levels deep, over this server's limit of {max_depth}; nest "
+                           f"tensor data as its shape, or send it flattened")
 
 
 def parse_infer_request(model_name: str, body: bytes, headers: Mapping[str, str], model_version: str = "",
-                        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> InferRequest:
+                        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> InferRequest:
     """Parse POST /v2/models/<model>/infer: a JSON request, or a JSON header of
     Inference-Header-Content-Length bytes followed by each binary input's `binary_data_size`
     bytes in input order."""
@@ -58,8 +125,12 @@ def parse_infer_request(model_name: str, body: bytes, headers: Mapping[str, str]
             raise PayloadError(f"Inference-Header-Content-Length is {size} but the body is {len(body)} bytes; "
                                f"give the length of the JSON header at the start of the body")
         json_bytes, binary = body[:size], memoryview(body)[size:]
+    check_json(json_bytes, max_json_bytes)
     try:
         document = json.loads(json_bytes)
+    except RecursionError:  # within MAX_JSON_DEPTH this cannot happen; a lowered recursion limit could
+        raise PayloadError(f"the inference request's JSON nests too deeply to parse; keep it within "
+                           f"{MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = ("; with binary tensor data, set Inference-Header-Content-Length to the JSON header's length"
                 if header_length is None and body[:1] == b"{" else "")

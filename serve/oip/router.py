@@ -14,6 +14,16 @@ side of the contract, on each model deployment (named as its application, see se
                             the actor boundary as a value and keeps its status and message)
   http(method, subpath, headers, body) -> (status, headers, body)   the simple routes (/resnet50...)
                             when the models sit behind this one ingress
+
+Bodies (issue 23): a request up to `max_body_bytes` (DEFAULT_MAX_BODY_BYTES, 64 MiB) reaches its
+replica, and one over it is a JSON 413 before it is read whole (its Content-Length, or the bytes
+counted as a chunked body streams in). Under `make serve`'s HAProxy ingress Ray Serve's handles
+call replicas over gRPC, whose message limit (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, 4 MiB)
+refused every larger body; a call carrying BY_REFERENCE_MIN_BYTES or more, or answering
+BY_REFERENCE_MIN_SAMPLES or more samples, goes by Ray's actor path instead, its arguments through
+the object store (docs/benchmarks.md, "Large bodies": for 6 MiB it cost no more than gRPC with a
+raised limit, which would also need the same setting in every process). The one hop into the router
+that Ray makes itself (its fallback proxy, behind HAProxy) gets the raised limit: `router_env`.
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ from starlette.responses import JSONResponse, Response
 
 from deployments.base import PayloadError
 
+from .. import costs
+from ..admission import REQUEST_BATCHES
 from . import grpc_codec, metadata, rest
 from . import grpc_predict_v2_pb2 as pb
 from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
@@ -38,6 +50,13 @@ log = logging.getLogger("ray.serve")
 DEFAULT_READY_TIMEOUT_S = 2.0
 DEFAULT_METADATA_TTL_S = 30.0
 REPLICA_LOST_RETRY_AFTER_S = 2  # Serve notices a dead replica within its health check period (2 s)
+# A call to a replica carrying this much, or answering this many samples, goes through the object
+# store (the actor path) rather than Ray Serve's gRPC transport and its 4 MiB messages: at 1 MiB the
+# two cost the same here (docs/benchmarks.md), and an answer of many samples (YOLO's keypoints) can
+# pass 4 MiB from a small request.
+BY_REFERENCE_MIN_BYTES = 2**20
+BY_REFERENCE_MIN_SAMPLES = 64
+ROUTER_GRPC_MARGIN_BYTES = 2**20  # a body's headers and its request's pickled envelope
 
 
 class ReplicaLost(PayloadError):
@@ -52,7 +71,8 @@ class ReplicaLost(PayloadError):
 
 
 async def call_model(model: str, call):
-    """Await a DeploymentHandle call; a replica that died mid-request becomes ReplicaLost."""
+    """Await a DeploymentHandle call; a replica that died mid-request becomes ReplicaLost, and any
+    other failure of the call itself a JSON 500 that says what failed (not Ray's plain-text one)."""
     from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
 
     try:
@@ -60,6 +80,19 @@ async def call_model(model: str, call):
     except RayActorError as exc:
         log.warning("autobatch: %s: a replica died with a request in flight: %s", model, exc)
         raise ReplicaLost(model, exc) from None
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the transport between router and replica
+        log.exception("autobatch: %s: the call to its replica failed", model)
+        raise PayloadError(f"internal error forwarding the request to {model} ({type(exc).__name__}: "
+                           f"{str(exc)[:300]})", status=500) from None
+
+
+def forward(handle, method: str, payload_bytes: int, samples: int = 1):
+    """The handle method to call: by reference (object store) for a large call, else as configured."""
+    if payload_bytes >= BY_REFERENCE_MIN_BYTES or samples >= BY_REFERENCE_MIN_SAMPLES:
+        return handle.options(method_name=method, _by_reference=True)
+    return getattr(handle, method)
 
 
 class TensorDecl:
@@ -138,12 +171,22 @@ def _error(exc: PayloadError) -> JSONResponse:
 @serve.deployment(max_ongoing_requests=1024)
 class OipRouter:
     def __init__(self, models: list[str], max_body_bytes: int = rest.DEFAULT_MAX_BODY_BYTES,
-                 ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S, metadata_ttl_s: float = DEFAULT_METADATA_TTL_S):
+                 ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S, metadata_ttl_s: float = DEFAULT_METADATA_TTL_S,
+                 max_json_bytes: int = rest.DEFAULT_MAX_JSON_BYTES):
         if not models:
             raise ValueError("the OIP router needs the names of the model applications it serves (args: models)")
         self.directory = ModelDirectory(models, metadata_ttl_s)
         self.max_body_bytes = int(max_body_bytes)
+        self.max_json_bytes = int(max_json_bytes)
         self.ready_timeout_s = float(ready_timeout_s)
+        log.info("autobatch: OIP router: bodies up to %d bytes (max_body_bytes), JSON up to %d bytes and %d levels; "
+                 "calls of %d bytes or %d samples and more go to replicas through the object store",
+                 self.max_body_bytes, self.max_json_bytes, rest.MAX_JSON_DEPTH, BY_REFERENCE_MIN_BYTES,
+                 BY_REFERENCE_MIN_SAMPLES)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, or PayloadError 413 before it is read whole (Content-Length, or counted as it streams)."""
+        return await rest.read_limited(request.stream(), request.headers.get("content-length"), self.max_body_bytes)
 
     # ----- the protocol, wire-independent
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -151,7 +194,14 @@ class OipRouter:
         metadata.check_version(model, request.model_version)
         inputs, outputs = await self.directory.declared(model)
         validate(request, inputs, outputs)
-        result = await call_model(model, (await self.directory.handle(model)).oip_infer.remote(request))
+        limit = (await self.directory.metadata(model)).get("max_request_samples")
+        if limit is not None and request.samples > limit:  # before forwarding: the replica would refuse it too
+            raise PayloadError(f"this request carries {request.samples} samples, over {model}'s limit of {limit} per "
+                               f"request ({REQUEST_BATCHES} x its max batch of {limit // REQUEST_BATCHES}); split it "
+                               f"into requests of at most {limit} samples", status=413)
+        handle = await self.directory.handle(model)
+        result = await call_model(model, forward(handle, "oip_infer", request.payload_bytes,
+                                                 request.samples).remote(request))
         if isinstance(result, InferFailure):
             raise PayloadError(result.message, status=result.status)
         result.outputs = select_outputs(request, result.outputs)
@@ -188,13 +238,16 @@ class OipRouter:
             return _json(200 if ready else 503, {"name": model, "ready": ready})
         if route.kind == "model_metadata":
             return _json(200, public_metadata(await self.directory.metadata(model)))
-        declared_length = request.headers.get("content-length")
-        if declared_length and declared_length.isdigit():
-            rest.check_body_size(int(declared_length), self.max_body_bytes)  # 413 before reading the body
-        body = await request.body()
-        parsed = rest.parse_infer_request(model, body, request.headers, route.version or "", self.max_body_bytes)
-        response = await self.infer(parsed)
-        content, headers = rest.encode_infer_response(response, parsed)
+        body = await self._read_body(request)
+        body_bytes = len(body)
+        try:
+            parsed = rest.parse_infer_request(model, body, request.headers, route.version or "", self.max_body_bytes,
+                                              self.max_json_bytes)
+            del body  # the tensors hold what they need of it
+            response = await self.infer(parsed)
+            content, headers = rest.encode_infer_response(response, parsed)
+        finally:  # its buffers go back to the OS, answered or refused
+            costs.released(body_bytes)
         return Response(content=content, status_code=200, headers=headers)
 
     async def _simple_route(self, request: Request, path: str) -> Response:
@@ -209,11 +262,18 @@ class OipRouter:
         except PayloadError as exc:
             return _json(exc.status, {"error": exc.message})
         subpath = "/" + (parts[1] if len(parts) > 1 else "")
+        body = b""
         try:
+            body = await self._read_body(request)
+            if "json" in (request.headers.get("content-type") or "") and body:
+                # depth only: a simple route's model bounds its own payload's size (413 naming its limit)
+                rest.check_json(body, self.max_body_bytes, what="the request's JSON")
             status, headers, content = await call_model(
-                parts[0], handle.http.remote(request.method, subpath, dict(request.headers), await request.body()))
-        except ReplicaLost as exc:
+                parts[0], forward(handle, "http", len(body)).remote(request.method, subpath, dict(request.headers), body))
+        except PayloadError as exc:
             return _error(exc)
+        finally:
+            costs.released(len(body))
         return Response(content=content, status_code=status, headers=headers)
 
     # ----- gRPC: inference.GRPCInferenceService (method names are the RPC names)
@@ -258,15 +318,25 @@ class OipRouter:
 
 def build_router(args: dict):
     """`serve.oip.router:build_router` in serve_config.yaml: args {models: [...], max_body_bytes,
-    num_replicas, num_cpus}."""
+    max_json_bytes, num_replicas, num_cpus}."""
     args = dict(args or {})
     models = args.pop("models", None)
     if isinstance(models, str):
         models = [m for m in models.split(",") if m]
     num_replicas = int(args.pop("num_replicas", 1))
     num_cpus = float(args.pop("num_cpus", 0.1))
-    known = {"max_body_bytes", "ready_timeout_s", "metadata_ttl_s"}
+    known = {"max_body_bytes", "max_json_bytes", "ready_timeout_s", "metadata_ttl_s"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown OIP router arg(s) {unknown}; use models, num_replicas, num_cpus, {', '.join(sorted(known))}")
-    return OipRouter.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}).bind(models=models, **args)
+    max_body_bytes = int(args.get("max_body_bytes", rest.DEFAULT_MAX_BODY_BYTES))
+    actor_options = {"num_cpus": num_cpus, "runtime_env": {"env_vars": router_env(max_body_bytes)}}
+    return OipRouter.options(num_replicas=num_replicas, ray_actor_options=actor_options).bind(models=models, **args)
+
+
+def router_env(max_body_bytes: int) -> dict[str, str]:
+    """The router replica's own gRPC server (Ray Serve's, between its processes) takes messages of
+    a whole body: under the HAProxy ingress, HAProxy hands a request to Ray's fallback proxy when it
+    finds the router busy or not yet registered, and that proxy forwards it over gRPC, which at
+    Ray's 4 MiB refused every larger one. Calls the router makes go by reference instead (forward)."""
+    return {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(max_body_bytes + ROUTER_GRPC_MARGIN_BYTES)}

@@ -47,6 +47,13 @@ class Tensor:
         """The first dimension: the sample count (every spec's tensors start with it)."""
         return int(self.shape[0]) if self.shape else 1
 
+    @property
+    def nbytes(self) -> int:
+        """Its data's bytes; a BYTES tensor's elements by their lengths."""
+        if self.data.dtype == object:
+            return sum(len(e) for e in self.data.reshape(-1))
+        return int(self.data.nbytes)
+
 
 def element_count(shape) -> int:
     return math.prod(int(d) for d in shape)
