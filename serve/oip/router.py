@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -32,6 +33,7 @@ from deployments.base import PayloadError
 from . import grpc_codec, metadata, rest
 from . import grpc_predict_v2_pb2 as pb
 from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
+from .shed import RouterShedder, Shed, content_length, shed_counter
 
 log = logging.getLogger("ray.serve")
 
@@ -130,9 +132,23 @@ def _json(status: int, body: dict) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+class Refusal(PayloadError):
+    """The model's replica refused the request with Retry-After (its admission, serve/admission.py)."""
+
+    def __init__(self, message: str, status: int, retry_after_s: float | None):
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+
+
 def _error(exc: PayloadError) -> JSONResponse:
     headers = {"retry-after": str(REPLICA_LOST_RETRY_AFTER_S)} if isinstance(exc, ReplicaLost) else None
+    if isinstance(exc, Refusal) and exc.retry_after_s is not None:
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))}
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+def _shed(exc: Shed) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 @serve.deployment(max_ongoing_requests=1024)
@@ -144,6 +160,8 @@ class OipRouter:
         self.directory = ModelDirectory(models, metadata_ttl_s)
         self.max_body_bytes = int(max_body_bytes)
         self.ready_timeout_s = float(ready_timeout_s)
+        # each model's admission as its replicas' answers show it: what they would refuse is refused here
+        self.shedder = RouterShedder(self.directory.models, counter=shed_counter())
 
     # ----- the protocol, wire-independent
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -151,9 +169,13 @@ class OipRouter:
         metadata.check_version(model, request.model_version)
         inputs, outputs = await self.directory.declared(model)
         validate(request, inputs, outputs)
-        result = await call_model(model, (await self.directory.handle(model)).oip_infer.remote(request))
+        self.shedder.check(model, request.samples)  # the count is known now: refused before the forward
+        shedder = self.shedder[model]
+        with shedder.forwarding(request.samples):
+            result = await call_model(model, (await self.directory.handle(model)).oip_infer.remote(request))
+        shedder.observe(result.admission)
         if isinstance(result, InferFailure):
-            raise PayloadError(result.message, status=result.status)
+            raise Refusal(result.message, result.status, result.retry_after_s)
         result.outputs = select_outputs(request, result.outputs)
         result.id = request.id
         return result
@@ -172,6 +194,8 @@ class OipRouter:
             return await self._rest(route, request)
         except PayloadError as exc:
             return _error(exc)
+        except Shed as exc:
+            return _shed(exc)
 
     async def _rest(self, route: metadata.Route, request: Request) -> Response:
         if route.kind == "live":
@@ -191,8 +215,10 @@ class OipRouter:
         declared_length = request.headers.get("content-length")
         if declared_length and declared_length.isdigit():
             rest.check_body_size(int(declared_length), self.max_body_bytes)  # 413 before reading the body
+        self.shedder.check_before_body(model, content_length(request.headers))  # 503 before reading it, too
         body = await request.body()
         parsed = rest.parse_infer_request(model, body, request.headers, route.version or "", self.max_body_bytes)
+        self.shedder[model].observe_body(len(body), parsed.samples)
         response = await self.infer(parsed)
         content, headers = rest.encode_infer_response(response, parsed)
         return Response(content=content, status_code=200, headers=headers)
@@ -203,17 +229,26 @@ class OipRouter:
         if not parts[0]:
             return _json(200, {"models": self.directory.models,
                                "usage": "POST /<model> with the payload (GET /<model> says what), or the Open "
-                                        "Inference Protocol under /v2 and gRPC"})
+                                        "Inference Protocol under /v2 and gRPC",
+                               "shedding": self.shedder.describe()})
         try:
             handle = await self.directory.handle(parts[0])
         except PayloadError as exc:
             return _json(exc.status, {"error": exc.message})
         subpath = "/" + (parts[1] if len(parts) > 1 else "")
+        shedder = self.shedder[parts[0]]
+        samples = 1 if request.method == "POST" else 0  # GET /<model>/tuning is never shed
         try:
-            status, headers, content = await call_model(
-                parts[0], handle.http.remote(request.method, subpath, dict(request.headers), await request.body()))
+            if samples:
+                self.shedder.check(parts[0], samples)  # before the body is read
+            with shedder.forwarding(samples):
+                status, headers, content, *room = await call_model(
+                    parts[0], handle.http.remote(request.method, subpath, dict(request.headers), await request.body()))
         except ReplicaLost as exc:
             return _error(exc)
+        except Shed as exc:
+            return _shed(exc)
+        shedder.observe(room[0] if room else None)
         return Response(content=content, status_code=status, headers=headers)
 
     # ----- gRPC: inference.GRPCInferenceService (method names are the RPC names)
@@ -254,6 +289,8 @@ class OipRouter:
             return grpc_codec.response_to_proto(await self.infer(parsed))
         except PayloadError as exc:
             return self._fail(grpc_context, exc, pb.ModelInferResponse())
+        except Shed as exc:  # UNAVAILABLE, the code a gRPC client retries
+            return self._fail(grpc_context, PayloadError(exc.message, status=exc.status), pb.ModelInferResponse())
 
 
 def build_router(args: dict):
