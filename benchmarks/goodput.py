@@ -46,11 +46,17 @@ from serve.bench import Load, default_payloads, run_load  # noqa: E402
 
 STAND_IN = "stand_in_device"
 REGISTRATION = "stand_in_device=stand_in_device:StandInDeviceSpec"
+# The stand-in here is a fast device (30 ms + 1 ms per sample: a batch of 64 in 94 ms) under a
+# latency budget about one batch long, as a GPU's batch is under a vision model's budget: the
+# admission bound (2 budgets + one batch) then holds about three batches, so twice the saturating
+# clients are past it and get refused. Under a budget of many batches nothing is refused at 2x.
+STAND_IN_FIXED_MS, STAND_IN_PER_SAMPLE_MS, STAND_IN_BUDGET_MS = 30.0, 1.0, 100.0
 ROLES = ("client", "proxy", "router", "replica", "ray")
 COLUMNS = [("tree", "tree", ""), ("clients", "clients", "d"), ("served samples/s", "served_samples_per_s", ".1f"),
            ("refused/s", "refused_per_s", ".1f"), ("ratio to peak", "ratio_to_peak", ".2f"),
            ("served p50 ms", "ok_p50_ms", ".0f"), ("served p99 ms", "ok_p99_ms", ".0f"),
            ("refused p50 ms", "refused_p50_ms", ".1f"), ("refused p99 ms", "refused_p99_ms", ".1f"),
+           ("by router", "router_shed", "d"),
            ("other errors", "other_errors", "d")] + [(f"{r} cpu/s", f"cpu_{r}", ".2f") for r in ROLES]
 
 
@@ -63,8 +69,7 @@ def model_app(args) -> dict:
     if listed is not None:
         app_args = dict(listed["args"])
     else:
-        app_args = {"model": args.model, "max_batch": args.max_batch or 64, "memory_fraction": 0.22, "num_cpus": 1,
-                    "num_gpus": 0.25, "latency_budget_ms": 2000.0}
+        app_args = {"model": args.model, "max_batch": 64, "memory_fraction": 0.22, "num_cpus": 1, "num_gpus": 0.25}
         if args.model == STAND_IN:
             app_args["options"] = {"fixed_ms": args.fixed_ms, "per_sample_ms": args.per_sample_ms}
     app_args.update(device=args.device, cache_path=args.cache_path)
@@ -72,6 +77,8 @@ def model_app(args) -> dict:
         app_args["max_batch"] = args.max_batch
     if args.latency_budget_ms:
         app_args["latency_budget_ms"] = args.latency_budget_ms
+    elif args.model == STAND_IN:
+        app_args["latency_budget_ms"] = STAND_IN_BUDGET_MS
     return {"name": args.model, "route_prefix": None, "import_path": "serve.app:build", "args": app_args}
 
 
@@ -165,6 +172,14 @@ def cpu_by_role(server: Server, model: str) -> dict[str, float]:
     return totals
 
 
+def router_shed(server: Server, model: str) -> int | None:
+    """Requests the router refused itself so far (its GET / `shedding`), None where it does not shed."""
+    try:
+        return httpx.get(server.url + "/", timeout=30, trust_env=False).json()["shedding"][model]["shed"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
 # ------------------------------------------------------------------ the load, from this tree
 def payloads_for(args, url: str) -> list[bytes]:
     if args.model == STAND_IN:
@@ -184,9 +199,9 @@ def level(label: str, server: Server, args, samples: list[bytes], clients: int) 
 
     if args.settle_s:
         run_load(load(args.settle_s))  # the queues a level leaves behind drain into this, not the next one
-    cpu_before = cpu_by_role(server, args.model)
+    cpu_before, shed_before = cpu_by_role(server, args.model), router_shed(server, args.model)
     report = run_load(load(args.duration))
-    cpu_after = cpu_by_role(server, args.model)
+    cpu_after, shed_after = cpu_by_role(server, args.model), router_shed(server, args.model)
     errors = dict(report["errors"])
     refused = errors.pop("503", 0)
     wall = report["wall_s"]
@@ -198,6 +213,9 @@ def level(label: str, server: Server, args, samples: list[bytes], clients: int) 
            "refused_p50_ms": ms(err.get("p50")) if refused else None,
            "refused_p99_ms": ms(err.get("p99")) if refused else None,
            "other_errors": sum(errors.values()), "errors_by_status": errors, "wall_s": wall,
+           "load_average_1m": round(os.getloadavg()[0], 2),  # other work on the machine, at the level's end
+           # of the refusals, those the router answered itself (serve/oip/shed.py); None: a router without it
+           "router_shed": None if shed_before is None or shed_after is None else shed_after - shed_before,
            **{f"cpu_{r}": (cpu_after[r] - cpu_before[r]) / wall for r in ROLES}}
     say(f"  {label} {clients:>4} clients: {row['served_samples_per_s']:.1f} samples/s served, "
         f"{row['refused_per_s']:.1f} refusals/s, p99 {row['ok_p99_ms'] or 0:.0f} ms; cpu/s "
@@ -208,7 +226,7 @@ def level(label: str, server: Server, args, samples: list[bytes], clients: int) 
 def ramp(label: str, server: Server, args, samples: list[bytes], rows: list[dict], save) -> None:
     """Doubling levels until --beyond levels past twice the saturation (or the given --clients), into `rows`."""
     fixed = list(args.clients or [])
-    clients, saturated_at, stop_at = (fixed.pop(0) if fixed else 1), None, None
+    clients, saturated_at, stop_at = (fixed.pop(0) if fixed else args.start_clients), None, None
     while True:
         rows.append(level(label, server, args, samples, clients))
         best = max(r["served_samples_per_s"] for r in rows[:-1]) if len(rows) > 1 else 0.0
@@ -237,20 +255,25 @@ def main(argv=None) -> int:
     p.add_argument("--sample-bytes", type=int, default=111_682,
                    help="stand-in only: each sample's size (resnet50's example JPEG is 111,682 bytes)")
     p.add_argument("--clients", type=int, nargs="+", default=None, help="these levels instead of the doubling ramp")
+    p.add_argument("--start-clients", type=int, default=None,
+                   help="the ramp's first level (default 1; 8 with --device cuda, where 1-4 clients cannot saturate a card)")
     p.add_argument("--max-clients", type=int, default=512)
     p.add_argument("--rise", type=float, default=1.1, help="a level rises when served/s exceeds this x the best before it")
     p.add_argument("--beyond", type=int, default=0, help="levels past twice the saturation")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     p.add_argument("--settle-s", type=float, default=3.0, help="unmeasured seconds at a level's load before it")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--fixed-ms", type=float, default=300.0, help="stand-in: a batch's fixed time")
-    p.add_argument("--per-sample-ms", type=float, default=10.0, help="stand-in: and per sample")
+    p.add_argument("--fixed-ms", type=float, default=STAND_IN_FIXED_MS, help="stand-in: a batch's fixed time")
+    p.add_argument("--per-sample-ms", type=float, default=STAND_IN_PER_SAMPLE_MS, help="stand-in: and per sample")
     p.add_argument("--max-batch", type=int, default=None, help="default: serve_config.yaml's (the stand-in: 64)")
-    p.add_argument("--latency-budget-ms", type=float, default=None, help="default: serve_config.yaml's or the model's")
+    p.add_argument("--latency-budget-ms", type=float, default=None,
+                   help=f"default: serve_config.yaml's or the model's (the stand-in: {STAND_IN_BUDGET_MS:g})")
     p.add_argument("--ingress", default="auto", choices=["auto", "haproxy", "proxy"])
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.start_clients is None:
+        args.start_clients = 8 if args.device == "cuda" else 1
     if args.model == STAND_IN:
         os.environ["AUTOBATCH_MODELS"] = REGISTRATION  # the driver's registry names it too (payloads, metadata)
     out = args.out or os.path.join(HERE, "results", f"goodput-{args.model}-{args.device}.json")
