@@ -102,7 +102,11 @@ class Server:
         self.tree = os.path.abspath(tree)
         config = write_config(args, work)
         self.url = f"http://127.0.0.1:{yaml.safe_load(open(config))['http_options']['port']}"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([self.tree, HERE]), RAY_USAGE_STATS_ENABLED="0",
+        # the tree first, then what the environment had (a site-packages folder on a GPU box) minus
+        # this checkout, which must not shadow the served tree's modules
+        inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                     if p and os.path.abspath(p) not in (REPO, self.tree)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([self.tree, HERE, *inherited]), RAY_USAGE_STATS_ENABLED="0",
                    HF_HUB_OFFLINE="1", YOLO_OFFLINE="1")
         if args.model == STAND_IN:
             env["AUTOBATCH_MODELS"] = REGISTRATION
