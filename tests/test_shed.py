@@ -118,3 +118,24 @@ def test_router_counts_and_logs_at_a_rate(caplog):
     lines = [r.getMessage() for r in caplog.records if "router shed" in r.getMessage()]
     assert len(lines) == 1 and "for m" in lines[0]  # once per SHED_LOG_INTERVAL_S, not per request
     assert router.describe()["m"]["shed"] == 3 and router.describe()["n"]["shed"] == 0
+
+
+def test_requests_on_their_way_are_not_counted_as_held_by_the_replica():
+    """The router's in-flight count runs ahead of the replica's pending by what is in transit; the
+    answers' pending samples correct it, so the router does not shed what the replica would take."""
+    shedder = ModelShedder("m", clock=Clock())
+    with shedder.forwarding(96):  # three requests of 32 in flight, the replica holds two of them
+        for _ in range(40):
+            shedder.observe({"replica": "a", "room_samples": 112, "drain_s": 1.0, "pending_samples": 64})
+        assert shedder.pending_estimate() == pytest.approx(64, abs=0.5)
+        shedder.check(32)  # 64 + 32 <= 112: the replica would admit it, so it is forwarded
+        with shedder.forwarding(32):
+            with pytest.raises(Shed):
+                shedder.check(32)  # about 96 + 32 > 112
+    # another router's requests at the replica count the other way: more held than this one sent
+    other = ModelShedder("m", clock=Clock())
+    with other.forwarding(32):
+        for _ in range(40):
+            other.observe({"replica": "a", "room_samples": 112, "drain_s": 1.0, "pending_samples": 96})
+        with pytest.raises(Shed):
+            other.check(32)  # 32 + ~64 held for others + 32 > 112

@@ -13,10 +13,15 @@ The view (Ray-free, one per model, `ModelShedder`):
              the most samples it admits pending (2 latency budgets + one batch of work, at its
              served batch time) and how long its queue takes to drain; kept per replica for
              VIEW_TTL_S, and the replicas' rooms add up.
-  in flight  the samples this router forwarded to the model and has not had answered.
-  decision   shed when something is in flight and in-flight + this request's samples exceed the
-             room: the replica's own rule (it refuses when what it holds + n would take longer than
-             its bound), applied one hop earlier. Nothing is shed before a replica has answered once,
+  in flight  the samples this router forwarded to the model and has not had answered. It runs ahead
+             of what the replicas hold by the requests on their way (the object store, answers
+             coming back), and behind it by other routers' requests: each answer also carries the
+             replica's pending samples, and the difference (replicas' pending - in flight, at that
+             answer, a running mean) corrects the count, so the router does not shed what the
+             replica would have taken.
+  decision   shed when something is in flight and the corrected count + this request's samples
+             exceed the room: the replica's own rule (it refuses when what it holds + n would take
+             longer than its bound), applied one hop earlier. Nothing is shed before a replica has answered once,
              nor when nothing is in flight, so the router never refuses what a replica would take
              from an empty queue; the replica's admission stays the authority for what is forwarded.
   samples    before the body is read, a request's samples are estimated from its Content-Length and
@@ -38,6 +43,7 @@ log = logging.getLogger("ray.serve")
 
 VIEW_TTL_S = 30.0  # a replica not heard from for this long no longer counts (stopped, replaced, idle)
 BYTES_PER_SAMPLE_WEIGHT = 0.2  # the running estimate's weight of the newest parsed request
+OFFSET_WEIGHT = 0.2  # the in-flight correction's weight of the newest answer
 SHED_LOG_INTERVAL_S = 10.0  # at most one line per model this often, with the count since the last one
 
 
@@ -62,18 +68,27 @@ class ModelShedder:
     def __init__(self, model: str, clock: Callable[[], float] = time.monotonic):
         self.model = model
         self._clock = clock
-        self._rooms: dict[str, tuple[float, float, float]] = {}  # replica -> (room samples, drain s, seen at)
+        self._rooms: dict[str, tuple[float, float, float, float]] = {}  # replica -> (room, drain s, seen at, pending)
         self.in_flight_samples = 0
+        self.offset_samples = 0.0  # replicas' pending - this router's in flight, as the answers show it
         self._bytes_per_sample: float | None = None
         self.shed_count = 0
 
     # ----- what the replicas' answers and the parsed requests say
     def observe(self, room: dict | None) -> None:
-        """A replica's `Admission.room()`, as it came back with an answer (None: an older replica)."""
+        """A replica's `Admission.room()`, as it came back with an answer (None: an older replica);
+        called once the answered request is no longer counted in flight."""
         if not room or room.get("room_samples") is None:
             return
         self._rooms[str(room.get("replica"))] = (float(room["room_samples"]), float(room.get("drain_s") or 0.0),
-                                                 self._clock())
+                                                 self._clock(), float(room.get("pending_samples") or 0))
+        self.room()  # drops the stale ones before they count in the sum
+        offset = sum(pending for *_, pending in self._rooms.values()) - self.in_flight_samples
+        self.offset_samples += OFFSET_WEIGHT * (offset - self.offset_samples)
+
+    def pending_estimate(self) -> float:
+        """The samples the replicas hold now, as this router can tell: its in flight, corrected."""
+        return max(0.0, self.in_flight_samples + self.offset_samples)
 
     def observe_body(self, body_bytes: int, samples: int) -> None:
         """A parsed request's size: what Content-Length says of the next ones' sample counts."""
@@ -93,11 +108,11 @@ class ModelShedder:
     def room(self) -> tuple[float, float] | None:
         """(samples the fresh replicas admit in all, the longest drain among them), None if none is known."""
         now = self._clock()
-        for replica in [r for r, (_, _, seen) in self._rooms.items() if now - seen > VIEW_TTL_S]:
+        for replica in [r for r, (_, _, seen, _) in self._rooms.items() if now - seen > VIEW_TTL_S]:
             del self._rooms[replica]
         if not self._rooms:
             return None
-        return sum(r for r, _, _ in self._rooms.values()), max(d for _, d, _ in self._rooms.values())
+        return sum(r for r, *_ in self._rooms.values()), max(d for _, d, *_ in self._rooms.values())
 
     def check(self, samples: int) -> None:
         """Shed (raise) a request of `samples` the replicas would refuse now; else return."""
@@ -105,13 +120,14 @@ class ModelShedder:
         if known is None or self.in_flight_samples <= 0:
             return
         room_samples, drain_s = known
-        if self.in_flight_samples + samples <= room_samples:
+        pending = self.pending_estimate()
+        if pending + samples <= room_samples:
             return
         self.shed_count += 1
         raise Shed(self.model,
-                   f"{self.model} is at capacity: {self.in_flight_samples} samples are in flight to its replicas, "
-                   f"which admit {room_samples:.0f} (about 2 latency budgets of work), and this request brings "
-                   f"{samples}; retry after the Retry-After seconds, or send fewer samples per request",
+                   f"{self.model} is at capacity: its replicas hold about {pending:.0f} samples and admit "
+                   f"{room_samples:.0f} (about 2 latency budgets of work), and this request brings {samples}; "
+                   f"retry after the Retry-After seconds, or send fewer samples per request",
                    retry_after_s=max(1.0, drain_s))
 
     @contextmanager
@@ -125,7 +141,8 @@ class ModelShedder:
 
     def describe(self) -> dict:
         known = self.room()
-        return {"in_flight_samples": self.in_flight_samples, "room_samples": None if known is None else known[0],
+        return {"in_flight_samples": self.in_flight_samples, "pending_estimate": self.pending_estimate(),
+                "room_samples": None if known is None else known[0],
                 "replicas_heard": len(self._rooms), "bytes_per_sample": self._bytes_per_sample,
                 "shed": self.shed_count}
 
@@ -160,8 +177,8 @@ class RouterShedder:
         now = self._clock()
         if now - self._logged_at.get(model, -math.inf) >= SHED_LOG_INTERVAL_S:
             view = self.models[model].describe()
-            log.warning("autobatch: router shed %d request(s) for %s since the last line: %s samples in flight, "
-                        "room for %s", self._unlogged[model], model, view["in_flight_samples"],
+            log.warning("autobatch: router shed %d request(s) for %s since the last line: about %.0f samples held "
+                        "by its replicas, room for %s", self._unlogged[model], model, view["pending_estimate"],
                         f"{view['room_samples']:.0f}" if view["room_samples"] is not None else "?")
             self._unlogged[model] = 0
             self._logged_at[model] = now
