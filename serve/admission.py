@@ -246,6 +246,23 @@ class Admission:
             self._pending_body_bytes -= ticket.body_bytes
             self._pending_decoded_bytes -= ticket.decoded_bytes
 
+    def room(self, replica: str = "") -> dict:
+        """What a router needs to shed for this replica (serve/oip/shed.py), sent back with every
+        answer: the most samples it admits pending (the overload rule solved for the queue:
+        ceil(p / batch_size) batches + the wait within the bound), the samples pending now and the
+        seconds they take to drain. room_samples None: not tuned yet, nothing to shed by."""
+        cap = self._capacity
+        if cap is None:
+            return {"replica": replica, "room_samples": None}
+        batch_s = self.batch_time_s()
+        if batch_s > 0:
+            room = math.floor((cap.bound_s(batch_s) - cap.wait_s) / batch_s + 1e-9) * cap.batch_size
+        else:  # no batch time known yet: one batch computing, one filling (the rule in _check)
+            room = 2 * cap.batch_size
+        pending = self._pending_samples
+        return {"replica": replica, "room_samples": max(room, cap.batch_size), "pending_samples": pending,
+                "drain_s": math.ceil(pending / cap.batch_size) * batch_s}
+
     def describe(self) -> dict:
         """What GET /tuning shows under serving.admission."""
         cap = self._capacity

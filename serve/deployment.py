@@ -152,15 +152,16 @@ class AutobatchDeployment:
     async def oip_infer(self, request: InferRequest) -> InferResponse | InferFailure:
         return await self._tensors.infer(request)
 
-    async def http(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
-        """The simple routes (POST /, GET /tuning) reached through the router: its answer as values."""
+    async def http(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict, bytes, dict]:
+        """The simple routes (POST /, GET /tuning) reached through the router: its answer as values,
+        and the replica's admission room for the router's shedding (serve/oip/shed.py)."""
 
         async def read_body() -> bytes:
             return body
 
         response = await self._routes.answer(method, "/" + path.strip("/"), headers, read_body)
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}  # Retry-After among them
-        return response.status_code, headers, response.body
+        return response.status_code, headers, response.body, self.replica.admission.room(self.replica.replica_id)
 
     # Every batch Ray's clock closes goes straight on to the replica's device queue, which forms the
     # device's batch when the device can take one (serve/device_queue.py): so Ray must never hold a

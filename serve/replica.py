@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,7 @@ class Replica:
         # @serve.batch's batches wait here for the device; its slots (2 where stages overlap) are set at start
         self.device_queue: DeviceQueue[Item, Outcome] = DeviceQueue(self.run_batch)
         self._started_at = time.time()
+        self.replica_id = f"{socket.gethostname()}:{os.getpid()}"  # names its admission room to a router
         self.stats = ServingStats()
         self.admission = Admission()  # what this replica takes in: serve/admission.py
         self.tuning: Tuning | None = None

@@ -88,7 +88,7 @@ class TensorRoutes:
         try:
             deadline_s = timeout_parameter_s(request.parameters)
         except PayloadError as exc:
-            return self._fail(exc)
+            return self._with_room(self._fail(exc))
         try:
             ticket = self._replica.admission.admit(deadline_s, samples=n, body_bytes=body_bytes,
                                                    decoded_bytes=n * self.decoded_bytes_per_sample)
@@ -96,13 +96,19 @@ class TensorRoutes:
             self._replica.count_shed(refused.reason)
             self._replica.count_error(refused.status)
             costs.released(body_bytes)
-            return InferFailure(refused.status, refused.message)
+            return self._with_room(InferFailure(refused.status, refused.message, refused.retry_after_s))
         try:
             with ticket:
-                return await self._infer_admitted(request, ticket.deadline_at)
+                answer = await self._infer_admitted(request, ticket.deadline_at)
         finally:  # answered, failed or cancelled (the client left): its buffers go back to the OS
             request.inputs = []
             costs.released(body_bytes + ticket.decoded_bytes)
+        return self._with_room(answer)
+
+    def _with_room(self, answer):
+        """The answer, carrying the replica's admission room for the router (serve/oip/shed.py)."""
+        answer.admission = self._replica.admission.room(self._replica.replica_id)
+        return answer
 
     async def _infer_admitted(self, request: InferRequest, deadline_at: float | None) -> InferResponse | InferFailure:
         replica, spec = self._replica, self._replica.spec

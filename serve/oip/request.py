@@ -60,6 +60,9 @@ class InferResponse:
     model_version: str = ""
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    # the replica's admission room (serve/admission.py Admission.room) for the router's shedding
+    # (serve/oip/shed.py); never on the wire
+    admission: dict | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class InferFailure:
 
     status: int
     message: str
+    retry_after_s: float | None = None  # a 503's Retry-After
+    admission: dict | None = field(default=None, compare=False)  # as InferResponse's, never on the wire
 
     @classmethod
     def of(cls, error: PayloadError, index: int | None = None) -> "InferFailure":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ from ..admission import REQUEST_BATCHES
 from . import grpc_codec, metadata, rest
 from . import grpc_predict_v2_pb2 as pb
 from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
+from .shed import RouterShedder, Shed, content_length, shed_counter
 
 log = logging.getLogger("ray.serve")
 
@@ -163,9 +165,23 @@ def _json(status: int, body: dict) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+class Refusal(PayloadError):
+    """The model's replica refused the request with Retry-After (its admission, serve/admission.py)."""
+
+    def __init__(self, message: str, status: int, retry_after_s: float | None):
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+
+
 def _error(exc: PayloadError) -> JSONResponse:
     headers = {"retry-after": str(REPLICA_LOST_RETRY_AFTER_S)} if isinstance(exc, ReplicaLost) else None
+    if isinstance(exc, Refusal) and exc.retry_after_s is not None:
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))}
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+def _shed(exc: Shed) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 @serve.deployment(max_ongoing_requests=1024)
@@ -179,6 +195,8 @@ class OipRouter:
         self.max_body_bytes = int(max_body_bytes)
         self.max_json_bytes = int(max_json_bytes)
         self.ready_timeout_s = float(ready_timeout_s)
+        # each model's admission as its replicas' answers show it: what they would refuse is refused here
+        self.shedder = RouterShedder(self.directory.models, counter=shed_counter())
         log.info("autobatch: OIP router: bodies up to %d bytes (max_body_bytes), JSON up to %d bytes and %d levels; "
                  "calls of %d bytes or %d samples and more go to replicas through the object store",
                  self.max_body_bytes, self.max_json_bytes, rest.MAX_JSON_DEPTH, BY_REFERENCE_MIN_BYTES,
@@ -199,11 +217,15 @@ class OipRouter:
             raise PayloadError(f"this request carries {request.samples} samples, over {model}'s limit of {limit} per "
                                f"request ({REQUEST_BATCHES} x its max batch of {limit // REQUEST_BATCHES}); split it "
                                f"into requests of at most {limit} samples", status=413)
+        self.shedder.check(model, request.samples)  # the count is known now: refused before the forward
+        shedder = self.shedder[model]
         handle = await self.directory.handle(model)
-        result = await call_model(model, forward(handle, "oip_infer", request.payload_bytes,
-                                                 request.samples).remote(request))
+        with shedder.forwarding(request.samples):
+            result = await call_model(model, forward(handle, "oip_infer", request.payload_bytes,
+                                                     request.samples).remote(request))
+        shedder.observe(result.admission)
         if isinstance(result, InferFailure):
-            raise PayloadError(result.message, status=result.status)
+            raise Refusal(result.message, result.status, result.retry_after_s)
         result.outputs = select_outputs(request, result.outputs)
         result.id = request.id
         return result
@@ -222,6 +244,8 @@ class OipRouter:
             return await self._rest(route, request)
         except PayloadError as exc:
             return _error(exc)
+        except Shed as exc:
+            return _shed(exc)
 
     async def _rest(self, route: metadata.Route, request: Request) -> Response:
         if route.kind == "live":
@@ -238,12 +262,14 @@ class OipRouter:
             return _json(200 if ready else 503, {"name": model, "ready": ready})
         if route.kind == "model_metadata":
             return _json(200, public_metadata(await self.directory.metadata(model)))
-        body = await self._read_body(request)
+        self.shedder.check_before_body(model, content_length(request.headers))  # 503 before reading it
+        body = await self._read_body(request)  # 413 before reading it whole
         body_bytes = len(body)
         try:
             parsed = rest.parse_infer_request(model, body, request.headers, route.version or "", self.max_body_bytes,
                                               self.max_json_bytes)
             del body  # the tensors hold what they need of it
+            self.shedder[model].observe_body(body_bytes, parsed.samples)
             response = await self.infer(parsed)
             content, headers = rest.encode_infer_response(response, parsed)
         finally:  # its buffers go back to the OS, answered or refused
@@ -256,24 +282,34 @@ class OipRouter:
         if not parts[0]:
             return _json(200, {"models": self.directory.models,
                                "usage": "POST /<model> with the payload (GET /<model> says what), or the Open "
-                                        "Inference Protocol under /v2 and gRPC"})
+                                        "Inference Protocol under /v2 and gRPC",
+                               "shedding": self.shedder.describe()})
         try:
             handle = await self.directory.handle(parts[0])
         except PayloadError as exc:
             return _json(exc.status, {"error": exc.message})
         subpath = "/" + (parts[1] if len(parts) > 1 else "")
+        shedder = self.shedder[parts[0]]
+        samples = 1 if request.method == "POST" else 0  # GET /<model>/tuning is never shed
         body = b""
         try:
+            if samples:
+                self.shedder.check(parts[0], samples)  # before the body is read
             body = await self._read_body(request)
             if "json" in (request.headers.get("content-type") or "") and body:
                 # depth only: a simple route's model bounds its own payload's size (413 naming its limit)
                 rest.check_json(body, self.max_body_bytes, what="the request's JSON")
-            status, headers, content = await call_model(
-                parts[0], forward(handle, "http", len(body)).remote(request.method, subpath, dict(request.headers), body))
+            with shedder.forwarding(samples):
+                status, headers, content, *room = await call_model(
+                    parts[0], forward(handle, "http", len(body)).remote(request.method, subpath, dict(request.headers),
+                                                                       body))
         except PayloadError as exc:
             return _error(exc)
+        except Shed as exc:
+            return _shed(exc)
         finally:
             costs.released(len(body))
+        shedder.observe(room[0] if room else None)
         return Response(content=content, status_code=status, headers=headers)
 
     # ----- gRPC: inference.GRPCInferenceService (method names are the RPC names)
@@ -314,6 +350,8 @@ class OipRouter:
             return grpc_codec.response_to_proto(await self.infer(parsed))
         except PayloadError as exc:
             return self._fail(grpc_context, exc, pb.ModelInferResponse())
+        except Shed as exc:  # UNAVAILABLE, the code a gRPC client retries
+            return self._fail(grpc_context, PayloadError(exc.message, status=exc.status), pb.ModelInferResponse())
 
 
 def build_router(args: dict):
