@@ -1,5 +1,8 @@
 """`make serve`: a local Ray whose ports listen on 127.0.0.1 only, token authentication on, then
-`serve run CONFIG` against it; Ctrl-C (or SIGTERM) stops what this started and nothing else.
+`serve run CONFIG` against it; Ctrl-C (or SIGTERM) stops what this started and nothing else, HAProxy
+included, within seconds. A port it needs that is already held (a listener left from an earlier run)
+is named with its pid and command line before anything starts. One line per application when it
+answers (serve/readiness.py), then one with the URLs.
 
     python -m serve.local [serve_config.yaml] [--port 6379] [--dashboard-port 8265]
                           [--metrics-export-port 8080] [--temp-dir /tmp/ray] [--num-cpus N]
@@ -38,7 +41,11 @@ from pathlib import Path
 
 import psutil
 
+from . import loopback
+from .readiness import ReadinessWatch
+
 LOOPBACK = "127.0.0.1"
+STOP_GRACE_S = 3.0  # seconds Ray's processes get to exit on SIGTERM before SIGKILL
 
 
 def free_port() -> int:
@@ -124,6 +131,7 @@ def cluster_env(args) -> dict:
     env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
     env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
     env.update(ingress_env(getattr(args, "ingress_mode", "proxy")))
+    env.update(loopback.cluster_env(LOOPBACK))  # Serve's gRPC servers on loopback (serve/loopback.py)
     return env
 
 
@@ -174,28 +182,62 @@ def wait_for_head(head: subprocess.Popen, ports: list[int], timeout_s: float) ->
         time.sleep(0.5)
 
 
-def stop_cluster(head: subprocess.Popen, grace_s: float = 40.0) -> None:
-    """SIGTERM `ray start --block` (it drains and stops its processes), then SIGKILL whatever of its
-    process tree outlived that: the agents ignore SIGTERM once the raylet is gone, and workers run
-    in process groups of their own, so neither a process-group kill nor `ray stop` (which stops
-    every Ray on the host) is right."""
+def _session_members(sid: int) -> list[psutil.Process]:
+    """Every process of session `sid`: `ray start` runs in a session of its own, and Ray's processes
+    stay in it (workers take process groups of their own, not sessions), also once reparented:
+    HAProxy outlived its Ray this way when its manager actor died first."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and os.getsid(proc.pid) == sid:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def stop_cluster(head: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
+    """SIGTERM every process of the cluster at once (`ray start --block`'s tree and session), then
+    SIGKILL what is left after `grace_s`; returns how many needed SIGKILL. Not `ray start`'s own
+    SIGTERM path alone: it drains the node for up to 30 s first, and the agents ignore SIGTERM once
+    the raylet is gone. Not a process-group kill: workers run in process groups of their own and
+    HAProxy in its manager's. Not `ray stop`: it stops every Ray on the host. Nothing of a
+    single-node cluster outlives its processes (the GCS keeps its tables in memory), so the drain
+    buys nothing here."""
     try:
         tree = psutil.Process(head.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
+    members = {p.pid: p for p in [*tree, *_session_members(head.pid)] if _alive(p)}
     if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
+        head.terminate()
+    for proc in members.values():
         try:
-            head.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-    for proc in tree:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, left = psutil.wait_procs(list(members.values()), timeout=grace_s)
+    try:
+        head.wait(max(0.1, grace_s / 4))
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    # and anything a dying process started meanwhile (HAProxy's manager restarting it)
+    left = {p.pid: p for p in [*left, *_session_members(head.pid)] if _alive(p)}
+    for proc in left.values():
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(tree, timeout=10)
+    psutil.wait_procs(list(left.values()), timeout=10)
+    return len(left)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def forget_cluster_address(address: str, temp_dir: str | None = None) -> None:
@@ -216,15 +258,13 @@ def forget_cluster_address(address: str, temp_dir: str | None = None) -> None:
 
 
 def _stop_serve_run(serve_run: subprocess.Popen) -> None:
-    """A terminal's Ctrl-C reached `serve run` too: give its own shutdown a moment first."""
-    for send in (None, signal.SIGINT, signal.SIGKILL):
-        if send is not None and serve_run.poll() is None:
-            serve_run.send_signal(send)
-        try:
-            serve_run.wait(5 if send is None else 60)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGKILL: `serve run` is only a driver here, and the cluster it deployed to is stopped next,
+    which stops Serve with it. Its own Ctrl-C path (`serve.shutdown()`, which waits for every replica
+    to drain, 30 s with direct ingress) is not waited for, and a SIGTERM makes Ray's signal handler
+    print a stack trace that reads like a crash."""
+    if serve_run.poll() is None:
+        serve_run.kill()
+    serve_run.wait()
 
 
 def parse_args(argv=None):
@@ -270,43 +310,89 @@ def _gpu_count() -> int:
         return 0
 
 
+class _Stop(BaseException):
+    """SIGINT or SIGTERM arrived: leave whatever wait is running and stop."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _handle_stop_signals(handler) -> None:
+    """Our own handler for both, installed explicitly: a launcher started in the background by a
+    non-interactive shell (`setsid make serve &`, a CI step) inherits SIGINT as *ignored*, and Python
+    then installs no KeyboardInterrupt handler, so a Ctrl-C sent to its group did nothing (and
+    `serve run`, inheriting the same, ignored it too). A handled signal is reset to its default in
+    the children we exec, so they can be stopped as well."""
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def report_held_ports(config: dict, args, when: str = "") -> bool:
+    """Print who holds each port this launch needs (pid, command line, how to stop it); True if any."""
+    from .ports import holders, needed_ports
+
+    held = holders(needed_ports(config, args))
+    for h in held:
+        print(f"autobatch: {when}{h.describe()}", file=sys.stderr, flush=True)
+    return bool(held)
+
+
 def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
+    _handle_stop_signals(_raise_stop)
     try:
+        import yaml
+
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
         check_budgets(args.config, args.num_cpus)
     except (OSError, ValueError) as exc:
         print(f"autobatch: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if report_held_ports(config, args):
+        print("autobatch: nothing was started", file=sys.stderr, flush=True)
         return 2
     ensure_token()
     args.ingress_mode, why = choose_ingress(args.ingress)
     print(f"autobatch: ingress: {why}", flush=True)
     env = cluster_env(args)
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # Its own session: the terminal's Ctrl-C reaches `serve run` (which then shuts Serve down) and
-    # this process, which stops Ray after it.
-    head = subprocess.Popen(ray_start_command(args), env=env, start_new_session=True)
-    serve_run = None
+    head = serve_run = watch = None
     try:
+        # Its own session: a terminal's Ctrl-C reaches `serve run` and this process, not Ray, which
+        # this process stops after `serve run`, all of it (stop_cluster).
+        head = subprocess.Popen(ray_start_command(args), env=env, start_new_session=True)
         # The metrics port is the raylet's agent's: listening means the node is up, not only the GCS
         # (a driver connecting before that can time out on a loaded host).
         wait_for_head(head, [args.port, args.dashboard_port, args.metrics_export_port], args.start_timeout)
-        print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard http://{LOOPBACK}:{args.dashboard_port}, "
-              f"metrics http://{LOOPBACK}:{args.metrics_export_port}/metrics; live changes: "
-              f"`autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`", flush=True)
+        dashboard = f"http://{LOOPBACK}:{args.dashboard_port}"
+        metrics = f"http://{LOOPBACK}:{args.metrics_export_port}/metrics"
+        print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard {dashboard}, metrics {metrics}; "
+              f"live changes: `autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`; actors: "
+              f"`RAY_AUTH_MODE=token ray list actors --address {LOOPBACK}:{args.port}`", flush=True)
         serve_run = subprocess.Popen([ray_command("serve"), "run",
                                       "--address", f"{LOOPBACK}:{args.port}", args.config], env=env)
+        http = config.get("http_options") or {}
+        watch = ReadinessWatch(config, f"http://{LOOPBACK}:{http.get('port', 8000)}", metrics, dashboard,
+                               started=started).start()
         return serve_run.wait()
-    except KeyboardInterrupt:
+    except _Stop as stop:
+        print(f"autobatch: {stop}: stopping `serve run`, Ray and HAProxy", file=sys.stderr, flush=True)
         return 130
     finally:
+        # A second Ctrl-C while stopping must not cut the stop short and leave processes behind.
+        _handle_stop_signals(signal.SIG_IGN)
+        stopping = time.monotonic()
+        if watch is not None:
+            watch.stop()
         if serve_run is not None:
             _stop_serve_run(serve_run)
-        stop_cluster(head)
-        forget_cluster_address(f"{LOOPBACK}:{args.port}", args.temp_dir)
+        if head is not None:
+            killed = stop_cluster(head)
+            forget_cluster_address(f"{LOOPBACK}:{args.port}", args.temp_dir)
+            print(f"autobatch: stopped in {time.monotonic() - stopping:.1f} s"
+                  + (f" ({killed} processes needed SIGKILL)" if killed else ""), file=sys.stderr, flush=True)
+            report_held_ports(config, args, "after stopping, ")  # named, not left for the next start
 
 
 if __name__ == "__main__":
