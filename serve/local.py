@@ -39,10 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-
 from . import loopback
-from .stopping import _stop_serve_run, forget_cluster_address, stop_cluster  # noqa: F401 (re-exported)
 from .readiness import ReadinessWatch
+from .stopping import _stop_serve_run, forget_cluster_address, stop_cluster  # noqa: F401 (re-exported)
 
 LOOPBACK = "127.0.0.1"
 
