@@ -13,12 +13,12 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 from .probe import BatchTiming
 
 
-def default_latency_budget_s(model: Any, device_kind: str) -> float:
+def default_latency_budget_s(model: Any, device_kind: str, fallback_s: float) -> float:
     """The model's latency budget on `device_kind` when the settings name none: its per-device default
-    where it has one, else its `default_latency_budget_s`. Why per device: a budget that lets a GPU
+    where it has one, else `fallback_s` (its `default_latency_budget_s`). Why per device: a budget that lets a GPU
     batch is below one batch-1 forward on a loaded CPU, and a budget under batch 1 serves unbatched."""
     by_device = getattr(model, "default_latency_budget_s_by_device", None) or {}
-    return float(by_device.get(device_kind, model.default_latency_budget_s))
+    return float(by_device.get(device_kind, fallback_s))
 
 
 @runtime_checkable

@@ -112,7 +112,7 @@ def resolve(spec: TunableModel, settings: TuningSettings, device_fingerprint: De
         raise SettingsError(
             f"memory budget {budget / 2**20:.0f} MiB exceeds the device's {device_fingerprint.total_memory_bytes / 2**20:.0f} MiB; lower it"
         )
-    latency = settings.latency_budget_s if settings.latency_budget_s is not None else default_latency_budget_s(spec, kind)
+    latency = settings.latency_budget_s if settings.latency_budget_s is not None else default_latency_budget_s(spec, kind, spec.default_latency_budget_s)
     return Resolved(kind, device_fingerprint, dtype, budget, float(latency), settings)
 
 
