@@ -108,6 +108,9 @@ class ModelSpec(abc.ABC):
     library_packages: ClassVar[tuple[str, ...]] = ("torch",)
     # A whole batch's compute must fit this unless the deployment says otherwise.
     default_latency_budget_s: ClassVar[float] = 0.5
+    # The default on one kind of device where it differs ({"cpu": 4.0}; optimizer/model.py's
+    # default_latency_budget_s() reads it). Empty: default_latency_budget_s everywhere.
+    default_latency_budget_s_by_device: ClassVar[dict[str, float]] = {}
     spec_version: ClassVar[int] = 1
     # Every decoded sample has one tensor shape (a resized image), so a batch's shape is its size
     # alone and a replica can run each size once before traffic (serve/warmup.py). False where

@@ -12,8 +12,10 @@ Label conventions the queries rely on:
   builder (serve/app.py) names each deployment after its model, so `deployment=~"$model"` selects
   the same replicas, and `label_replace(..., "model", "$1", "deployment", "(.*)")` gives those
   series a `model` label so that legends and joins agree;
-- the HTTP latency histogram has only `application` (and route): serve_config.yaml names each
-  application after its model, so the panel filters `application=~"$model"`.
+- the HTTP latency histogram has only `application` (and route). In serve_config.yaml every HTTP
+  request (the simple routes and /v2) enters through the OIP router, application `oip`, so a
+  filter on the model's name matched nothing (issue 23): that panel is per application, unfiltered,
+  and per-model latency is the replica panels'.
 
 Ray's histograms are exported with approximate `_sum`s (Ray records bucket midpoints), so means
 here are computed from counters (samples served / batches processed), and percentiles from
@@ -50,7 +52,6 @@ DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
 M = 'model=~"$model"'  # autobatch's own metrics
 D = 'deployment=~"$model"'  # Ray Serve's per-deployment metrics (deployment name == model name)
-A = 'application=~"$model"'  # Ray Serve's proxy metrics (application name == model name in serve_config.yaml)
 
 
 def ab(name: str) -> str:
@@ -163,12 +164,14 @@ def serving_panels() -> list:
 
 def latency_panels() -> list:
     http = [(f"histogram_quantile({p}, sum by (application, le) "
-             f"(rate(ray_serve_http_request_latency_ms_bucket{{{A}}}[{RATE}])))", f"{{{{application}}}} p{label}")
+             f"(rate(ray_serve_http_request_latency_ms_bucket[{RATE}])))", f"{{{{application}}}} p{label}")
             for p, label in ((0.5, "50"), (0.95, "95"), (0.99, "99"))]
     return [
-        ts(7, "Request latency (HTTP proxy)",
-           "End-to-end request latency at Ray Serve's HTTP proxy (ray_serve_http_request_latency_ms), "
-           "per application.", "ms", *http, w=8),
+        ts(7, "Request latency (HTTP ingress, per application)",
+           "End-to-end HTTP request latency at Ray Serve's ingress (ray_serve_http_request_latency_ms), per "
+           "application. With serve_config.yaml every route enters through the OIP router (application "
+           "oip), so this is all models together and the model selector does not apply; per model, see "
+           "Replica processing latency.", "ms", *http, w=8),
         ts(8, "Replica processing latency",
            "Time a request spends in the replica, batch wait included (Ray Serve's "
            "ray_serve_deployment_processing_latency_ms).", "ms",

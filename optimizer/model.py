@@ -13,12 +13,21 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 from .probe import BatchTiming
 
 
+def default_latency_budget_s(model: Any, device_kind: str, fallback_s: float) -> float:
+    """The model's latency budget on `device_kind` when the settings name none: its per-device default
+    where it has one, else `fallback_s` (its `default_latency_budget_s`). Why per device: a budget that lets a GPU
+    batch is below one batch-1 forward on a loaded CPU, and a budget under batch 1 serves unbatched."""
+    by_device = getattr(model, "default_latency_budget_s_by_device", None) or {}
+    return float(by_device.get(device_kind, fallback_s))
+
+
 @runtime_checkable
 class TunableModel(Protocol):
     name: str
     # Packages whose versions change memory or speed: part of the tuning cache key.
     library_packages: Sequence[str]
-    # Per batch, when the settings name none.
+    # Per batch, when the settings name none. A model may also carry `default_latency_budget_s_by_device`
+    # ({"cpu": 4.0}): the default on that kind of device (see default_latency_budget_s() below).
     default_latency_budget_s: float
     # Optional (None: the model has none): `probe_batch(samples)` runs only what reaches the peak
     # memory of `predict(samples)` and returns the seconds `predict(samples)` would take. The tuner

@@ -25,7 +25,7 @@ from .fast_probe import tune_with_fast_probes
 from .flight import SingleFlight, trusted_answer
 from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerprint, make_meter, package_version,
                       resolve_device_kind)
-from .model import ExampleBatches, TunableModel
+from .model import ExampleBatches, TunableModel, default_latency_budget_s
 from .probe import PREDICTED, ProbeResult
 from .search import Prober, find_max_safe_batch
 from .select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
@@ -112,7 +112,7 @@ def resolve(spec: TunableModel, settings: TuningSettings, device_fingerprint: De
         raise SettingsError(
             f"memory budget {budget / 2**20:.0f} MiB exceeds the device's {device_fingerprint.total_memory_bytes / 2**20:.0f} MiB; lower it"
         )
-    latency = settings.latency_budget_s if settings.latency_budget_s is not None else spec.default_latency_budget_s
+    latency = settings.latency_budget_s if settings.latency_budget_s is not None else default_latency_budget_s(spec, kind, spec.default_latency_budget_s)
     return Resolved(kind, device_fingerprint, dtype, budget, float(latency), settings)
 
 

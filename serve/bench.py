@@ -14,6 +14,9 @@ Every run is bounded: it stops issuing at --duration seconds or after --requests
 comes first, waits at most --timeout for the requests in flight, then cancels them ("unfinished").
 Load goes to loopback addresses only unless --allow-remote is given.
 
+Exits 1 when no request succeeded or more than --max-failed-fraction (default half) failed, with a
+line on stderr saying how they failed and what to do; 2 when the run could not start.
+
 Reports requests/s (all answered requests), samples/s (successful ones: one sample per request),
 tokens/s for LLM routes, p50/p90/p99/max latency of the successful requests, and error counts by HTTP
 status (or by transport error: timeout, ConnectError, ...). With --protocol v2 each request carries
@@ -28,7 +31,7 @@ import sys
 
 import httpx
 
-from .client import DEFAULT_URL, make_payload, route_path
+from .client import DEFAULT_URL, make_payload, remote_refusal, route_path
 from .load import (DEFAULT_DURATION_S, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUESTS, DEFAULT_TIMEOUT_S,  # noqa: F401
                    DROPPED, MAX_DURATION_S, MAX_REQUESTS, UNFINISHED, BenchError, Load, Record, is_loopback,
                    latency_summary, percentile, run_load, summarize)
@@ -94,6 +97,44 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----- the verdict: a run whose requests mostly failed is a failed run -----
+DEFAULT_MAX_FAILED_FRACTION = 0.5
+EXIT_FAILED = 1  # the run ran, but too many of its requests failed (2: it could not run)
+
+
+def _hint(status: str, url: str, route: str) -> str:
+    """What to do about the commonest failure, by its status."""
+    if status in ("ConnectError", "ConnectTimeout"):
+        return f"nothing answered at {url}: is the server running (`make serve`)? Give another address with --url"
+    if status in ("timeout", "ReadTimeout", "unfinished"):
+        return "the server did not answer in time: lower --concurrency / --rate, or raise --timeout"
+    if status in ("503", "429"):
+        return (f"the server refused them as overloaded: lower --concurrency / --rate, pass --honor-retry-after, "
+                f"or see GET {route}/tuning (serving.admission)")
+    if status == "404":
+        return f"no such route {route}: GET / on the server lists its models"
+    if status.startswith("4"):
+        return "the server refused the payload: send one the route takes (GET <route>/ says what)"
+    if status == "dropped":
+        return "the open loop dropped arrivals past --max-in-flight: lower --rate or raise --max-in-flight"
+    return "see the server's log"
+
+
+def verdict(report: dict, max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> str | None:
+    """None when the run is good; else one line saying how many requests failed, how, and what to do.
+    A run fails when no request succeeded, or when more than `max_failed_fraction` of them failed."""
+    issued, ok = report["requests"], report["ok"]
+    failed = issued - ok
+    if issued and ok and failed <= max_failed_fraction * issued:
+        return None
+    if not issued:
+        return "no request was issued"
+    commonest = max(report["errors"].items(), key=lambda kv: kv[1])[0] if report["errors"] else "?"
+    by_status = ", ".join(f"{n} x {status}" for status, n in sorted(report["errors"].items(), key=lambda kv: -kv[1]))
+    return (f"{failed} of {issued} requests failed ({failed / issued:.0%}; {by_status}), more than the "
+            f"{max_failed_fraction:.0%} allowed (--max-failed-fraction): {_hint(commonest, report['url'], report['route'])}")
+
+
 # ----- `autobatch bench` -----
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"the serve app (default {DEFAULT_URL})")
@@ -119,6 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-failed-fraction", type=float, default=DEFAULT_MAX_FAILED_FRACTION, metavar="F",
+                   help=f"exit {EXIT_FAILED} when more than this fraction of the requests failed, or none succeeded "
+                        f"(default {DEFAULT_MAX_FAILED_FRACTION:g}; 1 to fail only when nothing succeeded)")
     p.add_argument("--protocol", choices=["simple", "v2"], default="simple",
                    help="simple: POST one payload per request to the route; v2: the Open Inference Protocol, "
                         "--samples-per-request samples per request to /v2/models/<route>/infer or gRPC")
@@ -146,6 +190,14 @@ def cmd_bench(args) -> int:
                     allow_remote=args.allow_remote, honor_retry_after=args.honor_retry_after,
                     processes=getattr(args, "processes", 1))
         load.validate()  # before anything is sent, the default-payload query included
+        if not 0 <= getattr(args, "max_failed_fraction", DEFAULT_MAX_FAILED_FRACTION) <= 1:
+            raise BenchError(f"--max-failed-fraction must be within [0, 1], got {args.max_failed_fraction}")
+        if getattr(args, "protocol", "simple") == "v2" and getattr(args, "transport", "http") == "grpc":
+            from .oip.commands import DEFAULT_GRPC_URL
+
+            refused = remote_refusal(args.grpc_url or DEFAULT_GRPC_URL, args.allow_remote, "--grpc-url")
+            if refused:
+                raise BenchError(refused)
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)
         if getattr(args, "protocol", "simple") == "v2":
@@ -160,6 +212,10 @@ def cmd_bench(args) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
+    failed = verdict(report, getattr(args, "max_failed_fraction", DEFAULT_MAX_FAILED_FRACTION))
+    if failed:
+        print(f"autobatch bench: failed: {failed}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import sys
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -50,6 +52,27 @@ class Unreachable(ClientError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def is_loopback(url: str) -> bool:
+    """Whether `url` (http://host:port/... or a bare host:port, as gRPC takes) names this machine."""
+    host = (urlsplit(url).hostname if "//" in url else urlsplit("//" + url).hostname) or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def remote_refusal(url: str, allow_remote: bool, what: str = "--url") -> str | None:
+    """Why a command-line client does not send to `url`, or None. The serve app has no authentication
+    and the simple routes and OIP speak plain HTTP/gRPC, so images and prompts would cross the network
+    in clear to whoever answers there: that takes an explicit --allow-remote."""
+    if allow_remote or is_loopback(url):
+        return None
+    return (f"{what} {url} is not a loopback address; inputs go to 127.0.0.1/localhost unless you pass "
+            f"--allow-remote (they cross the network unencrypted and unauthenticated)")
 
 
 def route_path(route: str) -> str:
@@ -211,6 +234,12 @@ def _label(item: str) -> str:
 
 
 def cmd_client(args) -> int:
+    grpc = getattr(args, "protocol", "simple") == "v2" and getattr(args, "transport", "http") == "grpc" and not args.tuning
+    refused = remote_refusal(args.grpc_url, args.allow_remote, "--grpc-url") if grpc else \
+        remote_refusal(args.url, getattr(args, "allow_remote", False))
+    if refused:
+        print(f"autobatch client: error: {refused}", file=sys.stderr)
+        return 2
     if getattr(args, "protocol", "simple") == "v2" and not args.tuning:
         from .oip.commands import cmd_client_v2
 
@@ -263,6 +292,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
     p.add_argument("--tuning", action="store_true", help="print the route's tuning (GET /<route>/tuning) instead")
     p.add_argument("--json", action="store_true", help="one JSON object per line: {input, answer}")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="send to a non-loopback --url / --grpc-url (plain HTTP/gRPC, no authentication)")
     p.add_argument("--protocol", choices=["simple", "v2"], default="simple",
                    help="simple: one POST per input to the route; v2: the Open Inference Protocol, all inputs in "
                         "one request of that many samples")

@@ -29,7 +29,7 @@ import httpx
 
 from optimizer.stats import percentile
 
-from .client import DEFAULT_URL, route_path
+from .client import DEFAULT_URL, is_loopback, route_path  # noqa: F401 (is_loopback: re-exported)
 
 DEFAULT_DURATION_S = 10.0
 DEFAULT_MAX_REQUESTS = 100_000
@@ -104,16 +104,6 @@ def summarize(records: Sequence[Record], wall_s: float) -> dict:
 
 
 # ----- the load -----
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass
 class Load:
     """One run's settings. Exactly one of concurrency (closed loop) and rate (open loop)."""

@@ -1,5 +1,8 @@
 """`make serve`: a local Ray whose ports listen on 127.0.0.1 only, token authentication on, then
-`serve run CONFIG` against it; Ctrl-C (or SIGTERM) stops what this started and nothing else.
+`serve run CONFIG` against it; Ctrl-C (or SIGTERM) stops what this started and nothing else, HAProxy
+included, within seconds. A port it needs that is already held (a listener left from an earlier run)
+is named with its pid and command line before anything starts. One line per application when it
+answers (serve/readiness.py), then one with the URLs.
 
     python -m serve.local [serve_config.yaml] [--port 6379] [--dashboard-port 8265]
                           [--metrics-export-port 8080] [--temp-dir /tmp/ray] [--num-cpus N]
@@ -36,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+from . import loopback
+from .readiness import ReadinessWatch
+from .stopping import _stop_serve_run, forget_cluster_address, stop_cluster  # noqa: F401 (re-exported)
 
 LOOPBACK = "127.0.0.1"
 
@@ -124,6 +129,7 @@ def cluster_env(args) -> dict:
     env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
     env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
     env.update(ingress_env(getattr(args, "ingress_mode", "proxy")))
+    env.update(loopback.cluster_env(LOOPBACK))  # Serve's gRPC servers on loopback (serve/loopback.py)
     return env
 
 
@@ -174,59 +180,6 @@ def wait_for_head(head: subprocess.Popen, ports: list[int], timeout_s: float) ->
         time.sleep(0.5)
 
 
-def stop_cluster(head: subprocess.Popen, grace_s: float = 40.0) -> None:
-    """SIGTERM `ray start --block` (it drains and stops its processes), then SIGKILL whatever of its
-    process tree outlived that: the agents ignore SIGTERM once the raylet is gone, and workers run
-    in process groups of their own, so neither a process-group kill nor `ray stop` (which stops
-    every Ray on the host) is right."""
-    try:
-        tree = psutil.Process(head.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-    for proc in tree:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=10)
-
-
-def forget_cluster_address(address: str, temp_dir: str | None = None) -> None:
-    """Remove the `ray_current_cluster` file(s) `ray start` wrote for this head, as `ray stop` does.
-    Left behind, they make a later plain `ray.init()` on this host (a benchmark, a notebook) try to
-    join the stopped head and fail ("When connecting to an existing cluster, num_cpus and num_gpus
-    must not be provided"). A file naming another head is left alone."""
-    from ray._common.utils import get_ray_address_file
-
-    for path in {get_ray_address_file(None), get_ray_address_file(temp_dir)}:
-        try:
-            with open(path) as f:
-                if f.read().strip() != address:
-                    continue
-            os.remove(path)
-        except OSError:
-            continue
-
-
-def _stop_serve_run(serve_run: subprocess.Popen) -> None:
-    """A terminal's Ctrl-C reached `serve run` too: give its own shutdown a moment first."""
-    for send in (None, signal.SIGINT, signal.SIGKILL):
-        if send is not None and serve_run.poll() is None:
-            serve_run.send_signal(send)
-        try:
-            serve_run.wait(5 if send is None else 60)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m serve.local", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default="serve_config.yaml")
@@ -270,43 +223,91 @@ def _gpu_count() -> int:
         return 0
 
 
+class _Stop(BaseException):
+    """SIGINT or SIGTERM arrived: leave whatever wait is running and stop."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _handle_stop_signals(handler) -> None:
+    """Our own handler for both, installed explicitly: a launcher started in the background by a
+    non-interactive shell (`setsid make serve &`, a CI step) inherits SIGINT as *ignored*, and Python
+    then installs no KeyboardInterrupt handler, so a Ctrl-C sent to its group did nothing (and
+    `serve run`, inheriting the same, ignored it too). A handled signal is reset to its default in
+    the children we exec, so they can be stopped as well."""
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def report_held_ports(config: dict, args, when: str = "") -> bool:
+    """Print who holds each port this launch needs (pid, command line, how to stop it); True if any."""
+    from .ports import holders, needed_ports
+
+    held = holders(needed_ports(config, args))
+    for h in held:
+        print(f"autobatch: {when}{h.describe()}", file=sys.stderr, flush=True)
+    return bool(held)
+
+
 def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
+    _handle_stop_signals(_raise_stop)
     try:
+        import yaml
+
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
         check_budgets(args.config, args.num_cpus)
     except (OSError, ValueError) as exc:
         print(f"autobatch: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if report_held_ports(config, args):
+        print("autobatch: nothing was started", file=sys.stderr, flush=True)
         return 2
     ensure_token()
     args.ingress_mode, why = choose_ingress(args.ingress)
     print(f"autobatch: ingress: {why}", flush=True)
     env = cluster_env(args)
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # Its own session: the terminal's Ctrl-C reaches `serve run` (which then shuts Serve down) and
-    # this process, which stops Ray after it.
-    head = subprocess.Popen(ray_start_command(args), env=env, start_new_session=True)
-    serve_run = None
+    head = serve_run = watch = None
     try:
+        # Its own session: a terminal's Ctrl-C reaches `serve run` and this process, not Ray, which
+        # this process stops after `serve run`, all of it (stop_cluster).
+        head = subprocess.Popen(ray_start_command(args), env=env, start_new_session=True)
         # The metrics port is the raylet's agent's: listening means the node is up, not only the GCS
         # (a driver connecting before that can time out on a loaded host).
         wait_for_head(head, [args.port, args.dashboard_port, args.metrics_export_port], args.start_timeout)
-        print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard http://{LOOPBACK}:{args.dashboard_port}, "
-              f"metrics http://{LOOPBACK}:{args.metrics_export_port}/metrics; live changes: "
-              f"`autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`", flush=True)
+        dashboard = f"http://{LOOPBACK}:{args.dashboard_port}"
+        metrics = f"http://{LOOPBACK}:{args.metrics_export_port}/metrics"
+        print(f"autobatch: Ray head on {LOOPBACK}:{args.port}, dashboard {dashboard}, metrics {metrics}; "
+              f"live changes: `autobatch config ROUTE KEY=VALUE`, `autobatch retune ROUTE`; actors: "
+              f"`RAY_AUTH_MODE=token ray list actors --address {dashboard}`; replica logs: "
+              f"{Path(args.temp_dir or '/tmp/ray') / 'session_latest' / 'logs' / 'serve'}/replica_*.log (README, Operations)",
+              flush=True)
         serve_run = subprocess.Popen([ray_command("serve"), "run",
                                       "--address", f"{LOOPBACK}:{args.port}", args.config], env=env)
+        http = config.get("http_options") or {}
+        watch = ReadinessWatch(config, f"http://{LOOPBACK}:{http.get('port', 8000)}", metrics, dashboard,
+                               started=started).start()
         return serve_run.wait()
-    except KeyboardInterrupt:
+    except _Stop as stop:
+        print(f"autobatch: {stop}: stopping `serve run`, Ray and HAProxy", file=sys.stderr, flush=True)
         return 130
     finally:
+        # A second Ctrl-C while stopping must not cut the stop short and leave processes behind.
+        _handle_stop_signals(signal.SIG_IGN)
+        stopping = time.monotonic()
+        if watch is not None:
+            watch.stop()
         if serve_run is not None:
             _stop_serve_run(serve_run)
-        stop_cluster(head)
-        forget_cluster_address(f"{LOOPBACK}:{args.port}", args.temp_dir)
+        if head is not None:
+            killed = stop_cluster(head)
+            forget_cluster_address(f"{LOOPBACK}:{args.port}", args.temp_dir)
+            print(f"autobatch: stopped in {time.monotonic() - stopping:.1f} s"
+                  + (f" ({killed} processes needed SIGKILL)" if killed else ""), file=sys.stderr, flush=True)
+            report_held_ports(config, args, "after stopping, ")  # named, not left for the next start
 
 
 if __name__ == "__main__":

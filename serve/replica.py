@@ -42,6 +42,7 @@ from optimizer.wait import WaitController
 from .admission import Admission, capacity_from, expired_message, run_unexpired
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
+from .logs import CONSOLE, ShedLog, setup_replica_logging
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
@@ -68,8 +69,11 @@ class Replica:
 
     def __init__(self, builder: ReplicaConfig, config: ReplicaConfig, knobs: BatchKnobs,
                  max_ongoing: Callable[[], int | None], cpus: float | None = None):
+        setup_replica_logging()  # autobatch's lines into this replica's log file, flushed; warnings to the console
         self.builder, self.config = builder, config
         self.model_name = builder.model
+        self._shed_log = ShedLog(builder.model, log, detail="refused when it could not be answered within 2 latency "
+                                 "budgets + one batch (serve/admission.py); GET <route>/tuning serving.admission")
         self.cache = open_cache(builder.cache_path)
         self._knobs = knobs
         self._max_ongoing = max_ongoing
@@ -164,7 +168,7 @@ class Replica:
         self.metrics.tuning(tuning, wall_s)
         self._update_memory_gauge()
         log.info("autobatch: %s on %s: %s in %.1f s (cache %s, key %s)", self.model_name, self.device_label,
-                 tuning.decision, wall_s, tuning.cache, tuning.key)
+                 tuning.decision, wall_s, tuning.cache, tuning.key, extra=CONSOLE)
 
     def _cap_allocator(self, settings) -> None:
         """This replica's share of the card, enforced on its own allocator (optimizer/share_cap.py)."""
@@ -202,7 +206,8 @@ class Replica:
         previous, self.config = self.config, config
         if new_retune or changed:
             log.info("autobatch: reconfigure %s: %s", self.model_name,
-                     "retune requested" if new_retune else f"tuning settings changed ({', '.join(changed)})")
+                     "retune requested" if new_retune else f"tuning settings changed ({', '.join(changed)})",
+                     extra=CONSOLE)
             try:
                 await self._tune(force=new_retune)
             except Exception:
@@ -305,6 +310,7 @@ class Replica:
     def count_shed(self, reason: str) -> None:
         self.stats.shed[reason] += 1
         self.metrics.inc("autobatch_requests_shed", reason=reason)
+        self._shed_log.note(reason)  # one line per interval, not one per shed
 
     def _on_serving_oom(self, batch_size: int, message: str) -> None:
         """Called by the runner after a real OOM: serve smaller batches from now on."""

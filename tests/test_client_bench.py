@@ -61,6 +61,43 @@ def test_summary_counts_errors_by_status_and_times_only_successes():
     assert err["count"] == 4 and err["min"] == 0.0 and err["max"] == 30.0
 
 
+def test_a_run_whose_requests_mostly_failed_is_a_failed_run_and_says_why():
+    from serve.bench import verdict
+
+    base = {"url": "http://127.0.0.1:8000", "route": "/resnet50"}
+    # README's bench on the 2-core CPU before issue 23: 41 of 962 served, the rest shed
+    shed = verdict({**base, "requests": 962, "ok": 41, "errors": {"503": 921}})
+    assert "921 of 962 requests failed (96%; 921 x 503)" in shed and "overloaded" in shed and "/resnet50/tuning" in shed
+    nobody = verdict({**base, "requests": 1664, "ok": 0, "errors": {"ConnectError": 1664}})
+    assert "1664 of 1664" in nobody and "is the server running" in nobody
+    assert verdict({**base, "requests": 6, "ok": 3, "errors": {"415": 3}}) is None  # half: allowed by default
+    assert "415" in verdict({**base, "requests": 6, "ok": 3, "errors": {"415": 3}}, max_failed_fraction=0.4)
+    assert verdict({**base, "requests": 6, "ok": 1, "errors": {"503": 5}}, max_failed_fraction=1.0) is None
+    assert verdict({**base, "requests": 6, "ok": 0, "errors": {"503": 6}}, max_failed_fraction=1.0)  # none ok: failed
+
+
+def test_bench_and_client_commands_exit_non_zero_and_refuse_remote_addresses(capsys):
+    """No server: the commands' exit codes and messages (1: the run failed; 2: it could not run)."""
+    from autobatch.cli import main
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert main(["bench", "--url", nobody, "--route", "r50", "--requests", "4", "--concurrency", "2",
+                 "--input", __file__, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "4 of 4 requests failed" in err and "ConnectError" in err and "make serve" in err
+    assert main(["bench", "--url", nobody, "--route", "r50", "--requests", "1", "--max-failed-fraction", "2"]) == 2
+    assert "--max-failed-fraction" in capsys.readouterr().err
+    for argv, flag in ([["client", "r50", __file__, "--url", "http://10.9.8.7:8000"], "--url"],
+                       [["client", "r50", __file__, "--protocol", "v2", "--transport", "grpc",
+                         "--grpc-url", "10.9.8.7:9000"], "--grpc-url"],
+                       [["bench", "--route", "r50", "--protocol", "v2", "--transport", "grpc",
+                         "--grpc-url", "10.9.8.7:9000", "--requests", "1"], "--grpc-url"]):
+        assert main(argv) == 2, argv
+        said = capsys.readouterr().err
+        assert f"{flag} 10.9.8.7" in said.replace("http://", "") and "--allow-remote" in said, said
+    assert is_loopback("[::1]:9000") and is_loopback("localhost:9000") and not is_loopback("10.0.0.1:9000")
+
+
 def test_load_settings_are_checked_before_anything_is_sent():
     good = dict(route="r50", payloads=[(b"x", "image/jpeg")], concurrency=2)
     Load(**good).validate()

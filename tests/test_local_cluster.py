@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -253,3 +254,118 @@ def test_stopping_the_launcher_stops_its_cluster(cluster):
     # host starts a Ray of its own instead of failing to join this one
     assert not (cluster["tmp"] / "ray" / "ray_current_cluster").exists()
 
+
+
+# ----- Ctrl-C, restart, held ports, console warnings: a launcher of the tiny model, started twice -----
+FIFTH_DIR = REPO / "tests" / "fifth_model"
+
+
+def _tiny_launch(tmp: Path, ports: dict, cache: Path) -> tuple[list[str], dict]:
+    """`python -m serve.local` as `make serve` runs it, with serve_config.yaml's layout (the OIP router
+    in front, HAProxy where it runs) cut to the test's tiny model."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    apps = {a["name"]: a for a in config["applications"]}
+    router = apps["oip"]
+    router["args"]["models"] = ["tiny_mlp"]
+    tiny = {"name": "tiny_mlp", "route_prefix": None, "import_path": "serve.app:build",
+            "args": {"model": "tiny_mlp", "device": "cpu", "max_batch": 4, "repeats": 1, "num_cpus": 0.25,
+                     "warm_sizes_budget_s": 5, "cache_path": str(cache)}}
+    config["applications"] = [router, tiny]
+    config["http_options"]["port"], config["grpc_options"]["port"] = ports["http"], ports["grpc"]
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(FIFTH_DIR)]),
+           "AUTOBATCH_MODELS": "tiny_mlp=tiny_mlp:TinyMLPSpec", "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"),
+           "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "serve.local", str(tmp / "tiny.yaml"), "--port", str(ports["gcs"]),
+               "--dashboard-port", str(ports["dashboard"]), "--metrics-export-port", str(ports["metrics"]),
+               "--temp-dir", str(tmp / "ray"), "--num-cpus", "2"]
+    return command, env
+
+
+@pytest.fixture
+def short_tmp():
+    """A short folder under /tmp: Ray's socket paths must stay short (pytest's tmp_path is too long)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ab", dir="/tmp"))
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_until_ready(command: list[str], env: dict, log_path: Path, timeout_s: float = 600) -> subprocess.Popen:
+    """Started in a process group of its own, as a terminal runs `make serve` in the foreground; ready
+    when the launcher prints its URLs line (after every app's ready line)."""
+    with open(log_path, "wb") as log:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while "apps ready:" not in log_path.read_text(errors="replace"):
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGTERM)
+                launcher.wait(120)
+            pytest.fail(f"launcher never said it was ready (exit {launcher.returncode}):\n"
+                        f"{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(1)
+    return launcher
+
+
+def _held(ports: dict) -> list:
+    from serve.ports import holders
+
+    return holders({p: name for name, p in ports.items()})
+
+
+def test_a_held_port_is_named_with_its_pid_before_anything_starts(short_tmp):
+    tmp_path = short_tmp
+    ports = {name: free_port() for name in ("http", "grpc", "gcs", "dashboard", "metrics")}
+    command, env = _tiny_launch(tmp_path, ports, tmp_path / "tuning.json")
+    with socket.socket() as stale:  # what a HAProxy outliving its Ray left on the HTTP port
+        stale.bind(("127.0.0.1", ports["http"]))
+        stale.listen()
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = done.stderr
+    assert f"port {ports['http']} (Serve's HTTP ingress" in said and f"pid {os.getpid()}" in said, said
+    assert f"kill {os.getpid()}" in said and "nothing was started" in said, said
+    assert "Ray head on" not in done.stdout  # refused before `ray start`
+
+
+def test_ctrl_c_stops_everything_and_the_next_start_answers(short_tmp):
+    """SIGINT to the launcher's process group (a terminal's Ctrl-C), with the tuning cache corrupt: the
+    warning reaches the console, every process it started is gone within seconds, HAProxy included,
+    the ports are free, and a second start on the same ports answers."""
+    tmp_path = short_tmp
+    ports = {name: free_port() for name in ("http", "grpc", "gcs", "dashboard", "metrics")}
+    cache = tmp_path / "tuning.json"
+    cache.write_text('{"entries": [')  # a cache file cut short
+    command, env = _tiny_launch(tmp_path, ports, cache)
+
+    first = _start_until_ready(command, env, tmp_path / "first.log")
+    console = (tmp_path / "first.log").read_text(errors="replace")
+    warning = next((line for line in console.splitlines() if "tuning cache" in line and "corrupt" in line), None)
+    assert warning and "set aside as" in warning and "WARNING" in warning, console[-4000:]
+    assert re.search(r"tiny_mlp ready after [\d.]+ s: POST http://127\.0\.0\.1:\d+/tiny_mlp; batch \d+ "
+                     r"\(max safe \d+.*\), wait [\d.]+ ms, cache miss", console), console[-4000:]
+    tree = _tree(first.pid)
+    assert any("haproxy" in _title(p) for p in tree) or "Ray's default proxy" in console
+
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(60) == 130, (tmp_path / "first.log").read_text(errors="replace")[-3000:]
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, _title(p)) for p in alive]
+    assert not _held(ports), _held(ports)
+
+    second = _start_until_ready(command, env, tmp_path / "second.log")
+    try:
+        r = httpx.post(f"http://127.0.0.1:{ports['http']}/tiny_mlp", content=b"[1, 2, 3, 4, 5, 6, 7, 8]",
+                       headers={"content-type": "application/json"}, timeout=60, trust_env=False)
+        assert r.status_code == 200 and r.json()["model"] == "tiny_mlp", r.text
+        assert "cache hit" in (tmp_path / "second.log").read_text(errors="replace")  # the rebuilt cache served
+    finally:
+        tree = _tree(second.pid)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 130
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
