@@ -376,11 +376,80 @@ def find_max_safe_batch(
             break
         run(target)
 
+    notes: list[str] = []
+    settled = clear_of_jitter(prober, good, tolerance)
+    if settled != good:
+        notes.append(f"memory jumps between neighbouring sizes by more than a sample adds (up to "
+                     f"{jitter_bytes(prober)[0] / 2**20:.0f} MiB): batch {good} ran within the budget but a "
+                     f"smaller batch, which the batcher also forms, may not; max safe batch {settled}")
+        good, bad_reason = settled, "memory"
     fit = prober.memory_fit()
-    if bad_reason == "memory" and fit is not None and hard_bad != good + 1 and good < max_batch:
+    if bad_reason == "memory" and fit is not None and hard_bad != good + 1 and good < max_batch and not notes:
         skipped = prober.by_size(good + 1)
         if skipped is None:  # say in the log what stopped the search without running it
             prober.skip(good + 1, fit.predict(good + 1))
     if good >= max_batch:
         bad_reason = "max_batch"
-    return SearchResult(good, prober.probes, base, bad_reason, fit)
+    return SearchResult(good, prober.probes, base, bad_reason, fit, notes)
+
+
+def jitter_bytes(prober: Prober, tolerance: float = 0.03) -> tuple[float, float]:
+    """(J, the fit's slope): how far a measured size's peak lies off the line through the measured
+    sizes nearest it, where one lies within `tolerance` of it (or one size away), and the bytes one
+    sample adds by the fit.
+
+    Over so short a step a smooth curve, however it bends, stays within a small part of a sample's
+    memory of the line through its neighbours; what lies further off is jitter, or a step. Only
+    deviations within 10% of what the batch added count: a workspace that steps up by more bounds
+    the search by itself. ViT-B/16 at a 1 GiB budget on an H200 read 1004 MiB at batch 33, 966 at
+    34, 1028 at 35 and 1014 at 36 (the workspace differs size by size); the search's batch 37 lay
+    10-15 MiB over the line through its neighbours, where a sample adds 6."""
+    fit = prober.memory_fit()
+    if fit is None:
+        return 0.0, 0.0
+    measured = sorted({p.batch_size: p.peak_bytes for p in prober.probes if p.peak_bytes is not None}.items())
+    deviations = []
+    for i, (b, m) in enumerate(measured):
+        others = measured[:i] + measured[i + 1:]
+        if not others or min(abs(b - o) for o, _ in others) > max(1, tolerance * b):
+            continue
+        below, above = measured[:i][-1:], measured[i + 1:][:1]
+        pair = below + above if below and above else (measured[:i][-2:] if below else measured[i + 1:][:2])
+        if len(pair) < 2:
+            continue
+        (b0, m0), (b1, m1) = pair
+        deviation = abs(m - (m0 + (m1 - m0) * (b - b0) / (b1 - b0)))
+        if deviation <= 0.10 * max(m - prober.base_bytes, 1):
+            deviations.append(deviation)
+    return (max(deviations) if deviations else 0.0), fit.slope
+
+
+def clear_of_jitter(prober: Prober, good: int, tolerance: float, attempts: int = 3) -> int:
+    """The max safe batch once memory that is not monotone in the batch size is allowed for.
+
+    The batcher forms every size up to the max, so the max is safe only if every smaller size fits,
+    and the search measured few of them. Let J be the jitter the probes show (`jitter_bytes`) and
+    f the memory fit. Where 2J <= what one sample adds, memory is in order size by size as far as
+    the probes show (f(b) + J <= f(b + 1) - J), and the measured good size vouches for those below
+    it. Where 2J is more, a smaller size may take more than a larger one: the answer is then at most
+    the largest b with f(b) + J <= budget, so every size under it fits wherever the curve keeps
+    within J of the line, as it did where measured; and it is measured before it is believed (a
+    measured good size within `tolerance` below b, or a probe at b, after which J is computed
+    again). The answer is never over a size that succeeded, nor at or over one that failed."""
+    budget = prober.memory_budget_bytes
+    for attempt in range(attempts):
+        jitter, slope = jitter_bytes(prober, tolerance)
+        if slope <= 0 or 2 * jitter <= slope:
+            return good
+        bound = min(good, prober.memory_fit().max_batch_within(budget - jitter))
+        failed = [p.batch_size for p in prober.probes if p.ran and not p.ok]
+        if failed:
+            bound = min(bound, min(failed) - 1)
+        if bound >= good:
+            return good
+        measured = [p.batch_size for p in prober.probes if p.ok and p.batch_size <= bound]
+        if bound < 1 or measured and max(measured) >= (1 - tolerance) * bound or attempt == attempts - 1:
+            return max(measured, default=1)
+        if prober.run(bound).ok:
+            good = bound
+    return good

@@ -174,6 +174,13 @@ def tune_on(
         if size is None:
             break
         prober.run(size)
+    failed = [p.batch_size for p in prober.probes if p.ran and not p.ok and 1 < p.batch_size <= search.max_safe_batch]
+    if failed:  # a knee probe under the max failed (memory that jitters size by size): the max goes under it
+        below = max(p.batch_size for p in prober.probes if p.ok and p.batch_size < min(failed))
+        search.notes.append(f"batch {min(failed)} failed after the search chose {search.max_safe_batch}: "
+                            f"max safe batch {below}, the largest measured good size under it")
+        say(f"autobatch: {search.notes[-1]}")
+        search.max_safe_batch, search.stopped_by = below, "memory"
     chosen = select_serve_batch(prober.probes, search.max_safe_batch, latency_budget_s, settings.knee_fraction)
     first = prober.by_size(1)
     wait_s = batch_wait_timeout_s(chosen.latency_s, latency_budget_s, first.latency_s or 0.0,
