@@ -122,10 +122,7 @@ class Prober:
         return None
 
     def memory_fit(self) -> AffineFit | None:
-        points = [(p.batch_size, float(p.peak_bytes)) for p in self.probes if p.peak_bytes is not None]
-        if len(points) == 1:  # only batch 1 so far: the line from the base through it
-            points.append((0, float(self.base_bytes)))
-        return fit_affine(points)
+        return memory_fit_of(self.probes, self.base_bytes)
 
     def verified_errors(self, within: float = 0.10) -> tuple[float | None, float | None]:
         """How far off the latest memory and latency predictions were (bytes, seconds), when they
@@ -393,7 +390,8 @@ def find_max_safe_batch(
     return SearchResult(good, prober.probes, base, bad_reason, fit, notes)
 
 
-def jitter_bytes(prober: Prober, tolerance: float = 0.03) -> tuple[float, float]:
+def jitter_bytes(prober: "Prober | list[ProbeResult]", tolerance: float = 0.03, base_bytes: int | None = None
+                 ) -> tuple[float, float]:
     """(J, the fit's slope): how far a measured size's peak lies off the line through the measured
     sizes nearest it, where one lies within `tolerance` of it (or one size away), and the bytes one
     sample adds by the fit.
@@ -403,11 +401,14 @@ def jitter_bytes(prober: Prober, tolerance: float = 0.03) -> tuple[float, float]
     deviations within 10% of what the batch added count: a workspace that steps up by more bounds
     the search by itself. ViT-B/16 at a 1 GiB budget on an H200 read 1004 MiB at batch 33, 966 at
     34, 1028 at 35 and 1014 at 36 (the workspace differs size by size); the search's batch 37 lay
-    10-15 MiB over the line through its neighbours, where a sample adds 6."""
-    fit = prober.memory_fit()
+    10-15 MiB over the line through its neighbours, where a sample adds 6. `prober` may instead be
+    a stored tuning's probes, with its `base_bytes` (optimizer/trust.py checks a cached one so)."""
+    probes = prober.probes if isinstance(prober, Prober) else prober
+    base = prober.base_bytes if isinstance(prober, Prober) else base_bytes
+    fit = memory_fit_of(probes, base)
     if fit is None:
         return 0.0, 0.0
-    measured = sorted({p.batch_size: p.peak_bytes for p in prober.probes if p.peak_bytes is not None}.items())
+    measured = sorted({p.batch_size: p.peak_bytes for p in probes if p.peak_bytes is not None}.items())
     deviations = []
     for i, (b, m) in enumerate(measured):
         others = measured[:i] + measured[i + 1:]
@@ -419,9 +420,26 @@ def jitter_bytes(prober: Prober, tolerance: float = 0.03) -> tuple[float, float]
             continue
         (b0, m0), (b1, m1) = pair
         deviation = abs(m - (m0 + (m1 - m0) * (b - b0) / (b1 - b0)))
-        if deviation <= 0.10 * max(m - prober.base_bytes, 1):
+        if deviation <= 0.10 * max(m - base, 1):
             deviations.append(deviation)
     return (max(deviations) if deviations else 0.0), fit.slope
+
+
+def jitter_bound(probes: list[ProbeResult], base_bytes: int, budget_bytes: int, tolerance: float = 0.03) -> int | None:
+    """The largest size b with fit(b) + J <= budget where the probes show memory out of order size by
+    size (2J > what a sample adds: `jitter_bytes`); None where they show it in order."""
+    jitter, slope = jitter_bytes(probes, tolerance, base_bytes)
+    if slope <= 0 or 2 * jitter <= slope:
+        return None
+    return memory_fit_of(probes, base_bytes).max_batch_within(budget_bytes - jitter)
+
+
+def memory_fit_of(probes: list[ProbeResult], base_bytes: int) -> AffineFit | None:
+    """The memory fit through these probes (`Prober.memory_fit`)."""
+    points = [(p.batch_size, float(p.peak_bytes)) for p in probes if p.peak_bytes is not None]
+    if len(points) == 1:  # only batch 1 so far: the line from the base through it
+        points.append((0, float(base_bytes)))
+    return fit_affine(points)
 
 
 def clear_of_jitter(prober: Prober, good: int, tolerance: float, attempts: int = 3) -> int:
@@ -438,18 +456,11 @@ def clear_of_jitter(prober: Prober, good: int, tolerance: float, attempts: int =
     again). The answer is never over a size that succeeded, nor at or over one that failed."""
     budget = prober.memory_budget_bytes
     for attempt in range(attempts):
-        jitter, slope = jitter_bytes(prober, tolerance)
-        if slope <= 0 or 2 * jitter <= slope:
-            return good
-        bound = min(good, prober.memory_fit().max_batch_within(budget - jitter))
+        bound = jitter_bound(prober.probes, prober.base_bytes, budget, tolerance)
         failed = [p.batch_size for p in prober.probes if p.ran and not p.ok]
-        if failed:
-            bound = min(bound, min(failed) - 1)
-        if bound >= good:
-            return good
-        measured = [p.batch_size for p in prober.probes if p.ok and p.batch_size <= bound]
-        if bound < 1 or measured and max(measured) >= (1 - tolerance) * bound or attempt == attempts - 1:
-            return max(measured, default=1)
-        if prober.run(bound).ok:
-            good = bound
+        limit = min([good] + ([min(failed) - 1] if failed else []) + ([bound] if bound is not None else []))
+        best = max((p.batch_size for p in prober.probes if p.ok and p.batch_size <= limit), default=1)
+        if limit < 1 or best >= (1 - tolerance) * limit or attempt == attempts - 1:
+            return best
+        prober.run(limit)
     return good

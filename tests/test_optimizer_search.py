@@ -9,10 +9,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from optimizer.simulated import SimulatedDevice
-from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine, jitter_bytes
+from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine, jitter_bytes, memory_fit_of
 from optimizer.probe import ProbeResult
 from optimizer.select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
 from optimizer.tune import TuningSettings, autobatch, tune_on
+from optimizer.trust import check_tuning
 from optimizer.tuning import Tuning
 
 MiB = 2**20
@@ -380,6 +381,8 @@ def test_vit_b16_at_1_gib_is_never_served_over_the_brute_forces_largest_size():
     assert prober.by_size(tuning.max_safe_batch).ok
     assert prober.search_ran <= 6, [(p.batch_size, p.outcome) for p in prober.probes]
     assert any("jumps between neighbouring sizes" in note for note in tuning.notes)
+    # and the cache serves it: a measured size above the max is the search's own caution, not an edit
+    assert check_tuning(tuning, max_batch=MAX_BATCH, latency_budget_s=1e6, memory_budget_bytes=1024 * MiB) == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -404,13 +407,15 @@ def test_memory_that_jitters_size_by_size_is_never_served_over_a_smaller_size_th
     budget = int(base + headroom)
     assume(memory(1) <= budget)
     device = SimulatedDevice(memory, lambda b: math.hypot(0.005, 0.0003 * b), budget * 2, base_bytes=base)
-    result, prober = search(device, budget, knee=False)
-    chosen = result.max_safe_batch
-    assert prober.by_size(chosen).ok
+    tuning, prober = search(device, budget, latency_budget=1e6)
+    chosen = tuning.max_safe_batch
+    assert prober.by_size(chosen).ok and tuning.batch_size <= chosen
     failed = [p.batch_size for p in prober.probes if p.ran and not p.ok]
     assert not failed or chosen < min(failed)
+    assert check_tuning(tuning, max_batch=MAX_BATCH, latency_budget_s=1e6, memory_budget_bytes=budget) == []
     scan = next((b for b in range(1, MAX_BATCH + 1) if memory(b) > budget), MAX_BATCH + 1) - 1
-    measured_jitter, _ = jitter_bytes(prober)
-    fit = prober.memory_fit()
+    searched = [p for p in prober.probes if p.ran][:prober.search_ran]  # J and the fit the search decided on
+    measured_jitter, _ = jitter_bytes(searched, base_bytes=base)
+    fit = memory_fit_of(searched, base)
     if fit is not None and all(abs(memory(b) - fit.predict(b)) <= measured_jitter for b in range(1, chosen + 2)):
         assert chosen <= scan, [(p.batch_size, p.outcome) for p in prober.probes]
