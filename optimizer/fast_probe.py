@@ -168,6 +168,9 @@ def _at_measured(tuning: Tuning, real: dict[int, ProbeResult], size: int) -> Tun
     too_slow = [s for s, p in real.items() if not p.ok]
     ok_sizes = [p.batch_size for p in probes if p.ok and (not too_slow or p.batch_size < min(too_slow))]
     max_safe = max([s for s in ok_sizes if s <= max(tuning.max_safe_batch, size)] + [size])
+    # a fast probe above the max that the real batches overruled (they put the budget under it) is
+    # a prediction, not a measurement: it is not kept as a size that ran within the budgets
+    probes = tuple(p for p in probes if p.batch_size <= max_safe or not p.ok or p.batch_size in real)
     first = next((p for p in probes if p.batch_size == 1), None)
     first_latency = first.latency_s if first is not None and first.latency_s else served.latency_s
     first_throughput = first.throughput if first is not None and first.throughput else served.throughput

@@ -16,7 +16,7 @@ step-shaped memory by more than any fixed tolerance.)
 from __future__ import annotations
 
 from .probe import OK, OOM, OVER_LATENCY, OVER_MEMORY, PREDICTED
-from .search import jitter_bound
+from .jitter import jitter_bound
 from .tuning import Tuning, TuningFormatError
 
 OUTCOMES = (OK, OOM, OVER_MEMORY, OVER_LATENCY, PREDICTED)
