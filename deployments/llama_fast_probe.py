@@ -22,13 +22,19 @@ import time
 from typing import Callable
 
 
-def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, decode_steps: int = 8,
-                      warm_steps: int = 2, synchronize: Callable[[], None] = lambda: None) -> float:
+def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, decode_steps: int | None = None,
+                      warm_steps: int | None = None, synchronize: Callable[[], None] = lambda: None) -> float:
     """Run the prefill and a few decode steps at the worst cache length; return the predicted
-    seconds of generating `new_tokens` tokens for this batch."""
+    seconds of generating `new_tokens` tokens for this batch. By default 8 timed steps and 2 warm
+    ones for 64 new tokens or more (128: a twelfth of the generation's steps), fewer for a short
+    generation, where the probe must stay well under the generation it stands for (3 and 1 for 24)."""
     import torch
     from transformers import DynamicCache
 
+    if decode_steps is None:
+        decode_steps = min(8, max(3, new_tokens // 8))
+    if warm_steps is None:
+        warm_steps = min(2, max(1, new_tokens // 32))
     steps = max(0, min(decode_steps, new_tokens - 1))
     warm = max(0, min(warm_steps, new_tokens - 1 - steps))
     with torch.inference_mode():
