@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"run": run, "ingress": ingress, "model": model, "first_answer_s": seconds}
                     try:
                         t = httpx.get(f"{args.url}/{model}/tuning", timeout=30).json()
-                        row.update(cache=t.get("cache"), batch_size=t.get("batch_size"), device=t.get("device"),
+                        row.update(cache=t.get("cache"), batch_size=t.get("batch_size"), device_label=t.get("device"),
                                    **timeline_row(t.get("startup"), launched_at))
                         row["startup"] = t.get("startup")
                     except (httpx.HTTPError, ValueError):
