@@ -4,8 +4,8 @@ no tuning).
 
 For each run: launch `python -m serve.local CONFIG --ingress I` with AUTOBATCH_CACHE pointing at
 one file, note when the launcher's log says the Ray head is up and when `serve run` reports each
-application deployed, then send each model one sample over OIP v2 HTTP every 0.5 s until it answers
-200; the seconds from the launch to that answer are the model's start-up. Each replica's own
+application deployed, then send each model one sample over OIP v2 HTTP every 0.5 s (a poller per model) until it
+answers 200; the seconds from the launch to that answer are the model's start-up. Each replica's own
 timeline (GET /<model>/tuning `startup`, serve/timeline.py: process start, imports, spec, device,
 model load, cache read or tuning, warm-up, first request) is laid on the launch's clock, so the
 table says where every second went: "launch -> process" is the launcher's Ray start, `serve run`
@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -40,11 +41,11 @@ from bench_common import REPO, environment, say, table, write_json  # noqa: E402
 COLUMNS = [("run", "run", ""), ("model", "model", ""), ("first answer s", "first_answer_s", ".1f"),
            ("launch>proc", "launch_to_process_s", ".1f"), ("worker", "worker", ".1f"),
            ("imports", "imports", ".1f"), ("constr", "constructed", ".1f"), ("spec", "spec", ".1f"),
-           ("device", "device", ".1f"), ("load", "model_load", ".1f"), ("tuning", "tuning", ".1f"),
+           ("libs", "libraries", ".1f"), ("device", "device", ".1f"), ("load", "model_load", ".1f"), ("tuning", "tuning", ".1f"),
            ("warm", "warm_up", ".1f"), ("1st req", "first_request", ".1f"), ("cache", "cache", ""),
            ("batch", "batch_size", "")]
-MARKERS = {"ray_head_up": "autobatch: Ray head on", "serve_run_started": "Started Serve in namespace",
-           "all_deployed": "Deployed app"}
+MARKERS = {"ray_head_up": "autobatch: Ray head on", "serve_run_config": "Running config file",
+           "serve_started": "Started Serve in namespace"}
 
 
 def one_sample(model: str) -> dict:
@@ -103,23 +104,31 @@ class LogWatch:
 
 def first_answers(base: str, models: list[str], started: float, timeout_s: float,
                   watch: LogWatch | None = None) -> dict[str, float | None]:
-    pending = {m: one_sample(m) for m in models}
-    answered: dict[str, float | None] = {}
-    with httpx.Client(base_url=base, timeout=60) as http:
-        while pending and time.perf_counter() - started < timeout_s:
-            if watch is not None:
-                watch.poll()
-            for model, body in list(pending.items()):
+    """Each model polled by a thread of its own (one sample every 0.5 s until a 200), so a model that
+    is not up yet (its request waits in the router) never delays another's first answer."""
+    answered: dict[str, float] = {}
+
+    def poll(model: str) -> None:
+        body = one_sample(model)
+        with httpx.Client(base_url=base, timeout=10) as http:
+            while time.perf_counter() - started < timeout_s:
                 try:
-                    r = http.post(f"/v2/models/{model}/infer", json=body)
+                    if http.post(f"/v2/models/{model}/infer", json=body).status_code == 200:
+                        answered[model] = time.perf_counter() - started
+                        say(f"{model}: first answer {answered[model]:.1f} s after the launch")
+                        return
                 except httpx.HTTPError:
-                    continue
-                if r.status_code == 200:
-                    answered[model] = time.perf_counter() - started
-                    say(f"{model}: first answer {answered[model]:.1f} s after the launch")
-                    del pending[model]
-            time.sleep(0.5)
-    return {**answered, **{m: None for m in pending}}
+                    pass
+                time.sleep(0.5)
+
+    threads = [threading.Thread(target=poll, args=(m,), daemon=True) for m in models]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        if watch is not None:
+            watch.poll()
+        time.sleep(0.5)
+    return {m: answered.get(m) for m in models}
 
 
 def timeline_row(startup: dict | None, launched_at: float) -> dict:

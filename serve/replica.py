@@ -45,7 +45,7 @@ from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
 from .stats import ServingStats
-from .timeline import StartupTimeline
+from .timeline import StartupTimeline, import_libraries
 from .warmup import SizeWarmer
 
 from . import IMPORTED_AT_S
@@ -117,6 +117,8 @@ class Replica:
         else:
             kind = resolve_device_kind(self.builder.device)  # raises with a clear message when cuda is absent
         loop = asyncio.get_running_loop()
+        imported = await loop.run_in_executor(self._executor, import_libraries, self.spec.library_packages)
+        self.startup.phase("libraries", imported)
         self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
         self.startup.phase("device", kind)
         group = self.builder.tuning_group or os.environ.get(TUNING_GROUP_ENV)

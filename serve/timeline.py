@@ -8,7 +8,9 @@ phases of every replica and its own launch on one axis; process start from psuti
                 the deployment's deserialisation)
   imports       serve/optimizer/deployments modules and the model family's libraries (torch, ...)
   constructed   imports done -> the replica's constructor (Ray's actor set-up between them)
-  spec          the model family's spec (its module and libraries: torchvision, transformers, ...)
+  spec          the model family's spec (its module)
+  libraries     the family's libraries (torch, torchvision, transformers, ...), which the families
+                import lazily: without this phase they would hide in the device's or the load's
   device        the device and its memory meter (CUDA's context, NVML)
   model_load    the weights (or synthetic weights of the architecture) onto the device
   tuning        the cache read, or the tuning on a miss (`cache` says which)
@@ -26,7 +28,22 @@ import time
 
 log = logging.getLogger("ray.serve")
 
-PHASES = ("worker", "imports", "constructed", "spec", "device", "model_load", "tuning", "warm_up", "first_request")
+PHASES = ("worker", "imports", "constructed", "spec", "libraries", "device", "model_load", "tuning", "warm_up", "first_request")
+
+
+def import_libraries(distributions) -> str:
+    """Import a spec's `library_packages` (distribution names: opencv-python is imported by the
+    family itself); returns the modules imported, for the phase's note."""
+    import importlib
+
+    done = []
+    for name in distributions:
+        try:
+            importlib.import_module(name.replace("-", "_"))
+            done.append(name)
+        except ImportError:
+            continue
+    return ", ".join(done)
 
 
 def process_started_at() -> float | None:
