@@ -7,8 +7,11 @@ positions. Its time is the prefill plus one decode step per further token. So on
 1. the prefill at the worst prompt length (timed), exactly as generate() runs it (last logits only);
 2. the KV cache grown to the length the last decode steps attend to (zeros appended per layer:
    the same bytes the real cache holds then, without the steps that fill it);
-3. `decode_steps` decode steps against it (timed; the median is the time per token, at the longest
-   cache, so no shorter than a real step).
+3. `warm_steps` decode steps against it untimed (the first steps at a new cache length pay the
+   allocator's new blocks and the kernels' first launch at that shape), then `decode_steps` timed;
+   the median is the time per token, at the longest cache, so no shorter than a real step. Three
+   timed steps and none warm gave the 8B model 3.6-9.0 s for batches 3-74 on an H100, out of order
+   (docs/results/issue14/h100_llama_fast.log).
 Predicted generation time = prefill + (new_tokens - 1) x per token. The tuner checks its answer
 with one real generation and rescales the predictions if they disagree (optimizer/fast_probe.py).
 """
@@ -19,14 +22,21 @@ import time
 from typing import Callable
 
 
-def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, decode_steps: int = 3,
-                      synchronize: Callable[[], None] = lambda: None) -> float:
+def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, decode_steps: int | None = None,
+                      warm_steps: int | None = None, synchronize: Callable[[], None] = lambda: None) -> float:
     """Run the prefill and a few decode steps at the worst cache length; return the predicted
-    seconds of generating `new_tokens` tokens for this batch."""
+    seconds of generating `new_tokens` tokens for this batch. By default 8 timed steps and 2 warm
+    ones for 64 new tokens or more (128: a twelfth of the generation's steps), fewer for a short
+    generation, where the probe must stay well under the generation it stands for (3 and 1 for 24)."""
     import torch
     from transformers import DynamicCache
 
+    if decode_steps is None:
+        decode_steps = min(8, max(3, new_tokens // 8))
+    if warm_steps is None:
+        warm_steps = min(2, max(1, new_tokens // 32))
     steps = max(0, min(decode_steps, new_tokens - 1))
+    warm = max(0, min(warm_steps, new_tokens - 1 - steps))
     with torch.inference_mode():
         cache = DynamicCache()
         synchronize()
@@ -39,8 +49,8 @@ def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, deco
         del out
         if steps == 0:
             return prefill_s
-        # The cache at the length the real generation's last `steps` decode steps start from.
-        fill = new_tokens - 1 - steps
+        # The cache at the length the real generation's last `warm + steps` decode steps start from.
+        fill = new_tokens - 1 - steps - warm
         if fill > 0:
             for layer in cache.layers:
                 pad_shape = (*layer.keys.shape[:-2], fill, layer.keys.shape[-1])
@@ -48,7 +58,7 @@ def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, deco
                 layer.values = torch.cat([layer.values, layer.values.new_zeros(pad_shape)], dim=-2)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], fill))], 1)
         step_s = []
-        for _ in range(steps):
+        for _ in range(warm + steps):
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], 1)
             synchronize()
             started = time.perf_counter()
@@ -58,4 +68,4 @@ def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, deco
             step_s.append(time.perf_counter() - started)
             del out
         del cache
-    return prefill_s + (new_tokens - 1) * statistics.median(step_s)
+    return prefill_s + (new_tokens - 1) * statistics.median(step_s[warm:])

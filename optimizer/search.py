@@ -17,57 +17,17 @@ and was measured within both budgets. `find_max_safe_batch` says why >= 95% foll
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .devices import MemoryMeter
+from .fit import AffineFit, fit_affine, memory_fit_of  # noqa: F401 - fit_affine: tests and benchmarks import it from here
+from .jitter import clear_of_jitter, jitter_bytes  # noqa: F401 - jitter_bytes: the property tests
 from .probe import OOM, OVER_LATENCY, OVER_MEMORY, PREDICTED, ProbeResult, probe
 
 
 class BatchOneDoesNotFit(RuntimeError):
     """Even a single sample exceeds the memory budget: no batch size can be served."""
-
-
-@dataclass(frozen=True)
-class AffineFit:
-    """y ~ intercept + slope * b, from measurements; `None` slopes are never built."""
-
-    intercept: float
-    slope: float
-
-    def predict(self, batch_size: int) -> float:
-        return self.intercept + self.slope * batch_size
-
-    def max_batch_within(self, limit: float) -> int:
-        """Largest b with predict(b) <= limit (huge when the slope is flat)."""
-        if self.slope <= 0:
-            return 1 << 30 if self.intercept <= limit else 0
-        return int(math.floor((limit - self.intercept) / self.slope + 1e-9))  # a size exactly at the limit fits
-
-
-def fit_affine(points: list[tuple[int, float]]) -> AffineFit | None:
-    """Least squares over the upper part of the measured range (b >= largest/4), where memory and
-    latency are closest to linear; small batches carry fixed workspaces that would bend the line."""
-    points = sorted(set(points))
-    if len(points) < 2:
-        return None
-    # Take sizes from the top down until they span at least half the top size: a short lever arm
-    # (two probes at 631 and 645, say) turns a few percent of noise into a wild slope.
-    top = points[-1][0]
-    upper = [p for p in points if p[0] >= top / 4]
-    while len(upper) < len(points) and (len(upper) < 2 or top - upper[0][0] < top / 2):
-        upper = points[len(points) - len(upper) - 1:]
-    n = len(upper)
-    mean_b = sum(b for b, _ in upper) / n
-    mean_y = sum(y for _, y in upper) / n
-    var_b = sum((b - mean_b) ** 2 for b, _ in upper)
-    if var_b == 0:
-        return None
-    slope = sum((b - mean_b) * (y - mean_y) for b, y in upper) / var_b
-    if slope <= 0:  # noise between nearby sizes, not a real trend: predict nothing rather than nonsense
-        return None
-    return AffineFit(intercept=mean_y - slope * mean_b, slope=slope)
 
 
 @dataclass
@@ -122,10 +82,7 @@ class Prober:
         return None
 
     def memory_fit(self) -> AffineFit | None:
-        points = [(p.batch_size, float(p.peak_bytes)) for p in self.probes if p.peak_bytes is not None]
-        if len(points) == 1:  # only batch 1 so far: the line from the base through it
-            points.append((0, float(self.base_bytes)))
-        return fit_affine(points)
+        return memory_fit_of(self.probes, self.base_bytes)
 
     def verified_errors(self, within: float = 0.10) -> tuple[float | None, float | None]:
         """How far off the latest memory and latency predictions were (bytes, seconds), when they
@@ -376,11 +333,18 @@ def find_max_safe_batch(
             break
         run(target)
 
+    notes: list[str] = []
+    settled = clear_of_jitter(prober, good, tolerance)
+    if settled != good:
+        notes.append(f"memory jumps between neighbouring sizes by more than a sample adds (up to "
+                     f"{jitter_bytes(prober)[0] / 2**20:.0f} MiB): batch {good} ran within the budget but a "
+                     f"smaller batch, which the batcher also forms, may not; max safe batch {settled}")
+        good, bad_reason = settled, "memory"
     fit = prober.memory_fit()
-    if bad_reason == "memory" and fit is not None and hard_bad != good + 1 and good < max_batch:
+    if bad_reason == "memory" and fit is not None and hard_bad != good + 1 and good < max_batch and not notes:
         skipped = prober.by_size(good + 1)
         if skipped is None:  # say in the log what stopped the search without running it
             prober.skip(good + 1, fit.predict(good + 1))
     if good >= max_batch:
         bad_reason = "max_batch"
-    return SearchResult(good, prober.probes, base, bad_reason, fit)
+    return SearchResult(good, prober.probes, base, bad_reason, fit, notes)

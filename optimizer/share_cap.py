@@ -18,6 +18,7 @@ whether that costs throughput); `off` leaves the allocator uncapped.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger("autobatch")
 
@@ -54,4 +55,37 @@ def share_cap_applies(mode: str, device_kind: str, gpu_share: float) -> bool:
     return mode != "off" and device_kind == "cuda" and gpu_share < 1
 
 
-__all__ = ["MODES", "allocator_cap_fraction", "cap_allocator", "share_cap_applies"]
+@dataclass(frozen=True)
+class Exclusive:
+    """Whether a tuning takes the device's lock (optimizer/tune.py tuning_lock), and why."""
+
+    needed: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.needed
+
+
+def exclusive_tuning(device_kind: str, mode: str, gpu_share: float, share_of_card: float | None = None) -> Exclusive:
+    """Whether co-located replicas must tune one at a time.
+
+    The lock exists so that probes do not disturb each other. On a GPU each replica's meter reads
+    its own process's allocator and context (optimizer/devices.py CudaMeter), never the card's
+    whole usage, so a neighbour's probes cannot enter its measurement; what they could do is take
+    memory the neighbour needs, and a replica whose allocator is capped at its share of the card
+    (`share_cap_applies`) cannot. Those tune at the same time; their latencies are measured while
+    the others compute, as they will be served. On a CPU the replicas share the cores that every
+    probe's latency is timed on (and the knee there is a handful of samples), and a replica alone
+    on its card has no cap: they keep the lock. `share_of_card` (the Ray share the allocator is
+    capped at while tuning, when the mode caps it only after) is only reported."""
+    if device_kind != "cuda":
+        return Exclusive(True, "a CPU's cores time every probe: one tuning at a time")
+    if not share_cap_applies(mode, device_kind, gpu_share):
+        why = "share_cap is off" if mode == "off" else "the replica has the whole card (no cap)"
+        return Exclusive(True, f"{why}: one tuning at a time on the card")
+    cap = f" (allocator capped at {share_of_card:.2f} of the card while tuning)" if share_of_card else ""
+    return Exclusive(False, f"each replica's meter sees only its own process and its allocator is capped "
+                            f"at its share{cap}: the replicas on this card tune at the same time")
+
+
+__all__ = ["MODES", "Exclusive", "allocator_cap_fraction", "cap_allocator", "exclusive_tuning", "share_cap_applies"]

@@ -16,6 +16,7 @@ step-shaped memory by more than any fixed tolerance.)
 from __future__ import annotations
 
 from .probe import OK, OOM, OVER_LATENCY, OVER_MEMORY, PREDICTED
+from .jitter import jitter_bound
 from .tuning import Tuning, TuningFormatError
 
 OUTCOMES = (OK, OOM, OVER_MEMORY, OVER_LATENCY, PREDICTED)
@@ -134,8 +135,22 @@ def _disagreements_with_probes(t: Tuning) -> list[str]:
         if size not in ok_sizes and not (unbatched and size == 1):
             reasons.append(f"{name} {size} is not a size its probes ran within both budgets "
                            f"({_sizes(ok_sizes)})")
-    if ok_sizes and ok_sizes[-1] > t.max_safe_batch:
-        reasons.append(f"batch {ok_sizes[-1]} ran within both budgets, above max_safe_batch {t.max_safe_batch}")
+    # A size that ran within both budgets above the max is allowed only where the search put the max
+    # under it: a smaller size failed, or memory jitters size by size and it lies within the jitter
+    # of the budget (search.clear_of_jitter).
+    failed = [size for size, p in by_size.items() if p.outcome in (OOM, OVER_MEMORY, OVER_LATENCY) and size > 1]
+    above = [size for size in ok_sizes if size > t.max_safe_batch and not (failed and size > min(failed))]
+    if above:
+        ran, searched = 0, []  # the search's probes: those before the knee's
+        for p in t.probes:
+            ran += p.outcome != PREDICTED
+            if ran > t.search_probe_count:
+                break
+            searched.append(p)
+        bound = jitter_bound(searched, t.base_bytes, t.memory_budget_bytes)
+        above = [size for size in above if bound is None or size <= bound]
+    if above:
+        reasons.append(f"batch {above[-1]} ran within both budgets, above max_safe_batch {t.max_safe_batch}")
 
     served = by_size.get(t.batch_size)
     if served is not None and served.outcome == OK and served.latency_s is not None:

@@ -26,8 +26,9 @@ from .flight import SingleFlight, trusted_answer
 from .devices import (DeviceFingerprint, DeviceUnavailable, MemoryMeter, fingerprint, make_meter, package_version,
                       resolve_device_kind)
 from .model import ExampleBatches, TunableModel, default_latency_budget_s
-from .probe import PREDICTED, ProbeResult
+from .probe import OOM, OVER_MEMORY, PREDICTED, ProbeResult
 from .search import Prober, find_max_safe_batch
+from .share_cap import Exclusive
 from .select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
 from .tuning import CACHED, MEASURED, DeviceInfo, MemoryFit, Tuning
 
@@ -174,6 +175,14 @@ def tune_on(
         if size is None:
             break
         prober.run(size)
+    failed = [p.batch_size for p in prober.probes
+              if p.outcome in (OOM, OVER_MEMORY) and 1 < p.batch_size <= search.max_safe_batch]
+    if failed:  # a knee probe under the max went over memory (it jitters size by size): the max goes under it
+        below = max(p.batch_size for p in prober.probes if p.ok and p.batch_size < min(failed))
+        search.notes.append(f"batch {min(failed)} failed after the search chose {search.max_safe_batch}: "
+                            f"max safe batch {below}, the largest measured good size under it")
+        say(f"autobatch: {search.notes[-1]}")
+        search.max_safe_batch, search.stopped_by = below, "memory"
     chosen = select_serve_batch(prober.probes, search.max_safe_batch, latency_budget_s, settings.knee_fraction)
     first = prober.by_size(1)
     wait_s = batch_wait_timeout_s(chosen.latency_s, latency_budget_s, first.latency_s or 0.0,
@@ -230,6 +239,7 @@ def autobatch(
     say: Callable[[str], None] | None = None,
     loaded: bool = False,
     single_flight: SingleFlight | None = None,
+    exclusive: "Exclusive | bool" = True,
 ) -> Tuning:
     """Find the max safe batch and the batch to serve for `spec` here, or take them from the cache.
 
@@ -238,6 +248,8 @@ def autobatch(
     `single_flight(key)`: one tuning per cache key among many processes (optimizer/flight.py; a
     serve replica passes the cluster's coordinator): on a miss this waits for the key's flight and
     takes the answer another process measured meanwhile, or measures and publishes its own.
+    `exclusive` (share_cap.exclusive_tuning): whether the probes take the device's tuning lock (the
+    model loads before it either way, so one replica measures while the others load).
     """
     settings = settings or TuningSettings()
     say = say or log.info
@@ -264,22 +276,25 @@ def autobatch(
                     cache.put(key_fields, taken)  # the next start here finds it without asking
                 return taken.with_source(CACHED, key)
             say(f"autobatch: the answer another process published for {key} cannot be trusted ({taken}); tuning here")
-        with tuning_lock(fp):
+        started = time.perf_counter()
+        if meter is None:
+            meter = make_meter(resolved.kind, settings.device_index)
+        fast = run_batch is None and settings.fast_probes and spec.probe_batch is not None
+        if run_batch is None:
+            if not loaded:  # outside the device's lock: one replica measures while the others load
+                say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
+                spec.load(meter.torch_device, resolved.dtype)
+            run_batch = ExampleBatches(spec)
+        if not exclusive:
+            say(f"autobatch: {spec.name} on {fp.label}: tuning without the device's lock "
+                f"({getattr(exclusive, 'reason', 'exclusive=False')})")
+        with tuning_lock(fp) if exclusive else nullcontext():
             if cache is not None and not force:  # another replica may have just tuned it
                 hit = cache.get_trusted(key_fields)
                 if hit is not None:
                     say(f"autobatch: {spec.name} on {fp.label}: cache hit ({key}) after waiting for another "
                         f"tuning of it: serving batch {hit.batch_size}")
                     return hit.with_source(CACHED, key)
-            started = time.perf_counter()
-            if meter is None:
-                meter = make_meter(resolved.kind, settings.device_index)
-            fast = run_batch is None and settings.fast_probes and spec.probe_batch is not None
-            if run_batch is None:
-                if not loaded:
-                    say(f"autobatch: loading {spec.name} ({spec.weights_description()}) on {meter.torch_device} as {resolved.dtype}")
-                    spec.load(meter.torch_device, resolved.dtype)
-                run_batch = ExampleBatches(spec)
             meter.cleanup()
             base_bytes = meter.current_bytes()
 

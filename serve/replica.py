@@ -35,7 +35,7 @@ from deployments.registry import create_spec
 from optimizer.cache import open_cache
 from optimizer.devices import make_meter, resolve_device_kind
 from optimizer.tune import autobatch, resolve
-from optimizer.share_cap import cap_allocator, share_cap_applies
+from optimizer.share_cap import cap_allocator, exclusive_tuning, share_cap_applies
 from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
@@ -47,7 +47,12 @@ from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
 from .stats import ServingStats
+from .timeline import StartupTimeline, import_libraries
 from .warmup import SizeWarmer
+
+from . import IMPORTED_AT_S
+
+_IMPORTS_ENDED_AT_S = time.time()  # serve's modules imported: the start-up timeline's imports phase ends
 
 log = logging.getLogger("ray.serve")
 
@@ -74,6 +79,8 @@ class Replica:
         self.model_name = builder.model
         self._shed_log = ShedLog(builder.model, log, detail="refused when it could not be answered within 2 latency "
                                  "budgets + one batch (serve/admission.py); GET <route>/tuning serving.admission")
+        self.startup = StartupTimeline(builder.model, IMPORTED_AT_S, _IMPORTS_ENDED_AT_S)
+        self.startup.phase("constructed")
         self.cache = open_cache(builder.cache_path)
         self._knobs = knobs
         self._max_ongoing = max_ongoing
@@ -108,6 +115,7 @@ class Replica:
         # "measure again now" to the replicas running when it changes, not to every later start.
         self._last_retune = config.retune
         self.spec = create_spec(builder.model, builder.weights, **(builder.options or {}))
+        self.startup.phase("spec")
 
     async def start(self, gpu_ids: list) -> None:
         if self.builder.device == "auto":
@@ -115,7 +123,10 @@ class Replica:
         else:
             kind = resolve_device_kind(self.builder.device)  # raises with a clear message when cuda is absent
         loop = asyncio.get_running_loop()
+        imported = await loop.run_in_executor(self._executor, import_libraries, self.spec.library_packages)
+        self.startup.phase("libraries", imported)
         self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
+        self.startup.phase("device", kind)
         group = self.builder.tuning_group or os.environ.get(TUNING_GROUP_ENV)
         if group:  # nodes the fingerprint cannot tell apart, told apart: their own cache key, their own flight
             fp = self.meter.fingerprint
@@ -131,6 +142,7 @@ class Replica:
         log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", self.model_name,
                  self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
         await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
+        self.startup.phase("model_load")
         # Two device batches in flight where the stages overlap (the second prepares while the first
         # computes), else one: a batch is formed, and its deadlines checked, when it can run.
         self.device_queue.set_slots(2 if self._runner.overlaps else 1)
@@ -138,22 +150,29 @@ class Replica:
                  "batches overlap: the next one is prepared (copied, decoded) while this one computes"
                  if self._runner.overlaps else "one batch at a time (predict whole)")
         await self._tune(force=False)
+        self.startup.phase("tuning", f"cache {self.tuning.cache}")
         self._apply_batch_settings()
         await self._warm_sizes()
+        self.startup.phase("warm_up")
 
     # ----- tuning and settings -----
     async def _tune(self, force: bool) -> None:
         loop = asyncio.get_running_loop()
         settings = self.config.tuning_settings(self.meter.fingerprint.kind)
-        capped = share_cap_applies(self.builder.share_cap, self.meter.fingerprint.kind, self.builder.gpu_share)
+        kind = self.meter.fingerprint.kind
+        capped = share_cap_applies(self.builder.share_cap, kind, self.builder.gpu_share)
+        exclusive = exclusive_tuning(kind, self.builder.share_cap, self.builder.gpu_share,
+                                     self.builder.gpu_share if self.builder.share_cap == "serve" else None)
         async with self.locks.exclusive():  # no batch runs while the model is measured
             if capped and self.builder.share_cap == "tune":
                 await loop.run_in_executor(self._executor, self._cap_allocator, settings)
+            elif not exclusive:  # tuning beside the card's other replicas: none may take past its Ray share
+                await loop.run_in_executor(self._executor, self._cap_allocator, settings, self.builder.gpu_share)
             started = time.perf_counter()
             tuning: Tuning = await loop.run_in_executor(
                 self._executor,
                 lambda: autobatch(self.spec, settings, cache=self.cache, force=force, meter=self.meter,
-                                  loaded=True, say=log.info, single_flight=self._flights),
+                                  loaded=True, say=log.info, single_flight=self._flights, exclusive=exclusive),
             )
             wall_s = time.perf_counter() - started
             if capped and self.builder.share_cap == "serve":
@@ -170,12 +189,14 @@ class Replica:
         log.info("autobatch: %s on %s: %s in %.1f s (cache %s, key %s)", self.model_name, self.device_label,
                  tuning.decision, wall_s, tuning.cache, tuning.key, extra=CONSOLE)
 
-    def _cap_allocator(self, settings) -> None:
-        """This replica's share of the card, enforced on its own allocator (optimizer/share_cap.py)."""
+    def _cap_allocator(self, settings, share_of_card: float | None = None) -> None:
+        """This replica's share of the card, enforced on its own allocator (optimizer/share_cap.py):
+        its memory budget, or `share_of_card` of the whole card (while tuning beside others)."""
         import torch
 
         fp = self.meter.fingerprint
-        budget = resolve(self.spec, settings, fp).memory_budget_bytes
+        budget = (int(share_of_card * fp.total_memory_bytes) if share_of_card
+                  else resolve(self.spec, settings, fp).memory_budget_bytes)
         self._allocator_cap = cap_allocator(torch.cuda, self.meter.index, budget,
                                             getattr(self.meter, "outside_torch_bytes", 0), fp.total_memory_bytes)
 
@@ -299,6 +320,8 @@ class Replica:
                 self._apply_batch_settings()  # a user_config pin still wins there
         self.stats.samples_served += served
         self.metrics.inc("autobatch_samples_served", served)
+        if served and not self.startup.done("first_request"):
+            self.startup.phase("first_request")
         self._update_memory_gauge()
         return outcomes
 
@@ -365,5 +388,6 @@ class Replica:
                         "device_queue": self.device_queue.describe(),
                         "admission": self.admission.describe()},
             "warm_sizes": self._warm_report,
+            "startup": self.startup.to_dict(),
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),
         }

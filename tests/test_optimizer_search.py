@@ -9,10 +9,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from optimizer.simulated import SimulatedDevice
-from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine
+from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine, jitter_bytes, memory_fit_of
 from optimizer.probe import ProbeResult
 from optimizer.select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
 from optimizer.tune import TuningSettings, autobatch, tune_on
+from optimizer.trust import check_tuning
 from optimizer.tuning import Tuning
 
 MiB = 2**20
@@ -127,7 +128,13 @@ def test_noisy_memory_never_returns_a_size_measured_over_budget(base, per_sample
     assert probe.ok and probe.peak_bytes <= budget
     # The largest size that fits even at the worst noise: what a careful human would call safe.
     always_fits = true_max(lambda b: clean(b) * (1 + noise), None, budget, None, budget * 2)
-    assert result.max_safe_batch >= min(0.95 * always_fits, always_fits - 1)  # one step of noise at tiny sizes
+    if not result.notes:
+        assert result.max_safe_batch >= min(0.95 * always_fits, always_fits - 1)  # one step of noise at tiny sizes
+    else:
+        # Noise over a sample's memory makes sizes unordered: the search keeps the jitter it saw (up to
+        # twice the noise, measured against neighbours that are noisy too) under the budget.
+        careful = true_max(lambda b: clean(b) * (1 + noise) + 2 * noise * budget, None, budget, None, budget * 2)
+        assert result.max_safe_batch >= min(0.95 * careful, careful - 1)
 
 
 @settings(max_examples=100, deadline=None)
@@ -233,7 +240,10 @@ def test_flat_memory_at_small_sizes_never_leaps_unguarded_to_max_batch():
     expected = true_max(memory, None, 2048 * MiB, None, 4000 * MiB)
     assert max(device.runs) <= 2 * expected
     assert device.oom_count == 0
-    assert result.max_safe_batch >= 0.95 * expected
+    # A 64 MiB step is ten sizes: from its probes the search cannot tell it from memory that jitters
+    # size by size, and keeps one step of headroom under the budget (tests below: the ViT curve).
+    stepped = true_max(lambda b: memory(b) + block, None, 2048 * MiB, None, 4000 * MiB)
+    assert result.max_safe_batch >= 0.95 * stepped
 
 
 # GPU-shaped memory, read off the H200 logs (docs/results/h200_*): a base of 0.6-0.9 GiB, a workspace
@@ -332,3 +342,80 @@ def test_the_knee_of_affine_latency_is_found_exactly_in_two_probes_at_most(fixed
     # exactly there, unless the search's own sizes already bracket it within the resolution (1.3x)
     below = max(p.batch_size for p in prober.probes if p.ok and p.batch_size < selection.batch_size)
     assert knee <= selection.batch_size <= max(knee + 1, 1.3 * below)
+
+
+# ViT-B/16 at a 1 GiB budget on an H200 (docs/results/issue14/h200_search_after-vit_b_16.log): the
+# search's probes and the brute force's scan, MiB by batch size. Memory is not monotone here (35 takes
+# 1028, over the budget, 36 takes 1014): the workspace differs size by size. The search served 36
+# (measured within the budget), over the brute force's 34 (35 fails, and the batcher forms 35 too).
+VIT_1GIB_MIB = {0: 788, 1: 829, 5: 850, 19: 921.6, 28: 952, 29: 952, 30: 956, 31: 956, 32: 962, 33: 1004,
+                34: 966, 35: 1028, 36: 1014, 37: 1034, 42: 1065}
+VIT_1GIB_MS = {1: 6.3, 5: 3.8, 19: 5.6, 32: 7.4, 36: 7.7, 37: 9.7, 42: 9.4}
+
+
+def table_curve(table: dict, slope_past_end: float):
+    """Linear between the measured sizes, `slope_past_end` per size past the last one."""
+    sizes = sorted(table)
+
+    def value(b):
+        if b in table:
+            return table[b]
+        if b > sizes[-1]:
+            return table[sizes[-1]] + slope_past_end * (b - sizes[-1])
+        hi = next(s for s in sizes if s > b)
+        lo = max(s for s in sizes if s < b)
+        return table[lo] + (table[hi] - table[lo]) * (b - lo) / (hi - lo)
+    return value
+
+
+def test_vit_b16_at_1_gib_is_never_served_over_the_brute_forces_largest_size():
+    mib, ms = table_curve(VIT_1GIB_MIB, 6.25), table_curve(VIT_1GIB_MS, 0.2)
+    device = SimulatedDevice(lambda b: mib(b) * MiB, lambda b: ms(b) / 1e3, capacity_bytes=2000 * MiB,
+                             base_bytes=788 * MiB)
+    tuning, prober = search(device, 1024 * MiB, latency_budget=1e6)
+    scan = next(b for b in range(1, 100) if mib(b) * MiB > 1024 * MiB) - 1
+    assert scan == 34
+    assert tuning.max_safe_batch <= scan, [(p.batch_size, p.outcome) for p in prober.probes]
+    assert tuning.max_safe_batch >= 0.9 * scan
+    assert tuning.batch_size <= tuning.max_safe_batch
+    assert prober.by_size(tuning.max_safe_batch).ok
+    assert prober.search_ran <= 6, [(p.batch_size, p.outcome) for p in prober.probes]
+    assert any("jumps between neighbouring sizes" in note for note in tuning.notes)
+    # and the cache serves it: a measured size above the max is the search's own caution, not an edit
+    assert check_tuning(tuning, max_batch=MAX_BATCH, latency_budget_s=1e6, memory_budget_bytes=1024 * MiB) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.integers(600 * MiB, 900 * MiB),
+    per_sample=st.floats(2 * MiB, 26 * MiB),
+    jitter=st.floats(0, 60 * MiB),
+    headroom=st.floats(0.05 * 2**30, 2 * 2**30),
+    seed=st.integers(0, 2**31),
+)
+def test_memory_that_jitters_size_by_size_is_never_served_over_a_smaller_size_that_fails(
+        base, per_sample, jitter, headroom, seed):
+    """A workspace that differs size by size, as ViT-B/16's did on an H200: base + a line + up to
+    `jitter` bytes, fixed per size. The answer is a measured good size under every measured failure,
+    and whenever the curve keeps within the jitter J the search measured of its memory fit f, it is
+    never over the brute force's largest size (the smallest failing size - 1): if 2J <= a sample's
+    memory, f(b) + J <= f(b + 1) - J puts the sizes in order; otherwise f(answer) + J <= budget bounds
+    every size below it."""
+    rng = random.Random(seed)
+    extra = [rng.uniform(0, jitter) for _ in range(MAX_BATCH + 2)]
+    memory = lambda b: base if b == 0 else base + 20 * MiB + per_sample * b + extra[b]
+    budget = int(base + headroom)
+    assume(memory(1) <= budget)
+    device = SimulatedDevice(memory, lambda b: math.hypot(0.005, 0.0003 * b), budget * 2, base_bytes=base)
+    tuning, prober = search(device, budget, latency_budget=1e6)
+    chosen = tuning.max_safe_batch
+    assert prober.by_size(chosen).ok and tuning.batch_size <= chosen
+    failed = [p.batch_size for p in prober.probes if p.ran and not p.ok]
+    assert not failed or chosen < min(failed)
+    assert check_tuning(tuning, max_batch=MAX_BATCH, latency_budget_s=1e6, memory_budget_bytes=budget) == []
+    scan = next((b for b in range(1, MAX_BATCH + 1) if memory(b) > budget), MAX_BATCH + 1) - 1
+    searched = [p for p in prober.probes if p.ran][:prober.search_ran]  # J and the fit the search decided on
+    measured_jitter, _ = jitter_bytes(searched, base_bytes=base)
+    fit = memory_fit_of(searched, base)
+    if fit is not None and all(abs(memory(b) - fit.predict(b)) <= measured_jitter for b in range(1, chosen + 2)):
+        assert chosen <= scan, [(p.batch_size, p.outcome) for p in prober.probes]
