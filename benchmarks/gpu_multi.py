@@ -217,17 +217,21 @@ def main() -> int:
     p.add_argument("--no-warm-restart", action="store_true")
     p.add_argument("--fixed-ms", type=float, default=100.0, help="--stand-in: the batch's fixed time")
     p.add_argument("--per-sample-ms", type=float, default=2.0, help="--stand-in: its time per sample")
+    p.add_argument("--min-cards", type=int, default=2, help="refuse a host with fewer GPUs (1: a smoke run of the "
+                   "GPU path on one card, e.g. with --per-card 2)")
     p.add_argument("--verbose", action="store_true", help="the replicas' logs on stderr")
     p.add_argument("--out", default=None, help="default $OUT/gpu_multi.json, else benchmarks/results/gpu_multi[-stand-in].json")
     args = p.parse_args()
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_multi.json") if os.environ.get("OUT") else
                        os.path.join(HERE, "results", f"gpu_multi{'-stand-in' if args.stand_in else ''}.json"))
     cards_seen = gpu_cards()
-    if not args.stand_in and len(cards_seen) < 2:
+    if not args.stand_in and len(cards_seen) < args.min_cards:
         say(f"this host has {len(cards_seen)} GPU(s) ({cards_seen or 'nvidia-smi found none'}); the measurement needs "
-            f"2 or more; on a CPU run it with --stand-in")
+            f"{args.min_cards} or more; on a CPU run it with --stand-in")
         return 2
-    result = {"environment": environment("cpu" if args.stand_in else "cuda"), "config": vars(args),
+    # environment("cpu"): its "cuda" kind opens a CUDA context on card 0 in this process, memory the
+    # replicas there would then not have; the cards are recorded from nvidia-smi instead
+    result = {"environment": environment("cpu"), "config": vars(args),
               "cards": cards_seen if not args.stand_in else [f"stand-in {i}" for i in range(args.cards)], "stages": {}}
 
     def save(stage: str, value) -> None:
