@@ -27,19 +27,31 @@ def default_memory_fraction(kind: str, cpu_share: float | None, gpu_share: float
     return None
 
 
-def app_fractions(applications: list[dict], kind: str, node_cpus: float) -> dict[str, float]:
-    """Each app's memory fraction of one device, times its replicas (0 for an app that serves no model)."""
+def app_replicas(args: dict, kind: str, devices: int = 1) -> int:
+    """How many replicas of an app one config can run at most, as serve/app.py places them: the
+    fixed num_replicas; else, on GPUs, one per card (replicas_per_gpu k: k per card); else 1. Under
+    autoscaling (num_replicas auto, or an autoscaling_config) its max_replicas, which defaults to the same."""
+    per_card = int(args.get("replicas_per_gpu") or 1) if kind == "cuda" else 1
+    default = max(1, int(devices)) * per_card if kind == "cuda" else 1
+    scaling = args.get("autoscaling_config")
+    if args.get("num_replicas") == "auto" or scaling is not None:
+        return max(int((scaling or {}).get("max_replicas", default)), int((scaling or {}).get("min_replicas", 1)))
+    return int(args["num_replicas"]) if args.get("num_replicas") is not None else default
+
+
+def app_fractions(applications: list[dict], kind: str, node_cpus: float, devices: int = 1) -> dict[str, float]:
+    """Each app's memory fraction of one device, times its replicas at most (0 for an app that serves
+    no model), over `devices` devices of `kind`."""
     out = {}
     for app in applications:
         args = app.get("args") or {}
         if "model" not in args:  # a router (serve.oip.router) holds no model and tunes nothing
             out[str(app.get("name"))] = 0.0
             continue
-        replicas = int(args.get("num_replicas", 1))
+        replicas = app_replicas(args, kind, devices)
         gpu_share = float(args.get("num_gpus", 1.0))
         per_gpu = args.get("replicas_per_gpu")
         if kind == "cuda" and per_gpu:  # serve/app.py's placement: k replicas of 1/k of a card each
-            replicas = int(args.get("num_replicas", per_gpu))
             gpu_share = 1.0 / int(per_gpu)
         fraction = args.get("memory_fraction")
         if fraction is None:
@@ -57,11 +69,12 @@ def app_fractions(applications: list[dict], kind: str, node_cpus: float) -> dict
 def check_memory_shares(applications: list[dict], kind: str, node_cpus: float, devices: int = 1) -> dict[str, float]:
     """Raise BudgetError unless the apps' fractions (x replicas) sum to at most MAX_TOTAL_FRACTION of
     `devices` devices of `kind` (the node's RAM for cpu, its cards for cuda); else the fractions."""
-    fractions = app_fractions(applications, kind, node_cpus)
+    fractions = app_fractions(applications, kind, node_cpus, devices)
     total = sum(fractions.values())
     if total > MAX_TOTAL_FRACTION * devices + 1e-9:
         parts = ", ".join(f"{name} {f:.2f}" for name, f in fractions.items())
         what = "the machine's RAM" if kind == "cpu" else f"{devices} GPU(s)"
         raise BudgetError(f"the apps' memory budgets add up to {total:.2f} of {what} ({parts}); together they may use "
-                          f"at most {MAX_TOTAL_FRACTION * devices:g}: lower their memory_fraction (x num_replicas)")
+                          f"at most {MAX_TOTAL_FRACTION * devices:g}: lower their memory_fraction (x num_replicas, "
+                          f"or x max_replicas under autoscaling)")
     return fractions

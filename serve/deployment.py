@@ -122,7 +122,7 @@ class AutobatchDeployment:
         # so a replica tunes once, with the settings it will serve under.
         config = builder.with_user_config(_initial_user_config())
         self.replica = Replica(builder, config, knobs=self._infer, max_ongoing=self._max_ongoing_requests,
-                               cpus=_assigned_cpus())
+                               cpus=_assigned_cpus(), autoscaling=self._autoscaling_config)
         await self.replica.start(_gpu_ids())
         self._routes = HttpRoutes(self.replica, self._infer)
         self._tensors = TensorRoutes(self.replica)
@@ -132,6 +132,17 @@ class AutobatchDeployment:
             return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
         except Exception:  # noqa: BLE001 - private field; the builder's value is the same unless changed since
             return self.replica.builder.max_ongoing_requests
+
+    def _autoscaling_config(self):
+        try:
+            return serve.get_replica_context()._deployment_config.autoscaling_config
+        except Exception:  # noqa: BLE001 - private field; only GET /tuning's report lacks it
+            return None
+
+    def record_autoscaling_stats(self) -> dict:
+        """Ray's custom autoscaling metrics hook: this replica's derived target and the samples it holds,
+        for serve/autoscaling.py's policy in the controller."""
+        return self.replica.autoscaling_stats()
 
     async def reconfigure(self, user_config: dict) -> None:
         await self.replica.reconfigure(user_config)

@@ -40,6 +40,7 @@ from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
+from .autoscaling import PENDING_SAMPLES_METRIC, TARGET_SAMPLES_METRIC, AutoscalingTargets, derive_targets, replica_report
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
 from .logs import CONSOLE, ShedLog, setup_replica_logging
@@ -70,10 +71,12 @@ class BatchKnobs(Protocol):
 class Replica:
     """`builder` is the configuration from the app builder alone; `config` the one in force (the
     builder's overlaid by the user_config, serve/settings.py). `max_ongoing()` reads the
-    deployment's max_ongoing_requests now (a batch can never be larger)."""
+    deployment's max_ongoing_requests now (a batch can never be larger); `autoscaling()` its Ray
+    autoscaling config (None: a fixed replica count)."""
 
     def __init__(self, builder: ReplicaConfig, config: ReplicaConfig, knobs: BatchKnobs,
-                 max_ongoing: Callable[[], int | None], cpus: float | None = None):
+                 max_ongoing: Callable[[], int | None], cpus: float | None = None,
+                 autoscaling: Callable[[], object] = lambda: None):
         setup_replica_logging()  # autobatch's lines into this replica's log file, flushed; warnings to the console
         self.builder, self.config = builder, config
         self.model_name = builder.model
@@ -84,6 +87,9 @@ class Replica:
         self.cache = open_cache(builder.cache_path)
         self._knobs = knobs
         self._max_ongoing = max_ongoing
+        self._autoscaling = autoscaling
+        self._autoscaling_logged: AutoscalingTargets | None = None
+        self.gpu_ids: list = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
         # the next batch's prepare, beside this one's forward, for a spec whose stages overlap
         self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-prepare")
@@ -118,6 +124,7 @@ class Replica:
         self.startup.phase("spec")
 
     async def start(self, gpu_ids: list) -> None:
+        self.gpu_ids = list(gpu_ids)
         if self.builder.device == "auto":
             kind = "cuda" if gpu_ids else "cpu"
         else:
@@ -216,6 +223,10 @@ class Replica:
                          "faults": self.config.faults.describe()}
         self.metrics.batch_settings(s.size, s.wait_s)
         self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
+        targets = self.autoscaling_targets()
+        if targets != self._autoscaling_logged:
+            self._autoscaling_logged = targets
+            log.info("autobatch: %s: autoscaling %s", self.model_name, targets.reason)
 
     async def reconfigure(self, user_config: dict | None) -> None:
         config = self.builder.with_user_config(user_config)
@@ -346,6 +357,23 @@ class Replica:
             self._oom_cap = cap
             self._apply_batch_settings()
 
+    # ----- what Ray's autoscaler hears (serve/autoscaling.py) -----
+    def autoscaling_targets(self) -> AutoscalingTargets | None:
+        """The target and the admission bound as of now (the served batch time moves the bound); None untuned."""
+        if self.settings is None:
+            return None
+        admission = self.admission.describe()
+        return derive_targets(self.settings.size, self.device_queue.describe()["slots"], admission["bound_s"],
+                              admission["batch_time_s"], self.settings.wait_s)
+
+    def autoscaling_stats(self) -> dict:
+        """The custom autoscaling metrics Ray's controller hands the policy: nothing before the tuning."""
+        targets = self.autoscaling_targets()
+        if targets is None:
+            return {}
+        return {TARGET_SAMPLES_METRIC: float(targets.target_ongoing_samples),
+                PENDING_SAMPLES_METRIC: float(self.admission.pending_samples)}
+
     def count_error(self, status: int) -> None:
         self.stats.errors[str(status)] += 1
         self.metrics.inc("autobatch_request_errors", status=str(status))
@@ -380,13 +408,15 @@ class Replica:
                         "tuning_wall_s": self._tuning_wall_s, "started_at": self._started_at,
                         "tuning_group": self.meter.fingerprint.extra.get("tuning_group"),
                         "single_flight": self._flights is not None, "allocator_cap_fraction": self._allocator_cap,
-                        "decode_threads": self.decode_threads},
+                        "decode_threads": self.decode_threads, "gpu_ids": self.gpu_ids},
             # the ratio as of now; the wait moves only when the controller checks (optimizer/wait.py)
             "serving": {**self._serving,
                         "served_vs_tuned_latency": wait.ratio if wait else None,
                         "served_batches_compared": wait.batches if wait else 0,
                         "device_queue": self.device_queue.describe(),
-                        "admission": self.admission.describe()},
+                        "admission": self.admission.describe(),
+                        "autoscaling": replica_report(self.autoscaling_targets(), self._autoscaling(),
+                                                      self._max_ongoing())},
             "warm_sizes": self._warm_report,
             "startup": self.startup.to_dict(),
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),

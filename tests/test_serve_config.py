@@ -73,7 +73,7 @@ def _deployment_of(app):
 def test_builder_places_replicas_on_a_gpu_share_when_the_cluster_has_gpus(monkeypatch):
     import serve.app as app_module
 
-    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 4.0)
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda resources=None: 4.0)
     d = _deployment_of(app_module.build({"model": "resnet50", "num_gpus": 0.25, "num_cpus": 0.5, "max_batch": 64}))
     assert d.ray_actor_options["num_gpus"] == 0.25 and d.ray_actor_options["num_cpus"] == 0.5
     assert d.max_ongoing_requests == 128  # twice the largest batch, not Ray's default of 5
@@ -82,7 +82,7 @@ def test_builder_places_replicas_on_a_gpu_share_when_the_cluster_has_gpus(monkey
     d = _deployment_of(app_module.build({"model": "resnet50", "device": "cpu"}))
     assert d.ray_actor_options["num_gpus"] == 0
 
-    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 0.0)
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda resources=None: 0.0)
     d = _deployment_of(app_module.build({"model": "resnet50", "num_gpus": 0.25, "num_cpus": 0.25}))
     assert d.ray_actor_options["num_gpus"] == 0 and d.ray_actor_options["num_cpus"] == 0.25
 
@@ -95,14 +95,14 @@ def test_replicas_per_gpu_packs_k_replicas_that_share_one_tuning_key(monkeypatch
     from deployments.registry import create_spec
     from pydantic import ValidationError
 
-    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 1.0)
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda resources=None: 1.0)
     d = _deployment_of(app_module.build({"model": "resnet50", "replicas_per_gpu": 4}))
     assert d.ray_actor_options["num_gpus"] == 0.25 and d.num_replicas == 4
     d = _deployment_of(app_module.build({"model": "resnet50", "replicas_per_gpu": 2, "num_replicas": 6}))
     assert d.ray_actor_options["num_gpus"] == 0.5 and d.num_replicas == 6  # three cards' worth
     with pytest.raises(ValidationError, match="disagree"):
         app_module.build({"model": "resnet50", "replicas_per_gpu": 2, "num_gpus": 0.25})
-    monkeypatch.setattr(app_module, "cluster_gpus", lambda: 0.0)  # a CPU cluster: one replica, no GPU
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda resources=None: 0.0)  # a CPU cluster: one replica, no GPU
     d = _deployment_of(app_module.build({"model": "resnet50", "replicas_per_gpu": 4}))
     assert d.ray_actor_options["num_gpus"] == 0 and d.num_replicas == 1
 
