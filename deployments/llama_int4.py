@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,21 +32,14 @@ from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, decode_e
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from .llama_scheduler import DEFAULT_PAGE_TOKENS, ContinuousScheduler, plan_capacity, token_budget_candidates
 from .byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_LAYOUT, build_byte_tokenizer  # noqa: F401
+from .llama_weights import (CACHE_ENV, COMMON_CONFIG, MARKER, SYNTHETIC_CONFIGS, default_model_cache_dir,  # noqa: F401
+                            ensure_synthetic_folder)
 
-# Every Linear dimension a multiple of 64: bitsandbytes' CPU 4-bit kernels work in blocks of 64.
-SYNTHETIC_CONFIGS: dict[str, dict] = {
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-}
-COMMON_CONFIG = dict(rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu", tie_word_embeddings=False,
-                     bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 CONFIG_ENV = "AUTOBATCH_LLAMA_CONFIG"
-CACHE_ENV = "AUTOBATCH_MODEL_CACHE"
-MARKER = "autobatch-synthetic.json"
 ALLOWED_KEYS = ("prompt", "max_new_tokens")
+SCHEDULERS = ("continuous", "static")
 EXAMPLE_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
@@ -61,13 +52,6 @@ class Prompt:
     truncated: bool = False
     min_new_tokens: int = 0  # > 0 only in tuning batches: forces the full length (no early end-of-text)
     text: str = field(default="", repr=False)
-
-
-def default_model_cache_dir() -> str:
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "autobatch", "models")
 
 
 def trim_completion(tokens: list[int], max_new_tokens: int, eos_ids) -> tuple[list[int], str]:
@@ -93,8 +77,22 @@ class LlamaInt4Spec(ModelSpec):
 
     def __init__(self, weights_path: str | None = None, config: str | None = None, max_prompt_tokens: int = 512,
                  max_new_tokens: int = 128, default_new_tokens: int | None = None, truncate_prompt: bool = False,
-                 max_request_bytes: int | None = None, model_cache_dir: str | None = None, **options: Any):
+                 max_request_bytes: int | None = None, model_cache_dir: str | None = None,
+                 scheduler: str = "continuous", tpot_target_ms: float | None = None,
+                 kv_page_tokens: int = DEFAULT_PAGE_TOKENS, kv_queue_factor: float = 1.0, **options: Any):
         super().__init__(weights_path, **options)
+        if scheduler not in SCHEDULERS:
+            raise SpecConfigError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)} "
+                                  f"(option `scheduler`)")
+        self.scheduler_kind = scheduler
+        try:
+            self.tpot_target_ms = None if tpot_target_ms is None else float(tpot_target_ms)
+            self.kv_page_tokens, self.kv_queue_factor = int(kv_page_tokens), float(kv_queue_factor)
+        except (TypeError, ValueError):
+            raise SpecConfigError("tpot_target_ms and kv_queue_factor must be numbers, kv_page_tokens a whole number") from None
+        if (self.tpot_target_ms is not None and self.tpot_target_ms <= 0) or self.kv_page_tokens < 4 or self.kv_queue_factor < 0:
+            raise SpecConfigError("tpot_target_ms must be > 0, kv_page_tokens >= 4 and kv_queue_factor >= 0")
+        self.scheduler = None  # the running ContinuousScheduler (deployments/llama_scheduler.py), once started
         self.config_name = config or os.environ.get(CONFIG_ENV) or "small"
         if self.weights_path is None and self.config_name not in SYNTHETIC_CONFIGS:
             raise SpecConfigError(f"unknown Llama config {self.config_name!r}; use one of {', '.join(SYNTHETIC_CONFIGS)} "
@@ -140,8 +138,12 @@ class LlamaInt4Spec(ModelSpec):
                 "tokenizer": TOKENIZER_LAYOUT}
 
     def input_signature(self) -> dict:
-        return {"quantization": "bnb-nf4", "architecture": self.architecture(),
-                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+        signature = {"quantization": "bnb-nf4", "architecture": self.architecture(),
+                     "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+        if self.scheduler_kind != "static":  # static keys stay as before: their cached tunings stay valid
+            signature["scheduler"] = {"kind": self.scheduler_kind, "tpot_target_ms": self.tpot_target_ms,
+                                      "kv_page_tokens": self.kv_page_tokens}
+        return signature
 
     def weights_description(self) -> str:
         if self.weights_path:
@@ -168,46 +170,8 @@ class LlamaInt4Spec(ModelSpec):
         return os.path.join(root, f"llama_int4-{self.config_name}-{digest}")
 
     def ensure_synthetic_folder(self, build_device: str = "cpu") -> str:
-        """Write the synthetic model (random bf16 weights + tokenizer) once; later calls reuse it.
-
-        Concurrent replicas wait on a file lock; the folder appears atomically (built aside, renamed)."""
-        from filelock import FileLock
-
-        folder = self.synthetic_folder()
-        if os.path.exists(os.path.join(folder, MARKER)):
-            return folder
-        root = os.path.dirname(folder)
-        os.makedirs(root, exist_ok=True)
-        with FileLock(folder + ".lock"):
-            if os.path.exists(os.path.join(folder, MARKER)):
-                return folder
-            import torch
-            from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-            work = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".building-", dir=root)
-            try:
-                config = LlamaConfig(**SYNTHETIC_CONFIGS[self.config_name], **COMMON_CONFIG)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    with torch.device(build_device):
-                        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-                model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                                                           pad_token_id=PAD_ID, do_sample=False)
-                model.save_pretrained(work, max_shard_size="2GB")
-                del model
-                build_byte_tokenizer().save_pretrained(work)
-                with open(os.path.join(work, MARKER), "w") as f:
-                    json.dump({"architecture": self.architecture(), "weights": "random (seed 0), bfloat16"}, f, indent=1)
-                if os.path.exists(folder):  # an incomplete leftover (no marker): replace it
-                    shutil.rmtree(folder)
-                os.rename(work, folder)
-            except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-            finally:
-                if build_device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-        return folder
+        """Write the synthetic model (random bf16 weights + tokenizer) once; later calls reuse it."""
+        return ensure_synthetic_folder(self.synthetic_folder(), self.config_name, self.architecture(), build_device)
 
     def get_tokenizer(self):
         """The tokenizer; available before `load` so `decode` can count tokens."""
@@ -257,6 +221,57 @@ class LlamaInt4Spec(ModelSpec):
         self.device, self.dtype_name = device, dtype
         self.model = model
         return model
+
+    # --- the continuous scheduler (deployments/llama_scheduler.py)
+    def start_scheduler(self, max_sequences: int, latency_budget_s: float | None, say=print) -> ContinuousScheduler:
+        """Size the manager from the tuning (max safe batch at the worst length) and a few timed forwards
+        (the per-step token budget within the time-per-output-token target), then start it."""
+        import torch
+
+        from .llama_fast_probe import forward_seconds
+
+        self.stop_scheduler()
+        budget_s = latency_budget_s or self.default_latency_budget_s
+        tpot_s = self.tpot_target_ms / 1e3 if self.tpot_target_ms else budget_s / self.max_new_tokens
+        sync = (lambda: torch.cuda.synchronize(self.device)) if str(self.device).startswith("cuda") else (lambda: None)
+        step_s: dict[int, float] = {}
+        for tokens in token_budget_candidates(max_sequences, self.max_prompt_tokens):
+            step_s[tokens] = forward_seconds(self.model, tokens, synchronize=sync)
+            say(f"autobatch: llama step of {tokens} tokens: {step_s[tokens] * 1e3:.1f} ms")
+            if step_s[tokens] > tpot_s:
+                break
+        plan = plan_capacity(max_sequences, self.max_prompt_tokens, self.max_new_tokens, tpot_s, step_s,
+                             page_tokens=self.kv_page_tokens)
+        for reason in plan.reasons:
+            say(f"autobatch: llama scheduler: {reason}")
+        self.scheduler = ContinuousScheduler(self.model, plan, self.eos_ids, self.pad_id, self.max_new_tokens)
+        return self.scheduler
+
+    def stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """A chat as prompt tokens: the checkpoint's own chat template when it has one, else the synthetic
+        tokenizer's (`<|role|>` lines, the assistant's turn open); message text never becomes control tokens."""
+        tokenizer = self.get_tokenizer()
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = [tokenizer.bos_token_id]
+        for message in messages:
+            text = f"<|{message['role']}|>\n{message['content']}\n"
+            ids += tokenizer(text, split_special_tokens=True, add_special_tokens=False)["input_ids"]
+        return ids + tokenizer("<|assistant|>\n", add_special_tokens=False)["input_ids"]
+
+    def checked_ids(self, ids: list[int], new_tokens: int, names: tuple[str, str] = ("messages", "max_tokens")) -> Prompt:
+        """Token ids (a chat) held to the same limits as a prompt."""
+        if len(ids) > self.max_prompt_tokens:
+            raise PayloadError(f"{names[0]} is {len(ids)} tokens, over the limit of {self.max_prompt_tokens}; shorten it", 413)
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= self.max_new_tokens:
+            raise PayloadError(f'"{names[1]}" must be a whole number 1..{self.max_new_tokens}, got {new_tokens!r}', 422)
+        return Prompt(list(ids), new_tokens)
 
     # --- samples
     def example_batch(self, n: int) -> list[Prompt]:
