@@ -268,7 +268,8 @@ class LlamaInt4Spec(ModelSpec):
     def checked_ids(self, ids: list[int], new_tokens: int, names: tuple[str, str] = ("messages", "max_tokens")) -> Prompt:
         """Token ids (a chat) held to the same limits as a prompt."""
         if len(ids) > self.max_prompt_tokens:
-            raise PayloadError(f"{names[0]} is {len(ids)} tokens, over the limit of {self.max_prompt_tokens}; shorten it", 413)
+            raise PayloadError(f"{names[0]} is {len(ids)} tokens with the chat template, over the limit of "
+                               f"{self.max_prompt_tokens}; shorten it", 413)
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 1 <= new_tokens <= self.max_new_tokens:
             raise PayloadError(f'"{names[1]}" must be a whole number 1..{self.max_new_tokens}, got {new_tokens!r}', 422)
         return Prompt(list(ids), new_tokens)

@@ -252,6 +252,7 @@ class ContinuousScheduler:
         self._ids = itertools.count()
         self._live: dict[str, Generation] = {}
         self._lock = threading.Lock()
+        self.cancelled = 0  # requests stopped before their end (client gone, stop string)
         self.manager.start()
         log.info("autobatch: llama continuous batching started: %s", "; ".join(plan.reasons))
 
@@ -313,6 +314,7 @@ class ContinuousScheduler:
         """Stop a request (the client went away, or a stop string matched): its blocks are freed."""
         if not generation.finished:
             generation.finished = True
+            self.cancelled += 1
             self.manager.cancel_request(generation.request_id)
             with self.manager.output_router._lock:
                 self.manager.output_router.result_handlers.pop(generation.request_id, None)
@@ -336,4 +338,4 @@ class ContinuousScheduler:
             live = list(self._live.values())
         return {"running": running, "waiting": waiting, "kv_blocks_used": used, "kv_blocks_total": self.plan.num_blocks,
                 "in_flight": len(live), "kv_blocks_reserved": sum(g.blocks for g in live),
-                "loop_alive": self.manager.is_running()}
+                "cancelled": self.cancelled, "loop_alive": self.manager.is_running()}
