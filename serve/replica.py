@@ -284,7 +284,11 @@ class Replica:
         """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py),
         or, scheduled continuously, each goes to the scheduler and is answered when its own tokens are done."""
         if self.llm is not None:
-            return list(await asyncio.gather(*(llm_outcome(self.llm, item) for item in items)))
+            outcomes = list(await asyncio.gather(*(llm_outcome(self.llm, item) for item in items)))
+            served = sum(o.ok for o in outcomes)
+            self.stats.samples_served += served
+            self.metrics.inc("autobatch_samples_served", served)
+            return outcomes
         return await self.device_queue.put(items)
 
     async def run_batch(self, items: list[Item]) -> list[Outcome]:
