@@ -69,3 +69,23 @@ def generation_cost_s(model, input_ids, attention_mask, new_tokens: int, *, deco
             del out
         del cache
     return prefill_s + (new_tokens - 1) * statistics.median(step_s[warm:])
+
+
+def forward_seconds(model, tokens: int, *, repeats: int = 3, synchronize: Callable[[], None] = lambda: None) -> float:
+    """Seconds of one forward of `tokens` query tokens (one prompt's prefill, logits of the last only):
+    what a continuous-batching step with that token budget costs, for the per-step budget
+    (deployments/llama_scheduler.plan_capacity). The fastest of `repeats` runs: on a shared host other
+    work only ever adds time, and the budget is compared against the step's own cost."""
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, min(vocab, 256), (1, int(tokens)), device=model.device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first run warms this shape
+            synchronize()
+            started = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            synchronize()
+            times.append(time.perf_counter() - started)
+    return min(times[1:])

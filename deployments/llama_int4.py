@@ -1,4 +1,10 @@
-"""Llama with 4-bit NF4 weights (transformers + bitsandbytes): batched greedy generation.
+"""Llama with 4-bit NF4 weights (transformers + bitsandbytes): generation, continuous or in static batches.
+
+Scheduler (option `scheduler`): "continuous" (the default) serves every request through one
+transformers ContinuousBatchingManager per replica, sized by the tuning (deployments/llama_scheduler.py):
+requests join and leave the running batch at every step and stream their tokens. "static" runs
+whole batches through one `generate()` each (@serve.batch and the device queue), greedy only.
+Requests are read in deployments/llama_requests.py (simple JSON, OIP tensors, OpenAI chats).
 
 Request: JSON `{"prompt": str, "max_new_tokens": int (optional, 1..max_new_tokens)}`, or over the
 Open Inference Protocol `text_input` per sample and `max_tokens` (input or request parameter).
@@ -23,51 +29,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, decode_each, file_identity, torch_dtype
+from .base import ModelSpec, SpecConfigError, TensorSpec, file_identity, torch_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from .llama_requests import ALLOWED_KEYS, LlamaRequests, Prompt  # noqa: F401
+from .llama_scheduler import DEFAULT_PAGE_TOKENS, ContinuousScheduler, plan_capacity, token_budget_candidates
 from .byte_tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_LAYOUT, build_byte_tokenizer  # noqa: F401
+from .llama_weights import (CACHE_ENV, COMMON_CONFIG, MARKER, SYNTHETIC_CONFIGS, default_model_cache_dir,  # noqa: F401
+                            ensure_synthetic_folder)
 
-# Every Linear dimension a multiple of 64: bitsandbytes' CPU 4-bit kernels work in blocks of 64.
-SYNTHETIC_CONFIGS: dict[str, dict] = {
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-}
-COMMON_CONFIG = dict(rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu", tie_word_embeddings=False,
-                     bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 CONFIG_ENV = "AUTOBATCH_LLAMA_CONFIG"
-CACHE_ENV = "AUTOBATCH_MODEL_CACHE"
-MARKER = "autobatch-synthetic.json"
-ALLOWED_KEYS = ("prompt", "max_new_tokens")
+SCHEDULERS = ("continuous", "static")
 EXAMPLE_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-
-
-@dataclass
-class Prompt:
-    """One decoded request: token ids (with BOS) and how many tokens to generate at most."""
-
-    input_ids: list[int]
-    max_new_tokens: int
-    truncated: bool = False
-    min_new_tokens: int = 0  # > 0 only in tuning batches: forces the full length (no early end-of-text)
-    text: str = field(default="", repr=False)
-
-
-def default_model_cache_dir() -> str:
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "autobatch", "models")
 
 
 def trim_completion(tokens: list[int], max_new_tokens: int, eos_ids) -> tuple[list[int], str]:
@@ -82,7 +60,7 @@ def trim_completion(tokens: list[int], max_new_tokens: int, eos_ids) -> tuple[li
     return tokens, "length"
 
 
-class LlamaInt4Spec(ModelSpec):
+class LlamaInt4Spec(LlamaRequests, ModelSpec):
     name: ClassVar[str] = "llama_int4"
     usage: ClassVar[str] = ('POST JSON {"prompt": "<text>", "max_new_tokens": <optional>}; the answer is the greedy '
                             "continuation with its token counts and why it stopped")
@@ -93,8 +71,22 @@ class LlamaInt4Spec(ModelSpec):
 
     def __init__(self, weights_path: str | None = None, config: str | None = None, max_prompt_tokens: int = 512,
                  max_new_tokens: int = 128, default_new_tokens: int | None = None, truncate_prompt: bool = False,
-                 max_request_bytes: int | None = None, model_cache_dir: str | None = None, **options: Any):
+                 max_request_bytes: int | None = None, model_cache_dir: str | None = None,
+                 scheduler: str = "continuous", tpot_target_ms: float | None = None,
+                 kv_page_tokens: int = DEFAULT_PAGE_TOKENS, kv_queue_factor: float = 1.0, **options: Any):
         super().__init__(weights_path, **options)
+        if scheduler not in SCHEDULERS:
+            raise SpecConfigError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)} "
+                                  f"(option `scheduler`)")
+        self.scheduler_kind = scheduler
+        try:
+            self.tpot_target_ms = None if tpot_target_ms is None else float(tpot_target_ms)
+            self.kv_page_tokens, self.kv_queue_factor = int(kv_page_tokens), float(kv_queue_factor)
+        except (TypeError, ValueError):
+            raise SpecConfigError("tpot_target_ms and kv_queue_factor must be numbers, kv_page_tokens a whole number") from None
+        if (self.tpot_target_ms is not None and self.tpot_target_ms <= 0) or self.kv_page_tokens < 4 or self.kv_queue_factor < 0:
+            raise SpecConfigError("tpot_target_ms must be > 0, kv_page_tokens >= 4 and kv_queue_factor >= 0")
+        self.scheduler = None  # the running ContinuousScheduler (deployments/llama_scheduler.py), once started
         self.config_name = config or os.environ.get(CONFIG_ENV) or "small"
         if self.weights_path is None and self.config_name not in SYNTHETIC_CONFIGS:
             raise SpecConfigError(f"unknown Llama config {self.config_name!r}; use one of {', '.join(SYNTHETIC_CONFIGS)} "
@@ -140,8 +132,12 @@ class LlamaInt4Spec(ModelSpec):
                 "tokenizer": TOKENIZER_LAYOUT}
 
     def input_signature(self) -> dict:
-        return {"quantization": "bnb-nf4", "architecture": self.architecture(),
-                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+        signature = {"quantization": "bnb-nf4", "architecture": self.architecture(),
+                     "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+        if self.scheduler_kind != "static":  # static keys stay as before: their cached tunings stay valid
+            signature["scheduler"] = {"kind": self.scheduler_kind, "tpot_target_ms": self.tpot_target_ms,
+                                      "kv_page_tokens": self.kv_page_tokens}
+        return signature
 
     def weights_description(self) -> str:
         if self.weights_path:
@@ -168,46 +164,8 @@ class LlamaInt4Spec(ModelSpec):
         return os.path.join(root, f"llama_int4-{self.config_name}-{digest}")
 
     def ensure_synthetic_folder(self, build_device: str = "cpu") -> str:
-        """Write the synthetic model (random bf16 weights + tokenizer) once; later calls reuse it.
-
-        Concurrent replicas wait on a file lock; the folder appears atomically (built aside, renamed)."""
-        from filelock import FileLock
-
-        folder = self.synthetic_folder()
-        if os.path.exists(os.path.join(folder, MARKER)):
-            return folder
-        root = os.path.dirname(folder)
-        os.makedirs(root, exist_ok=True)
-        with FileLock(folder + ".lock"):
-            if os.path.exists(os.path.join(folder, MARKER)):
-                return folder
-            import torch
-            from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-            work = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".building-", dir=root)
-            try:
-                config = LlamaConfig(**SYNTHETIC_CONFIGS[self.config_name], **COMMON_CONFIG)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    with torch.device(build_device):
-                        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-                model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                                                           pad_token_id=PAD_ID, do_sample=False)
-                model.save_pretrained(work, max_shard_size="2GB")
-                del model
-                build_byte_tokenizer().save_pretrained(work)
-                with open(os.path.join(work, MARKER), "w") as f:
-                    json.dump({"architecture": self.architecture(), "weights": "random (seed 0), bfloat16"}, f, indent=1)
-                if os.path.exists(folder):  # an incomplete leftover (no marker): replace it
-                    shutil.rmtree(folder)
-                os.rename(work, folder)
-            except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-            finally:
-                if build_device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-        return folder
+        """Write the synthetic model (random bf16 weights + tokenizer) once; later calls reuse it."""
+        return ensure_synthetic_folder(self.synthetic_folder(), self.config_name, self.architecture(), build_device)
 
     def get_tokenizer(self):
         """The tokenizer; available before `load` so `decode` can count tokens."""
@@ -258,6 +216,36 @@ class LlamaInt4Spec(ModelSpec):
         self.model = model
         return model
 
+    # --- the continuous scheduler (deployments/llama_scheduler.py)
+    def start_scheduler(self, max_sequences: int, latency_budget_s: float | None, say=print) -> ContinuousScheduler:
+        """Size the manager from the tuning (max safe batch at the worst length) and a few timed forwards
+        (the per-step token budget within the time-per-output-token target), then start it."""
+        import torch
+
+        from .llama_fast_probe import forward_seconds
+
+        self.stop_scheduler()
+        budget_s = latency_budget_s or self.default_latency_budget_s
+        tpot_s = self.tpot_target_ms / 1e3 if self.tpot_target_ms else budget_s / self.max_new_tokens
+        sync = (lambda: torch.cuda.synchronize(self.device)) if str(self.device).startswith("cuda") else (lambda: None)
+        step_s: dict[int, float] = {}
+        for tokens in token_budget_candidates(max_sequences, self.max_prompt_tokens):
+            step_s[tokens] = forward_seconds(self.model, tokens, synchronize=sync)
+            say(f"autobatch: llama step of {tokens} tokens: {step_s[tokens] * 1e3:.1f} ms")
+            if step_s[tokens] > tpot_s:
+                break
+        plan = plan_capacity(max_sequences, self.max_prompt_tokens, self.max_new_tokens, tpot_s, step_s,
+                             page_tokens=self.kv_page_tokens)
+        for reason in plan.reasons:
+            say(f"autobatch: llama scheduler: {reason}")
+        self.scheduler = ContinuousScheduler(self.model, plan, self.eos_ids, self.pad_id, self.max_new_tokens)
+        return self.scheduler
+
+    def stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+
     # --- samples
     def example_batch(self, n: int) -> list[Prompt]:
         """n prompts of the longest admitted length, each forced to generate max_new_tokens tokens."""
@@ -272,91 +260,6 @@ class LlamaInt4Spec(ModelSpec):
                 ids[0] = int(bos)
             prompts.append(Prompt(ids, self.max_new_tokens, min_new_tokens=self.max_new_tokens))
         return prompts
-
-    def decode(self, payload: bytes, content_type: str | None = None) -> Prompt:
-        try:
-            return self._decode(payload)
-        except PayloadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nothing a payload holds may escape as anything else
-            raise PayloadError(f"request could not be read ({type(exc).__name__}); send JSON "
-                               f'{{"prompt": "...", "max_new_tokens": 1..{self.max_new_tokens}}}', 400) from None
-
-    def _decode(self, payload) -> Prompt:
-        shape = f'{{"prompt": "<text>", "max_new_tokens": <1..{self.max_new_tokens}, optional, default {self.default_new_tokens}>}}'
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise PayloadError(f"request body must be bytes of JSON, got {type(payload).__name__}; send {shape}", 400)
-        payload = bytes(payload)
-        if not payload.strip():
-            raise PayloadError(f"empty request body; send JSON {shape}", 400)
-        if len(payload) > self.max_request_bytes:
-            raise PayloadError(f"request is {len(payload)} bytes, over the limit of {self.max_request_bytes} bytes; "
-                               f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 JSON {shape}", 400) from None
-        try:
-            body = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-            raise PayloadError(f"request body is not valid JSON ({detail}); send {shape}", 400) from None
-        if not isinstance(body, dict):
-            raise PayloadError(f"request JSON must be an object, got {type(body).__name__}; send {shape}", 400)
-        unknown = sorted(str(k) for k in body if k not in ALLOWED_KEYS)
-        if unknown:
-            raise PayloadError(f"unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; this deployment does "
-                               f"greedy generation; send only {shape}", 422)
-        if "prompt" not in body:
-            raise PayloadError(f'missing "prompt"; send {shape}', 422)
-        if not isinstance(body["prompt"], str):
-            raise PayloadError(f'"prompt" must be a string, got {type(body["prompt"]).__name__}; send {shape}', 422)
-        return self._prompt(body["prompt"], body.get("max_new_tokens", self.default_new_tokens), shape)
-
-    def _prompt(self, prompt: str, new_tokens, send: str, names: tuple[str, str] = ("prompt", "max_new_tokens")) -> Prompt:
-        """A prompt and its token count checked and tokenized; `names` are the client's names for them."""
-        if not prompt:
-            raise PayloadError(f'"{names[0]}" is empty; send some text to continue, as {send}', 422)
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int):
-            raise PayloadError(f'"{names[1]}" must be a whole number, got {type(new_tokens).__name__}; '
-                               f"send 1..{self.max_new_tokens} or leave it out", 422)
-        if not 1 <= new_tokens <= self.max_new_tokens:
-            raise PayloadError(f'"{names[1]}" is {new_tokens}, out of range; send 1..{self.max_new_tokens} '
-                               f"or leave it out (default {self.default_new_tokens})", 422)
-        tokenizer = self.get_tokenizer()
-        # Control tokens typed into a prompt stay text: a client cannot inject <|end_of_text|> etc.
-        ids = list(tokenizer(prompt, split_special_tokens=True)["input_ids"])
-        truncated = False
-        if len(ids) > self.max_prompt_tokens:
-            if not self.truncate_prompt:
-                raise PayloadError(f"prompt is {len(ids)} tokens, over the limit of {self.max_prompt_tokens}; "
-                                   f"shorten it", 413)
-            keep = self.max_prompt_tokens
-            head = [ids[0]] if ids and ids[0] == tokenizer.bos_token_id else []
-            ids = head + ids[len(ids) - (keep - len(head)):]  # keep BOS and the end of the prompt
-            truncated = True
-        return Prompt(ids, int(new_tokens), truncated=truncated, text=prompt)
-
-    def decode_tensors(self, inputs: dict, parameters: dict) -> list:
-        """text_input per sample; max_tokens from the input, else the request's parameter, else the default."""
-        texts, tokens = inputs["text_input"], parameters.get("max_tokens", self.default_new_tokens)
-        tokens = [int(t) for t in inputs["max_tokens"]] if "max_tokens" in inputs else [tokens] * len(texts)
-        send = f"text_input (BYTES, one UTF-8 prompt per sample) and max_tokens (1..{self.max_new_tokens})"
-
-        def one(pair) -> Prompt:
-            text = bytes(pair[0])
-            if len(text) > self.max_request_bytes:
-                raise PayloadError(f"prompt is {len(text)} bytes, over the limit of {self.max_request_bytes} bytes; "
-                                   f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
-            try:
-                prompt = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise PayloadError(f"text_input is not UTF-8 ({exc.reason} at byte {exc.start}); send {send}", 400) from None
-            return self._prompt(prompt, pair[1], send, ("text_input", "max_tokens"))
-
-        return decode_each(one, zip(texts, tokens))
 
     # --- batch
     def _batch_tensors(self, samples: list[Prompt]):

@@ -266,6 +266,34 @@ def memory_panels() -> list:
     ]
 
 
+def llm_panels() -> list:
+    """The LLM's continuous batching (serve/llm.py): per-token latency, tokens/s, sequences and KV blocks."""
+    def quantiles(name: str, label: str) -> list[tuple[str, str]]:
+        return [(f"histogram_quantile({p}, sum by (model, le) (rate({ab(name)}_bucket{{{M}}}[{RATE}])))",
+                 f"{{{{model}}}} {label} p{int(p * 100)}") for p in (0.5, 0.99)]
+
+    return [
+        ts(18, "LLM time to first token and per output token",
+           "Time to first token (a request's arrival at the scheduler to its first token: queueing + prefill) "
+           "and time per output token after the first (its decode time / (tokens - 1)), p50 and p99, from "
+           "ray_autobatch_llm_time_to_first_token_seconds and ray_autobatch_llm_time_per_output_token_seconds.", "s",
+           *quantiles("autobatch_llm_time_to_first_token_seconds", "TTFT"),
+           *quantiles("autobatch_llm_time_per_output_token_seconds", "TPOT"), w=8),
+        ts(19, "LLM tokens per second",
+           "Generated and prompt tokens per second (rate of ray_autobatch_llm_generated_tokens_total and "
+           "ray_autobatch_llm_prompt_tokens_total).", "none",
+           (f"sum by (model) (rate({ab('autobatch_llm_generated_tokens')}{{{M}}}[{RATE}]))", "{{model}} generated/s"),
+           (f"sum by (model) (rate({ab('autobatch_llm_prompt_tokens')}{{{M}}}[{RATE}]))", "{{model}} prompt/s"), w=8),
+        ts(20, "LLM sequences and KV blocks",
+           "Sequences running in the scheduler's batch and waiting (for KV blocks or a slot), and KV cache "
+           "blocks in use against the blocks the tuning gave the scheduler.", "none",
+           (f"sum by (model) ({ab('autobatch_llm_running_sequences')}{{{M}}})", "{{model}} running"),
+           (f"sum by (model) ({ab('autobatch_llm_waiting_sequences')}{{{M}}})", "{{model}} waiting"),
+           (f"sum by (model) ({ab('autobatch_llm_kv_blocks_used')}{{{M}}})", "{{model}} KV blocks used"),
+           (f"sum by (model) ({ab('autobatch_llm_kv_blocks_total')}{{{M}}})", "{{model}} KV blocks total"), w=8),
+    ]
+
+
 def heatmap_color_mode():
     from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
 
@@ -295,7 +323,8 @@ def build_dashboard() -> dm.Dashboard:
             .current(dm.VariableOption(text="All", value="$__all")))
     )
     rows = (("Serving and batching", serving_panels()), ("Latency", latency_panels()),
-            ("Tuning and cache", tuning_panels()), ("Memory and faults", memory_panels()))
+            ("Tuning and cache", tuning_panels()), ("Memory and faults", memory_panels()),
+            ("LLM (continuous batching)", llm_panels()))
     for row_id, (title, panels) in enumerate(rows, start=100):  # panel ids are 1..N, rows 100..
         builder = builder.with_row(db.Row(title).id(row_id))
         for panel in panels:

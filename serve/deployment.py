@@ -31,6 +31,7 @@ from .replica import Replica  # noqa: E402
 from .routes import HttpRoutes  # noqa: E402
 from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, memory_fraction_for,  # noqa: E402,F401
                        parse_user_config)
+from .openai_api import OpenAIServing  # noqa: E402
 from .tensor_routes import TensorRoutes  # noqa: E402
 
 
@@ -126,6 +127,7 @@ class AutobatchDeployment:
         await self.replica.start(_gpu_ids())
         self._routes = HttpRoutes(self.replica, self._infer)
         self._tensors = TensorRoutes(self.replica)
+        self._openai = OpenAIServing(self.replica, self._infer)
 
     def _max_ongoing_requests(self) -> int | None:
         try:
@@ -173,6 +175,18 @@ class AutobatchDeployment:
         response = await self._routes.answer(method, "/" + path.strip("/"), headers, read_body)
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}  # Retry-After among them
         return response.status_code, headers, response.body, self.replica.admission.room(self.replica.replica_id)
+
+    # ----- what the router's OpenAI API (serve/openai_api.py) calls, for the LLM apps
+    async def openai_model(self) -> dict | None:
+        return self._openai.card()
+
+    async def openai(self, kind: str, model: str, body: bytes) -> tuple[int, dict, bytes]:
+        return await self._openai.answer(kind, model, body)
+
+    async def openai_stream(self, kind: str, model: str, body: bytes):
+        """Server-sent events, streamed through the router (handle.options(stream=True))."""
+        async for event in self._openai.stream(kind, model, body):
+            yield event
 
     # Every batch Ray's clock closes goes straight on to the replica's device queue, which forms the
     # device's batch when the device can take one (serve/device_queue.py): so Ray must never hold a

@@ -105,6 +105,18 @@ METRICS: tuple[MetricDef, ...] = (
               "own queue are Ray's ray_serve_batch_queue_length)."),
     MetricDef("autobatch_device_memory_bytes", GAUGE,
               "Device memory this replica holds now (CUDA: allocator reserved + context; CPU: resident set)."),
+    # --- the LLM's continuous batching (serve/llm.py; the Llama with options.scheduler continuous) ---
+    MetricDef("autobatch_llm_time_to_first_token_seconds", HISTOGRAM,
+              "Seconds from a request's arrival at the scheduler to its first generated token."),
+    MetricDef("autobatch_llm_time_per_output_token_seconds", HISTOGRAM,
+              "Seconds per generated token after the first, per request (its decode time / (tokens - 1))."),
+    MetricDef("autobatch_llm_generated_tokens", COUNTER, "Tokens generated; rate() of it is tokens/s."),
+    MetricDef("autobatch_llm_prompt_tokens", COUNTER, "Prompt tokens admitted to the scheduler."),
+    MetricDef("autobatch_llm_running_sequences", GAUGE, "Sequences in the running batch (prefilling or decoding)."),
+    MetricDef("autobatch_llm_waiting_sequences", GAUGE, "Sequences admitted and waiting for KV blocks or a slot."),
+    MetricDef("autobatch_llm_kv_blocks_used", GAUGE, "KV cache blocks in use now."),
+    MetricDef("autobatch_llm_kv_blocks_total", GAUGE,
+              "KV cache blocks the tuning gave the scheduler (its sequences at the worst prompt + new tokens)."),
 )
 
 METRICS_BY_NAME = {m.name: m for m in METRICS}

@@ -44,6 +44,7 @@ from .autoscaling import PENDING_SAMPLES_METRIC, TARGET_SAMPLES_METRIC, Autoscal
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
 from .logs import CONSOLE, ShedLog, setup_replica_logging
+from .llm import LlmServing, llm_outcome, paused
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
@@ -122,6 +123,7 @@ class Replica:
         self._last_retune = config.retune
         self.spec = create_spec(builder.model, builder.weights, **(builder.options or {}))
         self.startup.phase("spec")
+        self.llm = None  # serve/llm.py LlmServing, where the spec schedules continuously (the Llama)
 
     async def start(self, gpu_ids: list) -> None:
         self.gpu_ids = list(gpu_ids)
@@ -158,6 +160,7 @@ class Replica:
                  if self._runner.overlaps else "one batch at a time (predict whole)")
         await self._tune(force=False)
         self.startup.phase("tuning", f"cache {self.tuning.cache}")
+        await self._start_llm()
         self._apply_batch_settings()
         await self._warm_sizes()
         self.startup.phase("warm_up")
@@ -178,8 +181,9 @@ class Replica:
             started = time.perf_counter()
             tuning: Tuning = await loop.run_in_executor(
                 self._executor,
-                lambda: autobatch(self.spec, settings, cache=self.cache, force=force, meter=self.meter,
-                                  loaded=True, say=log.info, single_flight=self._flights, exclusive=exclusive),
+                lambda: paused(self.spec, lambda: autobatch(self.spec, settings, cache=self.cache, force=force,
+                                                            meter=self.meter, loaded=True, say=log.info,
+                                                            single_flight=self._flights, exclusive=exclusive)),
             )
             wall_s = time.perf_counter() - started
             if capped and self.builder.share_cap == "serve":
@@ -207,10 +211,25 @@ class Replica:
         self._allocator_cap = cap_allocator(torch.cuda, self.meter.index, budget,
                                             getattr(self.meter, "outside_torch_bytes", 0), fp.total_memory_bytes)
 
+    async def _start_llm(self) -> None:
+        """The continuous scheduler sized from this tuning (serve/llm.py), for a spec that has one."""
+        if getattr(self.spec, "scheduler_kind", "static") != "continuous":
+            return
+        spec, tuning = self.spec, self.tuning
+        if spec.scheduler is not None and spec.scheduler.plan.max_sequences == tuning.max_safe_batch:
+            return
+        async with self.locks.exclusive():
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: spec.start_scheduler(tuning.max_safe_batch, tuning.latency_budget_s, say=log.info))
+        self.llm = LlmServing(spec, self.metrics, self.count_shed)
+
     def _apply_batch_settings(self) -> None:
         limit = self._max_ongoing()
         s = effective_settings(self.tuning, self.config.pins, self._oom_cap, limit,
                                self._wait.learnt if self._wait else None)
+        if self.llm is not None:  # the scheduler batches per step: each request goes on alone, at once
+            s = BatchSettings(1, 0.0, (*s.reasons, "continuous batching: @serve.batch passes each request on "
+                                                    "alone; the scheduler forms the batch at every step"))
         self._knobs.set_max_batch_size(s.size)
         self.device_queue.set_max_batch_size(s.size)
         self._knobs.set_batch_wait_timeout_s(s.wait_s)
@@ -222,7 +241,8 @@ class Replica:
                          "tuned_batch_wait_timeout_s": float(self.tuning.batch_wait_timeout_s),
                          "faults": self.config.faults.describe()}
         self.metrics.batch_settings(s.size, s.wait_s)
-        self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
+        if self.llm is None:  # the continuous scheduler admits by KV blocks instead (serve/llm.py)
+            self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
         targets = self.autoscaling_targets()
         if targets != self._autoscaling_logged:
             self._autoscaling_logged = targets
@@ -242,6 +262,7 @@ class Replica:
                      extra=CONSOLE)
             try:
                 await self._tune(force=new_retune)
+                await self._start_llm()
             except Exception:
                 self.config = previous  # keep serving with the tuning and settings that worked
                 raise
@@ -299,7 +320,14 @@ class Replica:
 
     # ----- serving -----
     async def enqueue(self, items: list[Item]) -> list[Outcome]:
-        """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py)."""
+        """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py),
+        or, scheduled continuously, each goes to the scheduler and is answered when its own tokens are done."""
+        if self.llm is not None:
+            outcomes = list(await asyncio.gather(*(llm_outcome(self.llm, item) for item in items)))
+            served = sum(o.ok for o in outcomes)
+            self.stats.samples_served += served
+            self.metrics.inc("autobatch_samples_served", served)
+            return outcomes
         return await self.device_queue.put(items)
 
     async def run_batch(self, items: list[Item]) -> list[Outcome]:
@@ -417,6 +445,7 @@ class Replica:
                         "admission": self.admission.describe(),
                         "autoscaling": replica_report(self.autoscaling_targets(), self._autoscaling(),
                                                       self._max_ongoing())},
+            "scheduler": self.llm.describe() if self.llm is not None else {"kind": "static"},
             "warm_sizes": self._warm_report,
             "startup": self.startup.to_dict(),
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),

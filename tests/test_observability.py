@@ -32,11 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "autobatch-dashboard.json"
 MODELS = ("resnet50", "yolo11n_pose")
+# The LLM panels' metrics come from the Llama on its continuous scheduler (tiny: 16 + 8 tokens).
+LLM = "llama_int4"
+LLM_OPTIONS = {"max_prompt_tokens": 16, "max_new_tokens": 8, "default_new_tokens": 4}
+LLM_PANELS = ("LLM time to first token and per output token", "LLM tokens per second", "LLM sequences and KV blocks")
 MAX_BATCH = 4
 GAUGE_SURVIVAL_S = 30  # Ray 2.60 stops exporting a gauge ~20 s after its last set()
 # What Grafana would put in place of its variables. $model: all models, formatted as Grafana formats a
 # multi-value variable for a regex matcher. $__rate_interval: a window that holds the whole scrape.
-GRAFANA_VARS = {"$__rate_interval": "2m", "$model": "(" + "|".join(MODELS) + ")"}
+GRAFANA_VARS = {"$__rate_interval": "2m", "$model": "(" + "|".join((*MODELS, LLM)) + ")"}
 # Panels whose every query must return series for every model of the app (by title).
 MUST_HAVE_SERIES = {
     "Throughput per model": None,  # None: every query of the panel
@@ -162,8 +166,10 @@ def observed(prometheus_bin, tmp_path_factory):
     cluster = ServeCluster(num_cpus=2)
     prom = None
     try:
-        cluster.deploy([app(m, str(workdir / "tuning.json")) for m in MODELS])
-        cluster.wait_running(list(MODELS), timeout=300)
+        llm = app(LLM, str(workdir / "tuning.json"))
+        llm["args"].update(max_batch=2, latency_budget_ms=10_000, options=dict(LLM_OPTIONS))
+        cluster.deploy([*(app(m, str(workdir / "tuning.json")) for m in MODELS), llm])
+        cluster.wait_running([*MODELS, LLM], timeout=420)
         running_since = time.time()
         # One request each first: Ray creates its batch counters at the first batch, and a counter
         # born inside a rate window loses its first increments (so would the ratios built on it).
@@ -182,6 +188,9 @@ def observed(prometheus_bin, tmp_path_factory):
                 sent[model] = sent.get(model, 1) + len(responses)
             bad = cluster.post(f"/{model}", b"this is not an image", "text/plain")  # exports request_errors
             assert bad.status_code == 415, bad.text
+        prompts = [(json.dumps({"prompt": f"metrics {i}"}).encode(), "application/json", {}) for i in range(4)]
+        answered = cluster.post_concurrently(f"/{LLM}", prompts, retries_on_503=3)
+        assert [r.status_code for r in answered] == [200] * len(prompts), [r.text for r in answered]
         # Until Prometheus has scraped what the replicas recorded (Ray reports every second here).
         deadline, served = time.time() + 60, {}
         while time.time() < deadline:
@@ -283,6 +292,10 @@ def test_every_panel_query_runs_in_prometheus(observed):
         tuning = observed["cluster"].tuning(f"/{m}")
         assert tuned[m] == tuning["batch_size"] and max_safe[m] == tuning["max_safe_batch"], (m, tuned, max_safe)
         assert 1 <= formed[m] <= tuning["serving"]["max_batch_size"] + 1e-6, (m, formed)
+    for item in queries():  # the Llama's requests show on every LLM panel
+        if item["panel"] in LLM_PANELS:
+            models = {s["metric"].get("model") for s in results[(item["panel"], item["refId"])]}
+            assert LLM in models, f"{item['panel']} [{item['refId']}] has no series for {LLM}: {substitute(item['expr'])}"
     misses = by_model("Tuning cache hits / misses", "B")
     assert all(misses[m] == 1 for m in MODELS), misses  # a fresh cache: each replica tuned once
 

@@ -237,6 +237,10 @@ class OipRouter:
     # ----- REST
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
+        if path == "/v1" or path.startswith("/v1/"):  # the OpenAI-compatible API, for the LLM apps
+            from serve import openai_api
+
+            return await openai_api.route(self.directory, request, self.max_body_bytes)
         if not path.startswith("/v2"):
             return await self._simple_route(request, path)
         try:
