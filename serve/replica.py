@@ -40,7 +40,7 @@ from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
-from .autoscaling import PENDING_SAMPLES_METRIC, TARGET_SAMPLES_METRIC, AutoscalingTargets, derive_targets, replica_report
+from .autoscaling import PENDING_SAMPLES_METRIC, TARGET_SAMPLES_METRIC, AutoscalingTargets, continuous_targets, derive_targets, replica_report
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
 from .logs import CONSOLE, ShedLog, setup_replica_logging
@@ -390,6 +390,8 @@ class Replica:
         """The target and the admission bound as of now (the served batch time moves the bound); None untuned."""
         if self.settings is None:
             return None
+        if self.llm is not None:  # admission by KV blocks (serve/llm.py): no batch capacity, no bound_s
+            return continuous_targets(self.llm.scheduler.plan.max_sequences, self.spec.kv_queue_factor)
         admission = self.admission.describe()
         return derive_targets(self.settings.size, self.device_queue.describe()["slots"], admission["bound_s"],
                               admission["batch_time_s"], self.settings.wait_s)
@@ -399,8 +401,12 @@ class Replica:
         targets = self.autoscaling_targets()
         if targets is None:
             return {}
+        pending = self.admission.pending_samples
+        if self.llm is not None:  # its requests bypass the batch admission: the scheduler's own count
+            snap = self.llm.scheduler.snapshot()
+            pending = snap["in_flight"]
         return {TARGET_SAMPLES_METRIC: float(targets.target_ongoing_samples),
-                PENDING_SAMPLES_METRIC: float(self.admission.pending_samples)}
+                PENDING_SAMPLES_METRIC: float(pending)}
 
     def count_error(self, status: int) -> None:
         self.stats.errors[str(status)] += 1
