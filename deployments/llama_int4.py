@@ -132,12 +132,12 @@ class LlamaInt4Spec(LlamaRequests, ModelSpec):
                 "tokenizer": TOKENIZER_LAYOUT}
 
     def input_signature(self) -> dict:
-        signature = {"quantization": "bnb-nf4", "architecture": self.architecture(),
-                     "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
-        if self.scheduler_kind != "static":  # static keys stay as before: their cached tunings stay valid
-            signature["scheduler"] = {"kind": self.scheduler_kind, "tpot_target_ms": self.tpot_target_ms,
-                                      "kv_page_tokens": self.kv_page_tokens}
-        return signature
+        # No scheduler here: both schedulers tune the same way (static generate() batches at the worst
+        # prompt + new tokens, probe_batch); the continuous one only sizes itself from the result
+        # afterwards (start_scheduler: its step timings, page size and TPOT target are measured or
+        # applied then, not cached). One key lets a replica switched between them reuse the tuning.
+        return {"quantization": "bnb-nf4", "architecture": self.architecture(),
+                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
 
     def weights_description(self) -> str:
         if self.weights_path:

@@ -242,6 +242,14 @@ def test_config_errors_say_what_to_change(tmp_path):
     assert LlamaInt4Spec(config="llama3-8b").input_signature()["architecture"]["hidden_size"] == 4096
 
 
+def test_both_schedulers_share_one_tuning_key():
+    # the tuning is the same static generate() search for both; the continuous scheduler sizes itself after it
+    static = LlamaInt4Spec(scheduler="static")
+    continuous = LlamaInt4Spec(scheduler="continuous", tpot_target_ms=50, kv_page_tokens=64)
+    assert static.signature() == continuous.signature()
+    assert static.signature() != LlamaInt4Spec(scheduler="static", max_new_tokens=64).signature()
+
+
 def test_autobatch_tune_llama_int4_on_cpu_end_to_end(tmp_path):
     models = tmp_path / "models"
     result, stderr, network = tuned("llama_int4", tmp_path, "--memory-budget-mb", "4096", "--max-batch", "2",
