@@ -217,7 +217,8 @@ class LlamaInt4Spec(LlamaRequests, ModelSpec):
         return model
 
     # --- the continuous scheduler (deployments/llama_scheduler.py)
-    def start_scheduler(self, max_sequences: int, latency_budget_s: float | None, say=print) -> ContinuousScheduler:
+    def start_scheduler(self, max_sequences: int, latency_budget_s: float | None, say=print,
+                        sequences_why: str | None = None) -> ContinuousScheduler:
         """Size the manager from the tuning (max safe batch at the worst length) and a few timed forwards
         (the per-step token budget within the time-per-output-token target), then start it."""
         import torch
@@ -235,7 +236,7 @@ class LlamaInt4Spec(LlamaRequests, ModelSpec):
             if step_s[tokens] > tpot_s:
                 break
         plan = plan_capacity(max_sequences, self.max_prompt_tokens, self.max_new_tokens, tpot_s, step_s,
-                             page_tokens=self.kv_page_tokens)
+                             page_tokens=self.kv_page_tokens, sequences_why=sequences_why)
         for reason in plan.reasons:
             say(f"autobatch: llama scheduler: {reason}")
         self.scheduler = ContinuousScheduler(self.model, plan, self.eos_ids, self.pad_id, self.max_new_tokens)

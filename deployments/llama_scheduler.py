@@ -93,7 +93,8 @@ def token_budget_candidates(max_sequences: int, max_prompt_tokens: int, limit: i
 
 
 def plan_capacity(max_sequences: int, max_prompt_tokens: int, max_new_tokens: int, tpot_target_s: float,
-                  step_s: dict[int, float], page_tokens: int = DEFAULT_PAGE_TOKENS) -> SchedulerPlan:
+                  step_s: dict[int, float], page_tokens: int = DEFAULT_PAGE_TOKENS,
+                  sequences_why: str | None = None) -> SchedulerPlan:
     """The capacity within the tuned memory and the latency target.
 
     `max_sequences` is the tuning's max safe batch: that many sequences at the worst prompt + new
@@ -103,8 +104,8 @@ def plan_capacity(max_sequences: int, max_prompt_tokens: int, max_new_tokens: in
     below one token per sequence (a decode step of all of them)."""
     max_sequences = max(1, int(max_sequences))
     per_seq = blocks_for(max_prompt_tokens + max_new_tokens, page_tokens)
-    reasons = [f"{max_sequences} concurrent sequences: the tuning's max safe batch at {max_prompt_tokens} prompt + "
-               f"{max_new_tokens} new tokens fit the memory budget",
+    reasons = [sequences_why or f"{max_sequences} concurrent sequences: the tuning's max safe batch at {max_prompt_tokens} "
+               f"prompt + {max_new_tokens} new tokens fit the memory budget",
                f"{per_seq * max_sequences} KV blocks of {page_tokens} tokens: {per_seq} per sequence at that length "
                f"(shorter requests take fewer, so more of them run at once)"]
     fits = sorted(t for t, s in step_s.items() if s <= tpot_target_s)

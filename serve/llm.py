@@ -192,6 +192,35 @@ class LlmServing:
                 "refused_kv_cache": self.refused}
 
 
+MEMORY_GUARD = 0.90  # of the budget, as the tuning's predictive guard keeps (optimizer/tune.py margin)
+
+
+def continuous_sequences(tuning) -> tuple[int, str]:
+    """How many sequences the continuous scheduler runs at once, and why. The tuning's max safe batch
+    when memory (or max_batch) bounded it: that many were measured at the worst length within the
+    budget. When the latency budget bounded it, that bound is a whole static generation's (prefill +
+    every token, 10 s by default), which a continuous step does not have (its own time is kept by the
+    per-step token budget against the TPOT target): then the memory fit's count within the guarded
+    budget, never past max_batch, never below the max safe batch. On a card where one static
+    generation of 512 + 128 tokens nears the budget, the max safe batch is 1, and one sequence
+    would be all the scheduler ran."""
+    safe = max(1, int(tuning.max_safe_batch))
+    fit = tuning.memory_fit
+    if tuning.stopped_by != "latency" or fit is None or not fit.per_sample_bytes or fit.per_sample_bytes <= 0:
+        return safe, (f"{safe} concurrent sequences: the tuning's max safe batch at the worst length fit the memory "
+                      f"budget (bounded by {tuning.stopped_by})")
+    room = MEMORY_GUARD * tuning.memory_budget_bytes - fit.intercept_bytes
+    by_memory = min(int(tuning.max_batch), int(room // fit.per_sample_bytes)) if room > 0 else 0
+    if by_memory <= safe:
+        return safe, f"{safe} concurrent sequences: the tuning's max safe batch (bounded by latency; no more fit the memory fit)"
+    return by_memory, (f"{by_memory} concurrent sequences: the memory fit ({fit.intercept_bytes / 2**30:.2f} GiB + "
+                       f"{fit.per_sample_bytes / 2**20:.1f} MiB a sequence at the worst length) within "
+                       f"{MEMORY_GUARD:.0%} of the {tuning.memory_budget_bytes / 2**30:.2f} GiB budget"
+                       + (f", capped at max_batch {tuning.max_batch}" if by_memory == int(tuning.max_batch) else "")
+                       + f"; the max safe batch {safe} was bounded by a whole static generation's latency, "
+                       f"which a continuous step does not wait out")
+
+
 def paused(spec, work: Callable[[], object]):
     """Run `work` (a tuning) with the spec's continuous scheduler paused, where it has a running one."""
     scheduler = getattr(spec, "scheduler", None)

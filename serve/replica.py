@@ -44,7 +44,7 @@ from .autoscaling import PENDING_SAMPLES_METRIC, TARGET_SAMPLES_METRIC, Autoscal
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
 from .logs import CONSOLE, ShedLog, setup_replica_logging
-from .llm import LlmServing, llm_outcome, paused
+from .llm import LlmServing, continuous_sequences, llm_outcome, paused
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
@@ -216,11 +216,13 @@ class Replica:
         if getattr(self.spec, "scheduler_kind", "static") != "continuous":
             return
         spec, tuning = self.spec, self.tuning
-        if spec.scheduler is not None and spec.scheduler.plan.max_sequences == tuning.max_safe_batch:
+        sequences, why = continuous_sequences(tuning)
+        if spec.scheduler is not None and spec.scheduler.plan.max_sequences == sequences:
             return
         async with self.locks.exclusive():
             await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: spec.start_scheduler(tuning.max_safe_batch, tuning.latency_budget_s, say=log.info))
+                self._executor, lambda: spec.start_scheduler(sequences, tuning.latency_budget_s, say=log.info,
+                                                             sequences_why=why))
         self.llm = LlmServing(spec, self.metrics, self.count_shed)
 
     def _apply_batch_settings(self) -> None:

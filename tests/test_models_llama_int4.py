@@ -271,3 +271,26 @@ def test_the_spec_stays_offline_even_without_the_env_vars(tmp_path, cache_dir):
     out, attempts = run_guarded_python(tmp_path, code, offline_env=False)
     assert out.split()[-1] == "3"
     assert attempts == []
+
+
+
+def test_the_continuous_scheduler_is_sized_by_memory_where_the_static_latency_bounded_the_tuning():
+    from types import SimpleNamespace
+
+    from serve.llm import continuous_sequences
+
+    gib, mib = 2**30, 2**20
+    fit = SimpleNamespace(intercept_bytes=6.07 * gib, per_sample_bytes=152 * mib)
+    # the H100 8B case: batch 1's whole generation over the 10 s budget, so a max safe batch of 1
+    latency = SimpleNamespace(max_safe_batch=1, stopped_by="latency", memory_fit=fit, memory_budget_bytes=int(17.52 * gib),
+                              max_batch=1024)
+    n, why = continuous_sequences(latency)
+    assert n == int((0.9 * 17.52 * gib - 6.07 * gib) // (152 * mib)) and "memory fit" in why
+    assert continuous_sequences(SimpleNamespace(**{**vars(latency), "max_batch": 64}))[0] == 64
+    # bounded by memory: the measured max safe batch, as before
+    memory = SimpleNamespace(**{**vars(latency), "max_safe_batch": 76, "stopped_by": "memory"})
+    assert continuous_sequences(memory)[0] == 76
+    # no fit, or a fit that allows fewer: never below the max safe batch
+    assert continuous_sequences(SimpleNamespace(**{**vars(latency), "memory_fit": None}))[0] == 1
+    tight = SimpleNamespace(**{**vars(latency), "max_safe_batch": 80})
+    assert continuous_sequences(tight)[0] == 80
