@@ -74,6 +74,17 @@ def derive_targets(batch_size: int, slots: int, bound_s: float, batch_time_s: fl
     return AutoscalingTargets(target, bound_samples, reason)
 
 
+def continuous_targets(max_sequences: int, kv_queue_factor: float) -> AutoscalingTargets:
+    """The same for the Llama's continuous scheduler (serve/llm.py), which has no batches to count:
+    its target is the concurrent sequences the tuning sized it for, and its bound what its KV-block
+    admission takes, that cache plus `kv_queue_factor` caches' worth waiting (at the worst length)."""
+    target = max(1, int(max_sequences))
+    bound = max(target + 1, math.floor(target * (1.0 + max(0.0, float(kv_queue_factor))) + 1e-9))
+    reason = (f"target {target} ongoing requests = the continuous scheduler's concurrent sequences; "
+              f"max_ongoing_requests {bound} = those + {kv_queue_factor:g}x waiting (its KV-block admission)")
+    return AutoscalingTargets(target, bound, reason)
+
+
 def autoscaling_config(user: dict | None, max_replicas_default: int) -> dict:
     """The autoscaling_config a deployment is given for `num_replicas: auto`: the user's keys over
     DEFAULTS, max_replicas defaulting to `max_replicas_default`, and the batch-aware policy (which

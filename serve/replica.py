@@ -40,7 +40,7 @@ from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
-from .autoscaling import AutoscalingTargets, autoscaling_metrics, replica_report, targets_now
+from .autoscaling import AutoscalingTargets, autoscaling_metrics, continuous_targets, replica_report, targets_now
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
 from .logs import CONSOLE, ShedLog, setup_replica_logging
@@ -50,7 +50,7 @@ from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
 from .stats import ServingStats
 from .timeline import StartupTimeline, import_libraries
-from .warm_schedule import WarmUpSchedule
+from .warm_schedule import WarmUpSchedule, run_example_batch
 from .warmup import SizeWarmer
 
 from . import IMPORTED_AT_S
@@ -113,7 +113,7 @@ class Replica:
         self._oom_cap: int | None = None  # the max batch an out-of-memory while serving taught
         self.settings: BatchSettings | None = None
         self._serving: dict = {}  # what GET /tuning shows of the settings as last applied
-        self._warmer = SizeWarmer(self._run_example_batch, budget_s=builder.warm_sizes_budget_s,
+        self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n), budget_s=builder.warm_sizes_budget_s,
                                   on_error=lambda: self.meter.cleanup())
         self.warm_up = WarmUpSchedule(self._warmer, self.locks, self._executor,
                                       lambda: f"{self.model_name} on {self.device_label}")
@@ -271,10 +271,6 @@ class Replica:
         await self.warm_up.before_traffic(self.settings.size, self.spec.fixed_sample_shape)
 
     # ----- warm-up -----
-    def _run_example_batch(self, n: int) -> None:
-        self.spec.predict(self.spec.example_batch(n))
-        self.meter.synchronize()
-
     # ----- serving -----
     async def enqueue(self, items: list[Item]) -> list[Outcome]:
         """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py),
@@ -344,10 +340,13 @@ class Replica:
 
     # ----- what Ray's autoscaler hears (serve/autoscaling.py) -----
     def autoscaling_targets(self) -> AutoscalingTargets | None:
+        if self.llm is not None and self.settings is not None:  # admits by KV blocks (serve/llm.py): no bound_s
+            return continuous_targets(self.llm.scheduler.plan.max_sequences, self.spec.kv_queue_factor)
         return targets_now(self.settings, self.device_queue, self.admission)
 
-    def autoscaling_stats(self) -> dict:
-        return autoscaling_metrics(self.autoscaling_targets(), self.admission.pending_samples)
+    def autoscaling_stats(self) -> dict:  # the continuous scheduler's requests bypass the batch admission
+        pending = self.llm.scheduler.snapshot()["in_flight"] if self.llm is not None else self.admission.pending_samples
+        return autoscaling_metrics(self.autoscaling_targets(), pending)
 
     def count_error(self, status: int) -> None:
         self.stats.errors[str(status)] += 1

@@ -17,6 +17,12 @@ from .warmup import SizeWarmer
 log = logging.getLogger("ray.serve")
 
 
+def run_example_batch(spec, meter, n: int) -> None:
+    """One run of a batch of `n` example samples, waited for on the device: what warms size `n`."""
+    spec.predict(spec.example_batch(n))
+    meter.synchronize()
+
+
 class WarmUpSchedule:
     def __init__(self, warmer: SizeWarmer, locks, executor, label: Callable[[], str]):
         self.warmer, self._locks, self._executor, self._label = warmer, locks, executor, label

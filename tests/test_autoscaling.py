@@ -259,3 +259,13 @@ def test_a_load_step_scales_one_replica_to_two_and_back_without_a_second_tuning(
     after = cluster.post(ROUTE, b"2.5", "application/json")
     assert after.status_code == 200 and after.json()["echo"] == 2.5
     print(json.dumps({"answers": dict(load.answers), "shed": dict(load.shed), "target": auto}))
+
+
+def test_the_continuous_schedulers_target_is_its_sequences_and_its_bound_its_kv_admission():
+    from serve.autoscaling import continuous_targets
+
+    t = continuous_targets(max_sequences=22, kv_queue_factor=1.0)
+    assert (t.target_ongoing_samples, t.max_ongoing_requests_derived) == (22, 44)
+    assert "22 ongoing requests" in t.reason
+    # no queue: the bound is still above the target, as derive_targets keeps it
+    assert continuous_targets(max_sequences=4, kv_queue_factor=0.0).max_ongoing_requests_derived == 5
