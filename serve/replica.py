@@ -113,8 +113,8 @@ class Replica:
         self._oom_cap: int | None = None  # the max batch an out-of-memory while serving taught
         self.settings: BatchSettings | None = None
         self._serving: dict = {}  # what GET /tuning shows of the settings as last applied
-        self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n), budget_s=builder.warm_sizes_budget_s,
-                                  on_error=lambda: self.meter.cleanup())
+        self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n),
+                                  budget_s=builder.warm_sizes_budget_s, on_error=lambda: self.meter.cleanup())
         self.warm_up = WarmUpSchedule(self._warmer, self.locks, self._executor,
                                       lambda: f"{self.model_name} on {self.device_label}")
         self._flights = None  # the cluster's single-flight hook, set at start
