@@ -176,3 +176,19 @@ def replica_report(targets: AutoscalingTargets | None, config, max_ongoing: int 
 
 __all__ = ["AutoscalingTargets", "BatchAwarePolicy", "autoscaling_config", "derive_targets", "describe_config",
            "replica_report", "PENDING_SAMPLES_METRIC", "TARGET_SAMPLES_METRIC", "POLICY_PATH"]
+
+
+def targets_now(settings, device_queue, admission) -> AutoscalingTargets | None:
+    """A replica's targets as of now (the served batch time moves its admission bound); None untuned."""
+    if settings is None:
+        return None
+    described = admission.describe()
+    return derive_targets(settings.size, device_queue.describe()["slots"], described["bound_s"],
+                          described["batch_time_s"], settings.wait_s)
+
+
+def autoscaling_metrics(targets: AutoscalingTargets | None, pending_samples: int) -> dict:
+    """The custom autoscaling metrics Ray's controller hands BatchAwarePolicy: nothing before the tuning."""
+    if targets is None:
+        return {}
+    return {TARGET_SAMPLES_METRIC: float(targets.target_ongoing_samples), PENDING_SAMPLES_METRIC: float(pending_samples)}

@@ -40,7 +40,7 @@ from optimizer.tuning import Tuning
 from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
-from .autoscaling import PENDING_SAMPLES_METRIC, TARGET_SAMPLES_METRIC, AutoscalingTargets, continuous_targets, derive_targets, replica_report
+from .autoscaling import AutoscalingTargets, autoscaling_metrics, continuous_targets, replica_report, targets_now
 from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
 from .device_queue import DeviceQueue
 from .logs import CONSOLE, ShedLog, setup_replica_logging
@@ -50,6 +50,7 @@ from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
 from .stats import ServingStats
 from .timeline import StartupTimeline, import_libraries
+from .warm_schedule import WarmUpSchedule, run_example_batch
 from .warmup import SizeWarmer
 
 from . import IMPORTED_AT_S
@@ -112,10 +113,10 @@ class Replica:
         self._oom_cap: int | None = None  # the max batch an out-of-memory while serving taught
         self.settings: BatchSettings | None = None
         self._serving: dict = {}  # what GET /tuning shows of the settings as last applied
-        self._warmer = SizeWarmer(self._run_example_batch, budget_s=builder.warm_sizes_budget_s,
-                                  on_error=lambda: self.meter.cleanup())
-        self._warm_report: dict | None = None
-        self._warm_task: asyncio.Task | None = None  # sizes warmed between served batches
+        self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n),
+                                  budget_s=builder.warm_sizes_budget_s, on_error=lambda: self.meter.cleanup())
+        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self._executor,
+                                      lambda: f"{self.model_name} on {self.device_label}")
         self._flights = None  # the cluster's single-flight hook, set at start
         self._allocator_cap: float | None = None  # the fraction of the card this replica's allocator may hold
         # A new replica takes the cache even when the config carries a retune value: retune means
@@ -162,7 +163,7 @@ class Replica:
         self.startup.phase("tuning", f"cache {self.tuning.cache}")
         await self._start_llm()
         self._apply_batch_settings()
-        await self._warm_sizes()
+        await self.warm_up.before_traffic(self.settings.size, self.spec.fixed_sample_shape)
         self.startup.phase("warm_up")
 
     # ----- tuning and settings -----
@@ -269,57 +270,9 @@ class Replica:
                 self.config = previous  # keep serving with the tuning and settings that worked
                 raise
         self._apply_batch_settings()
-        await self._warm_sizes()
+        await self.warm_up.before_traffic(self.settings.size, self.spec.fixed_sample_shape)
 
     # ----- warm-up -----
-    def _run_example_batch(self, n: int) -> None:
-        self.spec.predict(self.spec.example_batch(n))
-        self.meter.synchronize()
-
-    async def _warm_sizes(self) -> None:
-        """Before traffic, the sizes a batch queue forms first; the rest between served batches
-        (warmup.py). A new call (reconfigure) replaces a warm-up still running."""
-        if not self.spec.fixed_sample_shape or self._warmer.budget_s <= 0:
-            if self._warm_report is None:
-                why = ("its batch shapes also follow the input (prompt lengths)" if not self.spec.fixed_sample_shape
-                       else "warm_sizes_budget_s is 0")
-                self._warm_report = {"skipped": why}
-                log.info("autobatch: %s: batch sizes not warmed before traffic: %s", self.model_name, why)
-            return
-        if self._warm_task is not None:
-            self._warm_task.cancel()
-        loop = asyncio.get_running_loop()
-        size = self.settings.size
-        async with self.locks.exclusive():
-            report = await loop.run_in_executor(self._executor, self._warmer.warm, size, self._warmer.first_sizes(size))
-        report.before_traffic = list(report.warmed)
-        report.background = "running" if self._warmer.cold_sizes(size) and not report.left_cold else None
-        self._warm_report = report.to_dict()
-        log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
-        if report.background:
-            self._warm_task = asyncio.get_running_loop().create_task(self._warm_between_batches(report))
-
-    async def _warm_between_batches(self, report) -> None:
-        """One cold size at a time under the model lock, so a batch waits at most one size's run."""
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        size = report.max_batch_size
-        for cold in self._warmer.cold_sizes(size):
-            if time.perf_counter() - started >= self._warmer.budget_s:
-                report.left_cold = self._warmer.cold_sizes(size)
-                report.stopped_by = f"the {self._warmer.budget_s:g} s warm-up budget ran out"
-                break
-            async with self.locks.exclusive():
-                part = await loop.run_in_executor(self._executor, self._warmer.warm, size, [cold])
-            report.absorb(part)
-            self._warm_report = report.to_dict()
-            if part.left_cold:
-                break
-        report.already_warm = [s for s in self._warmer.warm_sizes(size) if s not in report.warmed]
-        report.background = "done"
-        self._warm_report = report.to_dict()
-        log.info("autobatch: %s on %s: %s", self.model_name, self.device_label, report.describe())
-
     # ----- serving -----
     async def enqueue(self, items: list[Item]) -> list[Outcome]:
         """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py),
@@ -389,26 +342,13 @@ class Replica:
 
     # ----- what Ray's autoscaler hears (serve/autoscaling.py) -----
     def autoscaling_targets(self) -> AutoscalingTargets | None:
-        """The target and the admission bound as of now (the served batch time moves the bound); None untuned."""
-        if self.settings is None:
-            return None
-        if self.llm is not None:  # admission by KV blocks (serve/llm.py): no batch capacity, no bound_s
+        if self.llm is not None and self.settings is not None:  # admits by KV blocks (serve/llm.py): no bound_s
             return continuous_targets(self.llm.scheduler.plan.max_sequences, self.spec.kv_queue_factor)
-        admission = self.admission.describe()
-        return derive_targets(self.settings.size, self.device_queue.describe()["slots"], admission["bound_s"],
-                              admission["batch_time_s"], self.settings.wait_s)
+        return targets_now(self.settings, self.device_queue, self.admission)
 
-    def autoscaling_stats(self) -> dict:
-        """The custom autoscaling metrics Ray's controller hands the policy: nothing before the tuning."""
-        targets = self.autoscaling_targets()
-        if targets is None:
-            return {}
-        pending = self.admission.pending_samples
-        if self.llm is not None:  # its requests bypass the batch admission: the scheduler's own count
-            snap = self.llm.scheduler.snapshot()
-            pending = snap["in_flight"]
-        return {TARGET_SAMPLES_METRIC: float(targets.target_ongoing_samples),
-                PENDING_SAMPLES_METRIC: float(pending)}
+    def autoscaling_stats(self) -> dict:  # the continuous scheduler's requests bypass the batch admission
+        pending = self.llm.scheduler.snapshot()["in_flight"] if self.llm is not None else self.admission.pending_samples
+        return autoscaling_metrics(self.autoscaling_targets(), pending)
 
     def count_error(self, status: int) -> None:
         self.stats.errors[str(status)] += 1
@@ -454,7 +394,7 @@ class Replica:
                         "autoscaling": replica_report(self.autoscaling_targets(), self._autoscaling(),
                                                       self._max_ongoing())},
             "scheduler": self.llm.describe() if self.llm is not None else {"kind": "static"},
-            "warm_sizes": self._warm_report,
+            "warm_sizes": self.warm_up.report,
             "startup": self.startup.to_dict(),
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),
         }
