@@ -57,6 +57,11 @@ class ServeCluster:
         from ray.serve._private import api as serve_api
         from ray.serve.config import ProxyLocation
 
+        if ray.is_initialized():  # a module whose fixture failed before its shutdown: not this module's failure too
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
         self.http_port = free_port()
         self.metrics_port = free_port()
         ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=self.metrics_port,

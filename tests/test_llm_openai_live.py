@@ -33,12 +33,14 @@ def live(tmp_path_factory):
     llama["args"].update(cache_path=str(tmp_path_factory.mktemp("llm-cache") / "tuning.json"), max_batch=4, repeats=1,
                          device="cpu", options=dict(OPTIONS))
     c = ServeCluster(num_cpus=2)
-    c.deploy([router, llama])
-    c.wait_running(["oip", MODEL], timeout=420)
-    c.openai = openai.OpenAI(base_url=f"{c.base}/v1", api_key="unused", max_retries=0, timeout=120)
-    yield c
-    c.openai.close()
-    c.shutdown()
+    try:  # a failed start shuts its Ray down too: the next module's ray.init must not find it
+        c.deploy([router, llama])
+        c.wait_running(["oip", MODEL], timeout=420)
+        c.openai = openai.OpenAI(base_url=f"{c.base}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield c
+        c.openai.close()
+    finally:
+        c.shutdown()
 
 
 @pytest.fixture(scope="module")

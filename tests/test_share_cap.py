@@ -51,5 +51,5 @@ def test_only_a_shared_card_is_capped_and_the_app_can_turn_it_off():
 
 def test_custom_resources_place_replicas_on_a_kind_of_node():
     args = AppArgs(model="resnet50", device="cpu", resources={"gpu_type_a": 0.5})
-    assert placement(args)[0]["resources"] == {"gpu_type_a": 0.5}
-    assert "resources" not in placement(AppArgs(model="resnet50", device="cpu"))[0]
+    assert placement(args).actor_options["resources"] == {"gpu_type_a": 0.5}
+    assert "resources" not in placement(AppArgs(model="resnet50", device="cpu")).actor_options
