@@ -220,7 +220,8 @@ class Server:
         last = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}) before it was ready; see {self.log_path}")
+                raise RuntimeError(f"the server exited ({self.proc.returncode}) before it was ready; see {self.log_path}"
+                                   f"\n{self.failure_tail()}")
             try:
                 r = httpx.get(f"{self.url}/{MODEL}/tuning", timeout=10, trust_env=False)
                 if r.status_code == 200:
@@ -233,7 +234,27 @@ class Server:
             except (httpx.HTTPError, ValueError) as exc:
                 last = f"{type(exc).__name__}"
             time.sleep(2)
-        raise RuntimeError(f"{MODEL} ({scheduler}) was not ready within {timeout_s:.0f} s (last: {last}); see {self.log_path}")
+        raise RuntimeError(f"{MODEL} ({scheduler}) was not ready within {timeout_s:.0f} s (last: {last}); see {self.log_path}"
+                           f"\n{self.failure_tail()}")
+
+    def failure_tail(self, lines: int = 40) -> str:
+        """The server's and the Llama replicas' last lines: on a rented GPU the temp dir is gone after
+        the call, so a failed start must say why in what comes back."""
+        import glob
+
+        parts = []
+        paths = [self.log_path] + sorted(glob.glob(os.path.join(os.path.dirname(self.log_path), "session_*", "logs",
+                                                               "serve", "replica_*llama*.log")))
+        paths += sorted(glob.glob(os.path.join(os.path.dirname(self.log_path), "session_*", "logs", "worker-*.err")))
+        for path in paths:
+            try:
+                text = open(path, errors="replace").read().splitlines()
+            except OSError:
+                continue
+            text = [t for t in text if "it/s]" not in t and t.strip()]
+            if text:
+                parts.append(f"--- {path} (last {min(lines, len(text))} lines)\n" + "\n".join(text[-lines:]))
+        return "\n".join(parts)[-20000:]
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
