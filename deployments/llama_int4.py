@@ -194,6 +194,9 @@ class LlamaInt4Spec(LlamaRequests, ModelSpec):
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=compute_dtype)
         device_map = {"": device if device != "cuda" else "cuda:0"}
+        # transformers >= 5.2x swaps layers for Hugging Face Hub kernels by default on CUDA, fetched
+        # from the Hub at load: offline (as every replica here is) the load then fails. Opt out.
+        os.environ.setdefault("USE_HUB_KERNELS", "0")
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=compute_dtype,
                                                      device_map=device_map, local_files_only=True)
         import bitsandbytes as bnb
