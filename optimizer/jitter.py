@@ -41,8 +41,11 @@ def jitter_bytes(prober: "Prober | list[ProbeResult]", tolerance: float = 0.03, 
         if len(pair) < 2:
             continue
         (b0, m0), (b1, m1) = pair
-        deviation = abs(m - (m0 + (m1 - m0) * (b - b0) / (b1 - b0)))
-        if deviation <= 0.10 * max(m - base, 1):
+        # Only a peak over the line counts: that is a smaller size taking more than its neighbours
+        # vouch for. One under it is what memory that bends upwards (a convex curve) shows across a
+        # wide pair, and it cannot put a size under a measured good one over the budget.
+        deviation = m - (m0 + (m1 - m0) * (b - b0) / (b1 - b0))
+        if 0 < deviation <= 0.10 * max(m - base, 1):
             deviations.append(deviation)
     return (max(deviations) if deviations else 0.0), fit.slope
 

@@ -46,10 +46,20 @@ from .stopping import _stop_serve_run, forget_cluster_address, stop_cluster  # n
 LOOPBACK = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process: the OS may give a just-closed port
+    again, and two of Ray's components given one port refuse to start (`ray start`: "used by other
+    components")."""
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def ensure_token() -> Path:
