@@ -145,3 +145,19 @@ def start_cluster(num_cpus: int, threads: int | None) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     return f"http://127.0.0.1:{port}"
+
+
+def stop_launcher(proc, timeout_s: float) -> None:
+    """Stop a `python -m serve.local` started in a session of its own: SIGINT to its group (it then
+    stops `serve run`, Ray and HAProxy), SIGKILL to the group if it has not ended within `timeout_s`."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_common import REPO, environment, free_port, markdown_table, say, table, write_json  # noqa: E402
+from bench_common import REPO, environment, free_port, markdown_table, say, stop_launcher, table, write_json  # noqa: E402
 
 from serve.bench import Load, default_payloads, run_load  # noqa: E402
 
@@ -133,14 +132,7 @@ class Server:
         raise SystemExit(f"{model} from {self.tree} was not ready within {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_launcher(self.proc, 90)
 
 
 # ------------------------------------------------------------------ where the CPU goes

@@ -54,7 +54,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_common import REPO, environment, free_port, markdown_table, say, table, write_json  # noqa: E402
+from bench_common import REPO, environment, free_port, markdown_table, say, stop_launcher, table, write_json  # noqa: E402
 
 MODEL = "llama_int4"
 WORDS = ("the of and to in is was for on that with as by at from his her they this which one had were all "
@@ -259,14 +259,7 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is not None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_launcher(self.proc, 60)
 
     def metrics(self) -> dict[str, float]:
         """autobatch_llm_* and the replica's memory gauges from Ray's metrics port (127.0.0.1), as of now."""

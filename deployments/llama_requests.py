@@ -35,6 +35,16 @@ class LlamaRequests:
             raise PayloadError(f"request could not be read ({type(exc).__name__}); send JSON "
                                f'{{"prompt": "...", "max_new_tokens": 1..{self.max_new_tokens}}}', 400) from None
 
+    def _utf8_within_limit(self, raw: bytes, sized: str, named: str, send: str) -> str:
+        """`raw` as text: 413 over max_request_bytes (`sized` names it), 400 if not UTF-8 (`named`)."""
+        if len(raw) > self.max_request_bytes:
+            raise PayloadError(f"{sized} is {len(raw)} bytes, over the limit of {self.max_request_bytes} bytes; "
+                               f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"{named} is not UTF-8 ({exc.reason} at byte {exc.start}); send {send}", 400) from None
+
     def _decode(self, payload) -> Prompt:
         shape = f'{{"prompt": "<text>", "max_new_tokens": <1..{self.max_new_tokens}, optional, default {self.default_new_tokens}>}}'
         if isinstance(payload, str):
@@ -44,13 +54,7 @@ class LlamaRequests:
         payload = bytes(payload)
         if not payload.strip():
             raise PayloadError(f"empty request body; send JSON {shape}", 400)
-        if len(payload) > self.max_request_bytes:
-            raise PayloadError(f"request is {len(payload)} bytes, over the limit of {self.max_request_bytes} bytes; "
-                               f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PayloadError(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 JSON {shape}", 400) from None
+        text = self._utf8_within_limit(payload, "request", "request body", f"UTF-8 JSON {shape}")
         try:
             body = json.loads(text)
         except (ValueError, RecursionError) as exc:
@@ -99,14 +103,7 @@ class LlamaRequests:
         send = f"text_input (BYTES, one UTF-8 prompt per sample) and max_tokens (1..{self.max_new_tokens})"
 
         def one(pair) -> Prompt:
-            text = bytes(pair[0])
-            if len(text) > self.max_request_bytes:
-                raise PayloadError(f"prompt is {len(text)} bytes, over the limit of {self.max_request_bytes} bytes; "
-                                   f"send a shorter prompt (at most {self.max_prompt_tokens} tokens)", 413)
-            try:
-                prompt = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise PayloadError(f"text_input is not UTF-8 ({exc.reason} at byte {exc.start}); send {send}", 400) from None
+            prompt = self._utf8_within_limit(bytes(pair[0]), "prompt", "text_input", send)
             return self._prompt(prompt, pair[1], send, ("text_input", "max_tokens"))
 
         return decode_each(one, zip(texts, tokens))
