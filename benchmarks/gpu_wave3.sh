@@ -53,6 +53,7 @@ for stage in ${STAGES:-llm}; do
       --latency-budget-ms "${LLM_BUDGET_MS:-30000}" --out "$out/llm_serving.json" > "$out/llm_serving.log" 2>&1
     echo "rc $?"; grep -vE "it/s\]|Loading" "$out/llm_serving.log" | tail -25
     stop_everything
+    [ "${LLM_ENGINE:-1}" = 1 ] || continue  # LLM_ENGINE=0: the engine-only numbers exist already
     echo "=== llm: the engine alone, static generate() vs the continuous manager"
     timeout "${LLM_ENGINE_TIMEOUT:-150}" $py benchmarks/llm_engine.py --config "${LLM_CONFIG:-llama3-8b}" \
       --device "$device" --requests "${LLM_REQUESTS:-64}" --concurrency ${LLM_ENGINE_LEVELS:-32} \
