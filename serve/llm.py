@@ -48,7 +48,13 @@ class Delta:
 
 class TextStream:
     """Token ids -> text as it becomes final: an incomplete UTF-8 sequence at the end is held back,
-    and so is a tail that could still grow into a stop string; a stop string ends the text before it."""
+    and so is a tail that could still grow into a stop string; a stop string ends the text before it.
+
+    An incomplete sequence decodes to one trailing U+FFFD (a decoder replaces the maximal invalid
+    subpart with one), so one is held and no more: replacement characters before it stand for bytes
+    no later token can complete. Holding every trailing U+FFFD held back a model's whole answer when
+    it emitted a run of invalid bytes (random weights do), and the stream's first text then came at
+    its end."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self._tokenizer = tokenizer
@@ -65,7 +71,7 @@ class TextStream:
             text, finished = text[:hit], True
         end = len(text)
         if not finished:
-            while end > self.emitted and text[end - 1] == "\ufffd":  # a character still being spelled
+            if end > self.emitted and text[end - 1] == "\ufffd":  # a character perhaps still being spelled
                 end -= 1
             end = max(self.emitted, end - self._hold)
         new = text[self.emitted:end]
