@@ -50,7 +50,7 @@ for stage in ${STAGES:-llm}; do
     echo "=== llm: serving, static vs continuous, OpenAI API with streaming"
     timeout "${LLM_SERVING_TIMEOUT:-420}" $py benchmarks/llm_serving.py --config "${LLM_CONFIG:-llama3-8b}" \
       --device "$device" --clients ${LLM_CLIENTS:-1 8 32 128} --duration "${LLM_DURATION:-15}" \
-      --latency-budget-ms "${LLM_BUDGET_MS:-30000}" --out "$out/llm_serving.json" > "$out/llm_serving.log" 2>&1
+      --latency-budget-ms "${LLM_BUDGET_MS:-30000}" --drain "${LLM_DRAIN:-10}" --out "$out/llm_serving.json" > "$out/llm_serving.log" 2>&1
     echo "rc $?"; grep -vE "it/s\]|Loading" "$out/llm_serving.log" | tail -25
     stop_everything
     [ "${LLM_ENGINE:-1}" = 1 ] || continue  # LLM_ENGINE=0: the engine-only numbers exist already
