@@ -20,6 +20,8 @@ COMMON_CONFIG = dict(rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu", 
                      bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 CACHE_ENV = "AUTOBATCH_MODEL_CACHE"
 MARKER = "autobatch-synthetic.json"
+# What the marker's "weights" says; a folder written by another recipe is built again.
+WEIGHTS_RECIPE = "random (seed 0), bfloat16; lm_head rows past the tokenizer zeroed"
 
 
 def default_model_cache_dir() -> str:
@@ -35,12 +37,12 @@ def ensure_synthetic_folder(folder: str, config_name: str, architecture: dict, b
     Concurrent replicas wait on a file lock; the folder appears atomically (built aside, renamed)."""
     from filelock import FileLock
 
-    if os.path.exists(os.path.join(folder, MARKER)):
+    if is_current(folder):
         return folder
     root = os.path.dirname(folder)
     os.makedirs(root, exist_ok=True)
     with FileLock(folder + ".lock"):
-        if os.path.exists(os.path.join(folder, MARKER)):
+        if is_current(folder):
             return folder
         import torch
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -52,13 +54,20 @@ def ensure_synthetic_folder(folder: str, config_name: str, architecture: dict, b
                 torch.manual_seed(0)
                 with torch.device(build_device):
                     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+            # Random logits over the whole vocabulary pick ids the byte tokenizer cannot spell (all but
+            # 259 of the 8B shape's 128,256), which decode to nothing: a stream then sends no text
+            # until its end. Zero logits for those rows leave greedy decoding to the ids it can spell;
+            # the shapes, and so memory and time, are the model's.
+            spelled = len(build_byte_tokenizer())
+            with torch.no_grad():
+                model.lm_head.weight[spelled:].zero_()
             model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                                                        pad_token_id=PAD_ID, do_sample=False)
             model.save_pretrained(work, max_shard_size="2GB")
             del model
             build_byte_tokenizer().save_pretrained(work)
             with open(os.path.join(work, MARKER), "w") as f:
-                json.dump({"architecture": architecture, "weights": "random (seed 0), bfloat16"}, f, indent=1)
+                json.dump({"architecture": architecture, "weights": WEIGHTS_RECIPE}, f, indent=1)
             if os.path.exists(folder):  # an incomplete leftover (no marker): replace it
                 shutil.rmtree(folder)
             os.rename(work, folder)
@@ -70,3 +79,11 @@ def ensure_synthetic_folder(folder: str, config_name: str, architecture: dict, b
                 torch.cuda.empty_cache()
     return folder
 
+
+def is_current(folder: str) -> bool:
+    """The folder holds a complete synthetic model written by this recipe."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            return json.load(f).get("weights") == WEIGHTS_RECIPE
+    except (OSError, ValueError):
+        return False

@@ -93,6 +93,30 @@ def test_synthetic_folder_is_written_once_and_reused(spec, cache_dir):
     assert not [f for f in os.listdir(cache_dir) if ".building-" in f]  # nothing half-built left behind
 
 
+def test_synthetic_weights_pick_ids_the_tokenizer_spells(spec):
+    """Random logits over the 8B shape's 128,256 ids pick ones the byte tokenizer cannot spell, which
+    decode to nothing, and a stream then had no text until its end (docs/benchmarks.md section 15)."""
+    spelled = len(spec.get_tokenizer())
+    assert spec.model.lm_head.weight[spelled:].abs().max().item() == 0
+    assert spec.model.lm_head.weight[:spelled].abs().max().item() > 0
+    out = spec.predict([spec.decode(body(prompt="Hello", max_new_tokens=6))])[0]
+    assert out["completion_tokens"] == 6 and out["text"]  # greedy text, not ids that decode to nothing
+
+
+def test_a_folder_of_another_weights_recipe_is_built_again(tmp_path):
+    import json
+
+    from deployments.llama_weights import WEIGHTS_RECIPE, is_current
+
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    assert not is_current(str(folder))
+    (folder / MARKER).write_text(json.dumps({"weights": "random (seed 0), bfloat16"}))
+    assert not is_current(str(folder))
+    (folder / MARKER).write_text(json.dumps({"weights": WEIGHTS_RECIPE}))
+    assert is_current(str(folder))
+
+
 def test_bfloat16_compute_on_cpu_gives_the_same_kind_of_output(spec, cache_dir):
     import torch
 
