@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from wire import PayloadError
+
+from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
 from .device_images import (DeviceBatch, ImageInput, PrepareStream, TorchvisionJpegDecoder, classifier_batch,
                             image_input, overlap_for, pipeline_for, prepare_on_device)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,

@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from .base import PayloadError
+from wire import PayloadError
+
 from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, check_image_header, decode_image
 
 log = logging.getLogger("autobatch")

@@ -21,7 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from wire import PayloadError
+
+from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
 from .pose_nms import nms_pose, nms_pose_batch, scale_boxes, scale_keypoints, xywh_to_xyxy  # noqa: F401 - also imported from here
 from .device_images import (DeviceBatch, ImageInput, LetterboxGeometry, PrepareStream, TorchvisionJpegDecoder,
                             image_input, letterbox_batch, overlap_for, pipeline_for, prepare_on_device)

@@ -26,7 +26,7 @@ from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
 from .batch_runner import Item, Outcome  # noqa: E402
-from .oip.request import InferFailure, InferRequest, InferResponse  # noqa: E402
+from wire.request import InferFailure, InferRequest, InferResponse  # noqa: E402
 from .replica import Replica  # noqa: E402
 from .routes import HttpRoutes  # noqa: E402
 from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, memory_fraction_for,  # noqa: E402,F401

@@ -19,9 +19,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from deployments.base import PayloadError
 from deployments.llama_int4 import trim_completion
 from deployments.llama_scheduler import Sampling
+from wire import PayloadError
 
 log = logging.getLogger("ray.serve")
 

@@ -26,9 +26,9 @@ from typing import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from deployments.base import PayloadError
 from deployments.llama_int4 import Prompt
 from deployments.llama_scheduler import Sampling
+from wire import PayloadError
 
 from .batch_runner import Item
 from .llm import KvCacheFull

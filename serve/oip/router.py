@@ -38,13 +38,13 @@ from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from deployments.base import PayloadError
+from wire import PayloadError, grpc_codec
+from wire import grpc_predict_v2_pb2 as pb
+from wire.request import InferFailure, InferRequest, InferResponse, select_outputs, validate
 
 from .. import costs
 from ..admission import REQUEST_BATCHES
-from . import grpc_codec, metadata, rest
-from . import grpc_predict_v2_pb2 as pb
-from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
+from . import metadata, rest
 from .shed import RouterShedder, Shed, content_length, shed_counter
 
 log = logging.getLogger("ray.serve")
