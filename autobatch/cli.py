@@ -18,7 +18,8 @@ import sys
 from autobatch.client import bench
 from autobatch.client import command as client_command
 from deployments.registry import create_spec, model_names
-from optimizer.cache import CacheUnavailable, TuningCache, open_cache
+from optimizer.cache import CacheUnavailable, TuningCache
+from optimizer.cache_store import open_cache
 from optimizer.devices import DeviceUnavailable
 from optimizer.tuning import Tuning, TuningFormatError
 

@@ -3,13 +3,21 @@ safe batch that leaves that jitter under the budget (the search's last step, opt
 the cache's trust check, optimizer/trust.py)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .fit import memory_fit_of
 from .probe import ProbeResult
 
-if TYPE_CHECKING:
-    from .search import Prober
+
+class Prober(Protocol):
+    """What jitter reads of the search's Prober (optimizer/search.py), which imports this module:
+    named here so the two do not import each other."""
+
+    probes: list[ProbeResult]
+    base_bytes: int
+    memory_budget_bytes: int
+
+    def run(self, batch_size: int) -> ProbeResult: ...
 
 
 def jitter_bytes(prober: "Prober | list[ProbeResult]", tolerance: float = 0.03, base_bytes: int | None = None

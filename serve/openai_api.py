@@ -79,7 +79,7 @@ def _loads(body: bytes) -> dict:
 # ============================================================================ the router's half
 async def route(directory, request: Request, max_body_bytes: int) -> Response:
     """One /v1 request at the router: list the models, or forward a completion to the model named."""
-    from .oip.router import ReplicaLost, call_model
+    from .oip.calls import ReplicaLost, call_model
 
     path = "/" + request.url.path.strip("/")
     try:

@@ -45,6 +45,7 @@ from wire.request import InferFailure, InferRequest, InferResponse, select_outpu
 from .. import costs
 from ..admission import REQUEST_BATCHES
 from . import metadata, rest
+from .calls import ReplicaLost, call_model
 from .shed import RouterShedder, Shed, content_length, shed_counter
 
 log = logging.getLogger("ray.serve")
@@ -59,35 +60,6 @@ REPLICA_LOST_RETRY_AFTER_S = 2  # Serve notices a dead replica within its health
 BY_REFERENCE_MIN_BYTES = 2**20
 BY_REFERENCE_MIN_SAMPLES = 64
 ROUTER_GRPC_MARGIN_BYTES = 2**20  # a body's headers and its request's pickled envelope
-
-
-class ReplicaLost(PayloadError):
-    """The model's replica died with this request in flight (killed, crashed, out of host memory).
-
-    Ray's own proxy answers that with a plain-text 500; behind this router it is a 503 with
-    Retry-After and a JSON body, since every route is idempotent and a replacement is starting."""
-
-    def __init__(self, model: str, exc: BaseException):
-        super().__init__(f"the {model} replica stopped while answering this request ({type(exc).__name__}); "
-                         f"Ray Serve is starting a replacement: retry in a few seconds", status=503)
-
-
-async def call_model(model: str, call):
-    """Await a DeploymentHandle call; a replica that died mid-request becomes ReplicaLost, and any
-    other failure of the call itself a JSON 500 that says what failed (not Ray's plain-text one)."""
-    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
-
-    try:
-        return await call
-    except RayActorError as exc:
-        log.warning("autobatch: %s: a replica died with a request in flight: %s", model, exc)
-        raise ReplicaLost(model, exc) from None
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the transport between router and replica
-        log.exception("autobatch: %s: the call to its replica failed", model)
-        raise PayloadError(f"internal error forwarding the request to {model} ({type(exc).__name__}: "
-                           f"{str(exc)[:300]})", status=500) from None
 
 
 def forward(handle, method: str, payload_bytes: int, samples: int = 1):
