@@ -1,4 +1,4 @@
-"""The Llama's continuous scheduler as a replica serves it (issue 19): admission by KV blocks, each
+"""The Llama's continuous scheduler as a replica serves it: admission by KV blocks, each
 request streamed as its own tokens finish, stop strings, usage counts and the LLM metrics.
 
 deployments/llama_scheduler.py owns the manager (Ray-free); this module is what a served request

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible API for the LLM apps (issue 19): what the `openai` SDK, LangChain's OpenAI
+"""An OpenAI-compatible API for the LLM apps: what the `openai` SDK, LangChain's OpenAI
 wrapper and `curl -N` expect.
 
   GET  /v1/models             the router's models that generate text

@@ -128,8 +128,9 @@ class Load:
     # closed loop: a client told 503 + Retry-After waits that long before its next request, as an
     # HTTP client should; off, it resends at once (the worst case for the server)
     honor_retry_after: bool = False
-    # load processes: one Python process's event loop sends ~1,000-2,000 small requests/s at most,
-    # so a server faster than that needs several (the concurrency or rate is split between them)
+    # load processes: one Python process's event loop is itself a limit on requests/s
+    # (docs/benchmarks.md, "Client and load generator"), so a faster server needs several (the
+    # concurrency or rate is split between them)
     processes: int = 1
 
     def validate(self) -> None:

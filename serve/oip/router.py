@@ -15,14 +15,14 @@ side of the contract, on each model deployment (named as its application, see se
   http(method, subpath, headers, body) -> (status, headers, body)   the simple routes (/resnet50...)
                             when the models sit behind this one ingress
 
-Bodies (issue 23): a request up to `max_body_bytes` (DEFAULT_MAX_BODY_BYTES, 64 MiB) reaches its
+Bodies: a request up to `max_body_bytes` (DEFAULT_MAX_BODY_BYTES, 64 MiB) reaches its
 replica, and one over it is a JSON 413 before it is read whole (its Content-Length, or the bytes
 counted as a chunked body streams in). Under `make serve`'s HAProxy ingress Ray Serve's handles
 call replicas over gRPC, whose message limit (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, 4 MiB)
 refused every larger body; a call carrying BY_REFERENCE_MIN_BYTES or more, or answering
 BY_REFERENCE_MIN_SAMPLES or more samples, goes by Ray's actor path instead, its arguments through
-the object store (docs/benchmarks.md, "Large bodies": for 6 MiB it cost no more than gRPC with a
-raised limit, which would also need the same setting in every process). The one hop into the router
+the object store: that costs no more than gRPC with a raised limit (docs/benchmarks.md §10), and
+a raised limit would need the same setting in every process. The one hop into the router
 that Ray makes itself (its fallback proxy, behind HAProxy) gets the raised limit: `router_env`.
 """
 from __future__ import annotations
@@ -54,9 +54,9 @@ DEFAULT_READY_TIMEOUT_S = 2.0
 DEFAULT_METADATA_TTL_S = 30.0
 REPLICA_LOST_RETRY_AFTER_S = 2  # Serve notices a dead replica within its health check period (2 s)
 # A call to a replica carrying this much, or answering this many samples, goes through the object
-# store (the actor path) rather than Ray Serve's gRPC transport and its 4 MiB messages: at 1 MiB the
-# two cost the same here (docs/benchmarks.md), and an answer of many samples (YOLO's keypoints) can
-# pass 4 MiB from a small request.
+# store (the actor path) rather than Ray Serve's gRPC transport and its 4 MiB messages: well under
+# the limit, where the two cost the same (docs/benchmarks.md §10), so no call nears it; and an
+# answer of many samples (YOLO's keypoints) can pass 4 MiB from a small request.
 BY_REFERENCE_MIN_BYTES = 2**20
 BY_REFERENCE_MIN_SAMPLES = 64
 ROUTER_GRPC_MARGIN_BYTES = 2**20  # a body's headers and its request's pickled envelope
