@@ -4,7 +4,7 @@ It reads what only Ray knows (the GPU ids it was given, the deployment's user_co
 max_ongoing_requests), owns the @serve.batch method and hands its setters to the replica. What a
 replica does lives in plain modules:
   replica.py     tuning, warm-up, running batches, what GET /tuning shows
-  settings.py    the builder/user_config layers and the batch size and wait in force
+  settings.py    ReplicaSettings (what this class is bound with), the user_config layer, the batch size and wait in force
   routes.py      the HTTP routes (directly, or through the OIP router's `http`)
   tensor_routes.py  the Open Inference Protocol requests the OIP router forwards, many samples each
   batch_runner.py, warmup.py, stats.py, metrics.py, faults.py; the wait: optimizer/wait.py
@@ -25,8 +25,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
-from .batch_runner import Item, Outcome  # noqa: E402
 from wire.request import InferFailure, InferRequest, InferResponse  # noqa: E402
+
+from .batch_runner import Item, Outcome  # noqa: E402
 from .replica import Replica  # noqa: E402
 from .routes import HttpRoutes  # noqa: E402
 from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, ReplicaSettings,  # noqa: E402,F401

@@ -14,9 +14,7 @@ Load goes to loopback addresses only unless `allow_remote`. Another protocol plu
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ipaddress
 import math
 import random
 import sys
