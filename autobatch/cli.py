@@ -1,7 +1,10 @@
-"""`autobatch tune | show | plot | cache`: the optimizer from a shell, on a laptop CPU or a GPU box.
+"""`autobatch tune | show | plot | cache | client | bench`: the optimizer from a shell, on a laptop CPU
+or a GPU box, and the clients of a served app (autobatch/client/).
 
-Commands from other packages (serve adds `client` and `bench`) join through the entry-point group
-"autobatch.commands": each is a function register(subparsers).
+Commands from other packages (serve adds `config` and `retune`) join through the entry-point group
+"autobatch.commands": each is a function register(subparsers). An entry point named like a command
+of this package is passed over: `client` and `bench` were serve's entry points before they moved
+here, and an install made before the move still lists them.
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import math
 import os
 import sys
 
+from autobatch.client import bench
+from autobatch.client import command as client_command
 from deployments.registry import create_spec, model_names
-from optimizer.cache import CacheUnavailable, TuningCache, open_cache
+from optimizer.cache import CacheUnavailable, TuningCache
+from optimizer.cache_store import open_cache
 from optimizer.devices import DeviceUnavailable
 from optimizer.tuning import Tuning, TuningFormatError
 
@@ -215,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--key", default=None, help="with clear: only this key (prefix)")
     cache.add_argument("--cache", default=None)
     cache.set_defaults(func=cmd_cache)
+    client_command.register(sub)
+    bench.register(sub)
     for entry_point in importlib.metadata.entry_points(group="autobatch.commands"):
-        entry_point.load()(sub)
+        if entry_point.name not in sub.choices:
+            entry_point.load()(sub)
     return parser
 
 

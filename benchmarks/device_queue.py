@@ -7,7 +7,7 @@ host's 2 cores stay free for the serving path, as they do while a GPU computes).
 
 Each tree serves the stand-in from its own code (its AutobatchDeployment, tuned at start-up into a
 fresh cache), in a fresh local Ray with Ray Serve's HTTP proxy on 127.0.0.1; this tree's load
-generator (serve/bench.py, closed loop, one sample per request) measures both. The table shows
+generator (autobatch/client/bench.py, closed loop, one sample per request) measures both. The table shows
 requests/s, p50/p99, and the batches the device ran (the replica's own GET /tuning `stats`):
 with `@serve.batch` alone they are what its clock closed; with the device queue
 (serve/device_queue.py) they are what waited when the device could take a batch.
@@ -83,8 +83,8 @@ def stats(http, route: str) -> dict:
 def measure(label: str, tree: str, args) -> list[dict]:
     import httpx
 
-    from serve.bench import Load, run_load
-    from serve.oip.commands import V2Sender
+    from autobatch.client.bench import Load, run_load
+    from autobatch.client.oip_commands import V2Sender
 
     cmd = [sys.executable, os.path.abspath(__file__), "--serve-one", tree, "--fixed-ms", str(args.fixed_ms),
            "--per-sample-ms", str(args.per_sample_ms), "--max-batch", str(args.max_batch), "--num-cpus", str(args.num_cpus),

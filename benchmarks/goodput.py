@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_common import REPO, environment, free_port, markdown_table, say, stop_launcher, table, write_json  # noqa: E402
 
-from serve.bench import Load, default_payloads, run_load  # noqa: E402
+from autobatch.client.bench import Load, default_payloads, run_load  # noqa: E402
 
 STAND_IN = "stand_in_device"
 REGISTRATION = "stand_in_device=stand_in_device:StandInDeviceSpec"
@@ -185,7 +185,7 @@ def payloads_for(args, url: str) -> list[bytes]:
 
 
 def level(label: str, server: Server, args, samples: list[bytes], clients: int) -> dict:
-    from serve.oip.commands import V2Sender
+    from autobatch.client.oip_commands import V2Sender
 
     def load(duration_s: float) -> Load:
         spec = Load(route=f"/{args.model}", url=server.url, payloads=[(b"", "")], concurrency=clients,

@@ -168,8 +168,8 @@ def start_stage(server: Server, args, cache_path: str, label: str, want: int) ->
 
 
 def load_stage(server: Server, args, want: int, cards: int) -> dict:
-    from serve.bench import Load, generated_jpeg, run_load
-    from serve.oip.commands import V2Sender
+    from autobatch.client.bench import Load, generated_jpeg, run_load
+    from autobatch.client.oip_commands import V2Sender
 
     name = STAND_IN if args.stand_in else MODEL
     route = "/" + name

@@ -69,7 +69,7 @@ spy() {
 bench() {  # bench TAG ARGS...: one autobatch bench run, its report to $out/TAG.json, its summary lines here
   local name=$1; shift
   echo "-- $name"
-  "$py" -m serve.bench --route "$model" --duration "$duration" --no-progress --out "$out/$name.json" "$@" | tail -3
+  "$py" -m autobatch.client.bench --route "$model" --duration "$duration" --no-progress --out "$out/$name.json" "$@" | tail -3
 }
 # A `timeout` or Ctrl-C that ends this script ends what it launched too (the launcher runs in a group
 # of its own, and `ray start` daemonises the cluster outside it).

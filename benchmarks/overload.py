@@ -9,7 +9,7 @@ answered in well under a second, nothing waiting tens of seconds.
 
 `make serve`'s launcher (serve/local.py) runs a one-app config (the model on the CPU, num_cpus 1,
 max_batch 32, memory_fraction 0.22, the given latency budget) on free loopback ports; the load is
-`autobatch bench` (serve/load.py). Prints a table, writes JSON.
+`autobatch bench` (autobatch/client/load.py). Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, environment, free_port, say, table, write_json  # noqa: E402
 
-from serve.bench import Load, default_payloads, run_load  # noqa: E402
+from autobatch.client.bench import Load, default_payloads, run_load  # noqa: E402
 
 COLUMNS = [("clients", "clients", ""), ("served req/s", "served_per_s", ".2f"), ("served p50 ms", "ok_p50_ms", ".0f"),
            ("served p99 ms", "ok_p99_ms", ".0f"), ("bound ms", "bound_ms", ".0f"), ("503s", "refused", ""),

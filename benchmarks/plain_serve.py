@@ -53,7 +53,7 @@ class _SpecServer:
                 "device": self.device, "torch_threads": torch.get_num_threads()}
 
     async def decode(self, request: Request):
-        from deployments.base import PayloadError
+        from wire import PayloadError
 
         body = await request.body()
         try:

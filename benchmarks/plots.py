@@ -141,7 +141,7 @@ def measure_tiny() -> dict:
     from bench_common import environment
     from serving_vs_plain import raw_loop
 
-    from serve.bench import generated_jpeg
+    from autobatch.client.bench import generated_jpeg
 
     ns = _argparse.Namespace(threads=None, model="resnet50", llama_config=None, raw_repeats=1)
     return {"environment": environment("cpu"), "model": "resnet50", "device_kind": "cpu",

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, environment, markdown_table, say, start_cluster, table, write_json  # noqa: E402
 
 from optimizer.tuning import Tuning  # noqa: E402
-from serve.bench import Load, default_payloads, run_load  # noqa: E402
+from autobatch.client.bench import Load, default_payloads, run_load  # noqa: E402
 
 COLUMNS = [("model", "model", ""), ("variant", "variant", ""), ("batch", "batching", ""),
            ("req/s", "requests_per_s", ".1f"), ("p50 ms", "p50_ms", ".0f"), ("p99 ms", "p99_ms", ".0f"),

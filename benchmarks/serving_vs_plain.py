@@ -13,7 +13,7 @@ one after another on the same Ray cluster (one replica at a time, the same resou
 raw model in a bare loop (no HTTP, no Ray) at the batch sizes served: the ceiling.
 
 Per variant and concurrency: requests/s, samples/s (one sample per request), p50/p99 latency, the mean
-batch the replica formed (its own count of batches and samples), errors. The load is serve/bench.py's
+batch the replica formed (its own count of batches and samples), errors. The load is autobatch/client/bench.py's
 closed loop from this process, over 127.0.0.1. The baselines are benchmarks/plain_serve.py: the same
 ModelSpec, the same decode-before-batching and forward-in-a-worker-thread as autobatch; only the
 batching differs.
@@ -38,8 +38,8 @@ import httpx  # noqa: E402
 
 from deployments.registry import model_names, spec_class  # noqa: E402
 from optimizer.tuning import Tuning  # noqa: E402
-from serve.bench import Load, run_load  # noqa: E402
-from serve.client import make_payload  # noqa: E402
+from autobatch.client.bench import Load, run_load  # noqa: E402
+from autobatch.client.http_client import make_payload  # noqa: E402
 
 MODELS = tuple(model_names())
 PINNED = "autobatch, plain's batching"

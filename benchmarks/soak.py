@@ -35,7 +35,7 @@ import httpx  # noqa: E402
 
 from deployments.registry import model_names, spec_class  # noqa: E402
 from optimizer.stats import percentile  # noqa: E402
-from serve.load import Load, LoadRun  # noqa: E402
+from autobatch.client.load import Load, LoadRun  # noqa: E402
 
 ROUTE = "/soak"
 

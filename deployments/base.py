@@ -15,16 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+# PayloadError is the spec's way to refuse a request (specs import it from here or from wire);
+# DATATYPES is the table every TensorSpec is checked against. Both are the wire's (wire/__init__.py).
+from wire import DATATYPES, NUMPY_TYPES, PayloadError  # noqa: F401
+
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class PayloadError(ValueError):
-    """A request the client can fix. `status` becomes the HTTP status; the message says what to send."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class SpecConfigError(ValueError):
@@ -49,12 +44,6 @@ def file_identity(path: str | None) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
-# The tensor data types of the Open Inference Protocol v2 (KServe inference_rest.md), plus Triton's BF16.
-DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-             "FP16", "FP32", "FP64", "BF16", "BYTES")
-# The numpy types of the numeric datatypes, little-endian as the binary tensor extension fixes them.
-NUMPY_DTYPES = {"BOOL": "bool", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
-                "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 _TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -217,7 +206,7 @@ class ModelSpec(abc.ABC):
 
         tensors = {}
         for spec in self.outputs():
-            dtype = object if spec.datatype == "BYTES" else NUMPY_DTYPES[spec.datatype]
+            dtype = NUMPY_TYPES[spec.datatype]
             values = [answer[spec.name] for answer in encoded]
             if spec.datatype == "BYTES":
                 values = [v.encode() if isinstance(v, str) else v for v in values]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from wire import PayloadError
+
+from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
 from .device_images import (DeviceBatch, ImageInput, PrepareStream, TorchvisionJpegDecoder, classifier_batch,
                             image_input, overlap_for, pipeline_for, prepare_on_device)
 from .images import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_INPUTS, decode_image, example_jpeg,
@@ -63,9 +65,9 @@ class TorchvisionClassifierSpec(ModelSpec):
     builder_name: ClassVar[str]  # torchvision.models.<builder_name>
     weights_enum: ClassVar[str]  # torchvision.models.<weights_enum>, for transforms and categories
     crop_size: ClassVar[int] = 224
-    # On a CPU a batch takes what a GPU's dozens do: batch 1 of the vision models took 0.2-0.9 s on the
-    # 2-core machine under `make serve`'s four apps, over the 0.5 s default, which served them
-    # unbatched and refused most of 16 clients (issue 23; docs/benchmarks.md, "CPU defaults").
+    # On a CPU a batch takes what a GPU's dozens do: batch 1 of a vision model alone can take most of
+    # the 0.5 s default, and a budget below it serves unbatched and refuses most clients
+    # (docs/benchmarks.md §12, §16).
     default_latency_budget_s_by_device: ClassVar[dict[str, float]] = {"cpu": 4.0}
     # 2: on a GPU the next batch is prepared while this one computes, and the tuner times that overlap
     spec_version: ClassVar[int] = 2

@@ -1,8 +1,8 @@
 """Images to the device as bytes, not floats.
 
-A vision replica on a GPU is fed, not computed, into a corner: PIL decode + resize runs ~136
-images/s per thread, and a batch of pageable fp32 crops crosses to the card at ~2,000 images/s
-(issue 13). So on the device pipeline the CPU part of decoding is a header check
+A vision replica on a GPU is fed, not computed, into a corner: PIL decode + resize per image on
+the CPU, and a batch of pageable fp32 crops crossing to the card, each run far below what the card
+computes (docs/benchmarks.md §5, §16). So on the device pipeline the CPU part of decoding is a header check
 (deployments/images.py `check_image_header`), and what crosses is the JPEG file itself (decoded on
 the device in batches: nvJPEG through `torchvision.io.decode_jpeg(list, device="cuda")`) or, for
 PNG/WebP, uint8 pixels packed into one pinned buffer and copied once, without blocking. Resizing,
@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
-from .base import PayloadError
+from wire import PayloadError
+
 from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, check_image_header, decode_image
 
 log = logging.getLogger("autobatch")

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from .base import PayloadError, TensorSpec, decode_each
+from wire import PayloadError
+
+from .base import TensorSpec, decode_each
 
 
 def _pillow_open():

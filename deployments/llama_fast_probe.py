@@ -1,4 +1,4 @@
-"""A generation's cost without running it: what the Llama's tuning probes run (issue 14, item 2).
+"""A generation's cost without running it: what the Llama's tuning probes run.
 
 A whole worst-case generation (512 prompt tokens, then 128 decode steps) per probe made the 8B
 model's tuning take minutes. Its peak memory is reached at one of two moments: the prefill of the
@@ -9,9 +9,9 @@ positions. Its time is the prefill plus one decode step per further token. So on
    the same bytes the real cache holds then, without the steps that fill it);
 3. `warm_steps` decode steps against it untimed (the first steps at a new cache length pay the
    allocator's new blocks and the kernels' first launch at that shape), then `decode_steps` timed;
-   the median is the time per token, at the longest cache, so no shorter than a real step. Three
-   timed steps and none warm gave the 8B model 3.6-9.0 s for batches 3-74 on an H100, out of order
-   (docs/results/issue14/h100_llama_fast.log).
+   the median is the time per token, at the longest cache, so no shorter than a real step. Fewer
+   timed steps and none warm gave predictions out of order in the batch size (the 8B model's,
+   docs/benchmarks.md §8, §16).
 Predicted generation time = prefill + (new_tokens - 1) x per token. The tuner checks its answer
 with one real generation and rescales the predictions if they disagree (optimizer/fast_probe.py).
 """

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .base import PayloadError, decode_each
+from wire import PayloadError
+
+from .base import decode_each
 
 ALLOWED_KEYS = ("prompt", "max_new_tokens")
 

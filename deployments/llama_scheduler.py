@@ -1,4 +1,4 @@
-"""The Llama's continuous batching: one transformers `ContinuousBatchingManager` per replica (issue 19).
+"""The Llama's continuous batching: one transformers `ContinuousBatchingManager` per replica.
 
 Static batching (`@serve.batch` + one `generate()`) runs a batch to its longest request's end: an
 8-token request waits out a batch-mate's 128, and a request one step late waits for the whole batch.

@@ -21,7 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .base import ModelSpec, PayloadError, SpecConfigError, TensorSpec, torch_dtype
+from wire import PayloadError
+
+from .base import ModelSpec, SpecConfigError, TensorSpec, torch_dtype
 from .pose_nms import nms_pose, nms_pose_batch, scale_boxes, scale_keypoints, xywh_to_xyxy  # noqa: F401 - also imported from here
 from .device_images import (DeviceBatch, ImageInput, LetterboxGeometry, PrepareStream, TorchvisionJpegDecoder,
                             image_input, letterbox_batch, overlap_for, pipeline_for, prepare_on_device)
@@ -84,9 +86,9 @@ class YOLO11nPoseSpec(ModelSpec):
                             "score and 17 COCO keypoints (x, y, confidence), in the image's own pixels")
     library_packages: ClassVar[tuple[str, ...]] = ("torch", "torchvision", "ultralytics", "opencv-python")
     default_latency_budget_s: ClassVar[float] = 0.5
-    # On a CPU a batch takes what a GPU's dozens do: batch 1 of the vision models took 0.2-0.9 s on the
-    # 2-core machine under `make serve`'s four apps, over the 0.5 s default, which served them
-    # unbatched and refused most of 16 clients (issue 23; docs/benchmarks.md, "CPU defaults").
+    # On a CPU a batch takes what a GPU's dozens do: batch 1 of a vision model alone can take most of
+    # the 0.5 s default, and a budget below it serves unbatched and refuses most clients
+    # (docs/benchmarks.md §12, §16).
     default_latency_budget_s_by_device: ClassVar[dict[str, float]] = {"cpu": 4.0}
     # 2: on a GPU the next batch is prepared while this one computes, and the tuner times that overlap
     spec_version: ClassVar[int] = 2

@@ -12,6 +12,8 @@ An entry is returned only when its stored key fields equal the ones asked for, s
 or a hand-edited file can never hand one device's answer to another, and only as a `Tuning` that
 `Tuning.from_dict` accepts: an entry it refuses (another version's shape, a hand edit) is a miss,
 so the model is tuned again and the entry replaced.
+
+`optimizer.cache_store.open_cache(location)` picks this file or, for a URL, the shared store there.
 """
 from __future__ import annotations
 
@@ -55,26 +57,6 @@ def default_cache_path() -> Path:
         return Path(os.environ["AUTOBATCH_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "autobatch" / "tuning.json"
-
-
-def is_remote(location: str | os.PathLike | None) -> bool:
-    """A URL fsspec opens (s3://, gs://, memory://...); a plain path or file:// is this host's file."""
-    text = str(location or "")
-    return "://" in text and not text.startswith("file://")
-
-
-def open_cache(location: str | os.PathLike | None = None, **kwargs) -> "TuningCache":
-    """The tuning cache at `location` (else $AUTOBATCH_CACHE, else ~/.cache/autobatch/tuning.json):
-    a local path or file:// URL is the hardened file below; another URL (s3://, gs://, a shared
-    filesystem fsspec opens) is optimizer/cache_store.py's, so replicas on many nodes share it."""
-    location = location or os.environ.get("AUTOBATCH_CACHE") or None
-    if is_remote(location):
-        from .cache_store import FsspecTuningCache
-
-        return FsspecTuningCache(str(location), **kwargs)
-    if location is not None and str(location).startswith("file://"):
-        location = str(location)[len("file://"):]
-    return TuningCache(location, **kwargs)
 
 
 def cache_key(key_fields: dict) -> str:

@@ -1,5 +1,6 @@
 """The tuning cache on shared storage: one JSON document at a URL that fsspec opens, so every node of
-a cluster reads the answers any node measured (s3://, gs://, az://, a shared filesystem...).
+a cluster reads the answers any node measured (s3://, gs://, az://, a shared filesystem...), and
+`open_cache`, which picks it or the local file (optimizer/cache.py) by the location's form.
 
 The document, its format and what is trusted in it are TuningCache's (optimizer/cache.py); only how
 the bytes are stored differs from the local file:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 
@@ -154,3 +156,21 @@ class FsspecTuningCache(TuningCache):
 
 
 __all__ = ["FsspecTuningCache", "RENAME_PROTOCOLS"]
+
+
+def is_remote(location: str | os.PathLike | None) -> bool:
+    """A URL fsspec opens (s3://, gs://, memory://...); a plain path or file:// is this host's file."""
+    text = str(location or "")
+    return "://" in text and not text.startswith("file://")
+
+
+def open_cache(location: str | os.PathLike | None = None, **kwargs) -> "TuningCache":
+    """The tuning cache at `location` (else $AUTOBATCH_CACHE, else ~/.cache/autobatch/tuning.json):
+    a local path or file:// URL is the hardened file below; another URL (s3://, gs://, a shared
+    filesystem fsspec opens) is FsspecTuningCache, so replicas on many nodes share it."""
+    location = location or os.environ.get("AUTOBATCH_CACHE") or None
+    if is_remote(location):
+        return FsspecTuningCache(str(location), **kwargs)
+    if location is not None and str(location).startswith("file://"):
+        location = str(location)[len("file://"):]
+    return TuningCache(location, **kwargs)

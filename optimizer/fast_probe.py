@@ -53,9 +53,8 @@ def tune_with_fast_probes(
 
     def measure(size: int) -> ProbeResult:
         # warmed up once, as every probe is: the first whole generation at a size pays its cache's
-        # growth and kernel choices (on an H100 the 8B Llama's cold check at batch 74 took 13.7 s,
-        # warm whole generations at 35 and 49 took 7.0-7.1 s, and the correction then scaled every
-        # prediction by the cold run: docs/results/issue14/h100_llama_fast.log)
+        # growth and kernel choices, so a cold check would scale every prediction by that one-off
+        # cost (the 8B Llama's, docs/benchmarks.md §8)
         if size not in real:
             real[size] = make_prober(ExampleBatches(spec), 1, 1).run(size)
         return real[size]

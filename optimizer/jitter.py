@@ -3,13 +3,21 @@ safe batch that leaves that jitter under the budget (the search's last step, opt
 the cache's trust check, optimizer/trust.py)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .fit import memory_fit_of
 from .probe import ProbeResult
 
-if TYPE_CHECKING:
-    from .search import Prober
+
+class Prober(Protocol):
+    """What jitter reads of the search's Prober (optimizer/search.py), which imports this module:
+    named here so the two do not import each other."""
+
+    probes: list[ProbeResult]
+    base_bytes: int
+    memory_budget_bytes: int
+
+    def run(self, batch_size: int) -> ProbeResult: ...
 
 
 def jitter_bytes(prober: "Prober | list[ProbeResult]", tolerance: float = 0.03, base_bytes: int | None = None
@@ -21,9 +29,9 @@ def jitter_bytes(prober: "Prober | list[ProbeResult]", tolerance: float = 0.03, 
     Over so short a step a smooth curve, however it bends, stays within a small part of a sample's
     memory of the line through its neighbours; what lies further off is jitter, or a step. Only
     deviations within 10% of what the batch added count: a workspace that steps up by more bounds
-    the search by itself. ViT-B/16 at a 1 GiB budget on an H200 read 1004 MiB at batch 33, 966 at
-    34, 1028 at 35 and 1014 at 36 (the workspace differs size by size); the search's batch 37 lay
-    10-15 MiB over the line through its neighbours, where a sample adds 6. `prober` may instead be
+    the search by itself. A GPU's workspace differs size by size, so neighbouring sizes can lie
+    several samples' memory off that line (ViT-B/16 near a 1 GiB budget: docs/benchmarks.md §4
+    and §16); that is what J measures. `prober` may instead be
     a stored tuning's probes, with its `base_bytes` (optimizer/trust.py checks a cached one so)."""
     probes = prober if isinstance(prober, list) else prober.probes
     base = base_bytes if isinstance(prober, list) else prober.base_bytes

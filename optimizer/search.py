@@ -9,8 +9,8 @@
    (at most `max_jump` x the last good size).
 4. Stop once the last good size is within `tolerance` (3%) of the largest size that may fit (the
    fit plus its last miss, after two predictions in a row held; or the first measured failure).
-   A verified jump usually ends it: 4-6 probes for the vision models' curves, where refining to
-   2% took 7-11 on an H200. Brackets of measurements shrink by a quarter at least.
+   A verified jump usually ends it, in fewer probes than refining a bracket to 2% takes
+   (docs/benchmarks.md §4). Brackets of measurements shrink by a quarter at least.
 
 Bad = OOM, over the memory budget, over the latency budget. The answer is always a size that ran
 and was measured within both budgets. `find_max_safe_batch` says why >= 95% follows.
@@ -93,7 +93,7 @@ class Prober:
 
         Measured against the whole peak instead, a GPU's batches 1 and 2 (a few MiB over a GiB of
         weights) would always look "predicted" while saying nothing about the slope, and the search
-        would leap 500x on a guess (seen on an H200)."""
+        would leap hundreds of times the last size on a guess (docs/benchmarks.md §16)."""
         def misses(pairs, needed: int = 1) -> float | None:
             found = []
             for measured, predicted, added in pairs:

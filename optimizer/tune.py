@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 from filelock import FileLock
@@ -41,6 +41,11 @@ class SettingsError(ValueError):
     """A tuning setting that cannot work; the message says what to change."""
 
 
+# A TuningSettings field that changes the answer as given: it enters the cache key under its name.
+# (dtype, the memory budget and the latency budget enter it too, resolved for the device: Resolved.)
+IN_KEY = {"cache_key": True}
+
+
 @dataclass
 class TuningSettings:
     device: str = "auto"  # auto | cpu | cuda
@@ -49,12 +54,16 @@ class TuningSettings:
     memory_budget_bytes: int | None = None  # absolute budget; wins over memory_fraction
     memory_fraction: float | None = None  # of the device's total memory
     latency_budget_s: float | None = None  # per batch; None: the model's default
-    max_batch: int = 1024
-    margin: float = 0.10  # the predictive guard's headroom while growing
+    max_batch: int = field(default=1024, metadata=IN_KEY)
+    margin: float = field(default=0.10, metadata=IN_KEY)  # the predictive guard's headroom while growing
     warmup: int = 1
     repeats: int = 3
-    knee_fraction: float = 0.95
+    knee_fraction: float = field(default=0.95, metadata=IN_KEY)
     fast_probes: bool = True  # probe through the model's probe_batch where it has one (optimizer/fast_probe.py)
+
+    def key_fields(self) -> dict:
+        """The settings marked IN_KEY, by name: the cache key's share of them as given."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("cache_key")}
 
     def validate(self) -> None:
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
@@ -91,9 +100,7 @@ class Resolved:
             "dtype": self.dtype,
             "memory_budget_bytes": self.memory_budget_bytes,
             "latency_budget_s": round(self.latency_budget_s, 6),
-            "max_batch": self.settings.max_batch,
-            "margin": self.settings.margin,
-            "knee_fraction": self.settings.knee_fraction,
+            **self.settings.key_fields(),
         }
 
 

@@ -30,13 +30,13 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from deployments.registry import model_names
 
 from .autoscaling import autoscaling_config as deployment_autoscaling_config
 from .deployment import AutobatchDeployment
-from .settings import parse_user_config
+from .settings import ReplicaSettings, parse_user_config
 
 log = logging.getLogger("ray.serve")
 
@@ -46,20 +46,12 @@ BACKPRESSURE_RETRY_AFTER_S = 1.0
 HEALTH_CHECK_PERIOD_S = 2.0
 
 
-class AppArgs(BaseModel):
-    """The builder's arguments; an unknown key is an error that lists the known ones."""
+class AppArgs(ReplicaSettings):
+    """The builder's arguments: the replica's settings (serve/settings.py's ReplicaSettings) and where
+    the replicas go; an unknown key is an error that lists the known ones."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
-    model: str = Field(description="model name: " + ", ".join(model_names()))
-    weights: str | None = Field(None, description="local weights path; default: synthetic weights")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    memory_fraction: float | None = Field(None, gt=0, le=1, description="of the device; default 0.9 of the GPU share, 0.5 of CPU RAM")
-    latency_budget_ms: float | None = Field(None, gt=0, description="per batch; default: the model's")
-    max_batch: int = Field(256, ge=1, description="largest batch the tuning may try")
-    cache_path: str | None = Field(None, description="tuning cache: a file, or a URL every node reads (s3://, gs://, file://...; see docs/cluster.md); default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
-    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 * max_batch")
     max_queued_requests: int | None = Field(None, ge=-1, description="requests Ray Serve's proxy holds for this app "
                                             "while every replica is at max_ongoing_requests (starting, restarting); "
                                             "past it: 503 with Retry-After. Default: max_ongoing_requests; -1: no bound")
@@ -78,19 +70,8 @@ class AppArgs(BaseModel):
         "device, model and budget); num_replicas defaults to k per card of the cluster (the max_replicas "
         "of num_replicas auto). For a model whose per-request host "
         "work (HTTP, decode) keeps one replica from feeding the card"))
-    repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
-    warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
-    warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
-                                       "size it may serve once (a size's first run pays its set-up; see serve/warmup.py); 0: off")
-    options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica, to place "
                                         "replicas on a kind of node (e.g. {\"gpu_type_h200\": 1}); see docs/cluster.md")
-    tuning_group: str | None = Field(None, description="a label added to the device fingerprint, so nodes it cannot tell "
-                                     "apart (same GPU model, other host) tune and cache apart; default $AUTOBATCH_TUNING_GROUP")
-    single_flight: bool = Field(True, description="replicas of one GPU type across the cluster tune once: one measures, "
-                                "the others wait for its answer (serve/single_flight.py)")
-    share_cap: Literal["serve", "tune", "off"] = Field("serve", description="a replica with a share of a GPU caps its "
-                                                       "allocator at its budget: after tuning (serve), before it (tune), or not (off)")
     user_config: dict | None = Field(None, description="initial user_config (see serve/settings.py)")
 
     @field_validator("model")
@@ -210,22 +191,6 @@ def build(args: AppArgs):
         ray_actor_options=actor_options,
         user_config=args.user_config,
     )
-    return deployment.bind(
-        model=args.model,
-        weights=args.weights,
-        device=args.device,
-        dtype=args.dtype,
-        memory_fraction=args.memory_fraction,
-        latency_budget_ms=args.latency_budget_ms,
-        max_batch=args.max_batch,
-        cache_path=cache_path,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        warm_sizes_budget_s=args.warm_sizes_budget_s,
-        gpu_share=actor_options["num_gpus"] or 1.0,
-        max_ongoing_requests=max_ongoing,
-        options=args.options,
-        tuning_group=args.tuning_group,
-        single_flight=args.single_flight,
-        share_cap=args.share_cap,
-    )
+    settings = ReplicaSettings(**{**{name: getattr(args, name) for name in ReplicaSettings.model_fields},
+                                  "cache_path": cache_path, "max_ongoing_requests": max_ongoing})
+    return deployment.bind(settings, gpu_share=actor_options["num_gpus"] or 1.0)

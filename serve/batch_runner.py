@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from deployments.base import PayloadError
+from wire import PayloadError
 
 log = logging.getLogger("ray.serve")
 

@@ -4,7 +4,7 @@ It reads what only Ray knows (the GPU ids it was given, the deployment's user_co
 max_ongoing_requests), owns the @serve.batch method and hands its setters to the replica. What a
 replica does lives in plain modules:
   replica.py     tuning, warm-up, running batches, what GET /tuning shows
-  settings.py    the builder/user_config layers and the batch size and wait in force
+  settings.py    ReplicaSettings (what this class is bound with), the user_config layer, the batch size and wait in force
   routes.py      the HTTP routes (directly, or through the OIP router's `http`)
   tensor_routes.py  the Open Inference Protocol requests the OIP router forwards, many samples each
   batch_runner.py, warmup.py, stats.py, metrics.py, faults.py; the wait: optimizer/wait.py
@@ -25,12 +25,13 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
+from wire.request import InferFailure, InferRequest, InferResponse  # noqa: E402
+
 from .batch_runner import Item, Outcome  # noqa: E402
-from .oip.request import InferFailure, InferRequest, InferResponse  # noqa: E402
 from .replica import Replica  # noqa: E402
 from .routes import HttpRoutes  # noqa: E402
-from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, memory_fraction_for,  # noqa: E402,F401
-                       parse_user_config)
+from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, ReplicaSettings,  # noqa: E402,F401
+                       memory_fraction_for, parse_user_config)
 from .openai_api import OpenAIServing  # noqa: E402
 from .tensor_routes import TensorRoutes  # noqa: E402
 
@@ -92,33 +93,8 @@ def _cpu_share() -> float | None:
 
 @serve.deployment
 class AutobatchDeployment:
-    async def __init__(
-        self,
-        model: str,
-        weights: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        memory_fraction: float | None = None,
-        latency_budget_ms: float | None = None,
-        max_batch: int = 256,
-        cache_path: str | None = None,
-        repeats: int = 3,
-        warmup: int = 1,
-        warm_sizes_budget_s: float = 120.0,
-        gpu_share: float = 1.0,
-        max_ongoing_requests: int | None = None,
-        options: dict | None = None,
-        tuning_group: str | None = None,
-        single_flight: bool = True,
-        share_cap: str = "serve",
-    ):
-        builder = ReplicaConfig(model=model, weights=weights, device=device, dtype=dtype,
-                                memory_fraction=memory_fraction, latency_budget_ms=latency_budget_ms,
-                                max_batch=int(max_batch), cache_path=cache_path, repeats=int(repeats),
-                                warmup=int(warmup), warm_sizes_budget_s=float(warm_sizes_budget_s),
-                                gpu_share=float(gpu_share), cpu_share=_cpu_share(),
-                                max_ongoing_requests=max_ongoing_requests, options=dict(options or {}),
-                                tuning_group=tuning_group, single_flight=bool(single_flight), share_cap=share_cap)
+    async def __init__(self, settings: ReplicaSettings, gpu_share: float = 1.0):
+        builder = ReplicaConfig.placed(settings, gpu_share=float(gpu_share), cpu_share=_cpu_share())
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
         config = builder.with_user_config(_initial_user_config())

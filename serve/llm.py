@@ -1,4 +1,4 @@
-"""The Llama's continuous scheduler as a replica serves it (issue 19): admission by KV blocks, each
+"""The Llama's continuous scheduler as a replica serves it: admission by KV blocks, each
 request streamed as its own tokens finish, stop strings, usage counts and the LLM metrics.
 
 deployments/llama_scheduler.py owns the manager (Ray-free); this module is what a served request
@@ -19,9 +19,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from deployments.base import PayloadError
 from deployments.llama_int4 import trim_completion
 from deployments.llama_scheduler import Sampling
+from wire import PayloadError
 
 log = logging.getLogger("ray.serve")
 

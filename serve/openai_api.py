@@ -1,4 +1,4 @@
-"""An OpenAI-compatible API for the LLM apps (issue 19): what the `openai` SDK, LangChain's OpenAI
+"""An OpenAI-compatible API for the LLM apps: what the `openai` SDK, LangChain's OpenAI
 wrapper and `curl -N` expect.
 
   GET  /v1/models             the router's models that generate text
@@ -26,9 +26,9 @@ from typing import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from deployments.base import PayloadError
 from deployments.llama_int4 import Prompt
 from deployments.llama_scheduler import Sampling
+from wire import PayloadError
 
 from .batch_runner import Item
 from .llm import KvCacheFull
@@ -79,7 +79,7 @@ def _loads(body: bytes) -> dict:
 # ============================================================================ the router's half
 async def route(directory, request: Request, max_body_bytes: int) -> Response:
     """One /v1 request at the router: list the models, or forward a completion to the model named."""
-    from .oip.router import ReplicaLost, call_model
+    from .oip.calls import ReplicaLost, call_model
 
     path = "/" + request.url.path.strip("/")
     try:

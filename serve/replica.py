@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 from deployments.registry import create_spec
-from optimizer.cache import open_cache
+from optimizer.cache_store import open_cache
 from optimizer.devices import make_meter, resolve_device_kind
 from optimizer.tune import autobatch, resolve
 from optimizer.share_cap import cap_allocator, exclusive_tuning, share_cap_applies

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, Mapping
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from deployments.base import PayloadError
+from wire import PayloadError
 
 from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
 from .batch_runner import Item, Outcome

@@ -1,9 +1,15 @@
 """What a replica runs under, and the batch settings it hands to @serve.batch. Ray-free.
 
-Two layers make a replica's configuration (`ReplicaConfig`): the app builder's arguments, fixed for
+`ReplicaSettings` declares, once, every setting the app builder hands a replica: the builder's
+arguments (serve/app.py's AppArgs is ReplicaSettings plus where the replicas go) and the
+deployment's constructor argument (serve/deployment.py) are this one model; `tuning_settings`
+is where they reach the optimizer. A new setting is one field here plus its use.
+
+Two layers make a replica's configuration (`ReplicaConfig`): the app builder's settings, fixed for
 the replica's life, and the deployment's user_config, which Ray may change at any time
 (`reconfigure`). A user_config key overrides the builder argument of the same name; a key it leaves
-out falls back to the builder's value, never to an earlier user_config's.
+out falls back to the builder's value, never to an earlier user_config's. The builder arguments a
+user_config may override are the fields marked `LIVE` (they change what a tuning measures).
 
 `effective_settings` is the one place that decides the batch size and wait Ray Serve really uses,
 from the tuning and what overrides it, and says why in `reasons` (GET /tuning's `serving.notes`).
@@ -11,9 +17,12 @@ from the tuning and what overrides it, and says why in `reasons` (GET /tuning's 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.registry import model_names
 from optimizer.tune import TuningSettings
 from optimizer.tuning import Tuning
 from optimizer.wait import LearntWait
@@ -23,8 +32,41 @@ from .faults import Faults
 
 log = logging.getLogger("ray.serve")
 
+# A ReplicaSettings field a user_config key of the same name may override; a change re-tunes.
+LIVE = {"user_config": "re-tunes"}
+
+
+class ReplicaSettings(BaseModel):
+    """The settings the app builder gives every replica of an app, each declared once: the builder's
+    arguments (less placement) and what the deployment's constructor takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="model name: " + ", ".join(model_names()))
+    weights: str | None = Field(None, description="local weights path; default: synthetic weights")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    latency_budget_ms: float | None = Field(None, gt=0, json_schema_extra=LIVE, description="per batch; default: the model's")
+    memory_fraction: float | None = Field(None, gt=0, le=1, json_schema_extra=LIVE,
+                                          description="of the device; default 0.9 of the GPU share, 0.5 of CPU RAM")
+    max_batch: int = Field(256, ge=1, json_schema_extra=LIVE, description="largest batch the tuning may try")
+    cache_path: str | None = Field(None, description="tuning cache: a file, or a URL every node reads (s3://, gs://, file://...; see docs/cluster.md); default $AUTOBATCH_CACHE or ~/.cache/autobatch/tuning.json")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 * max_batch")
+    repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
+    warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
+    warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
+                                       "size it may serve once (a size's first run pays its set-up; see serve/warmup.py); 0: off")
+    options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
+    tuning_group: str | None = Field(None, description="a label added to the device fingerprint, so nodes it cannot tell "
+                                     "apart (same GPU model, other host) tune and cache apart; default $AUTOBATCH_TUNING_GROUP")
+    single_flight: bool = Field(True, description="replicas of one GPU type across the cluster tune once: one measures, "
+                                "the others wait for its answer (serve/single_flight.py)")
+    share_cap: Literal["serve", "tune", "off"] = Field("serve", description="a replica with a share of a GPU caps its "
+                                                       "allocator at its budget: after tuning (serve), before it (tune), or not (off)")
+
+
 # Keys a deployment's user_config may carry; TUNING_KEYS change what is measured (a re-tune).
-TUNING_KEYS = ("latency_budget_ms", "memory_fraction", "max_batch")
+TUNING_KEYS = tuple(name for name, f in ReplicaSettings.model_fields.items() if f.json_schema_extra == LIVE)
 USER_CONFIG_KEYS = TUNING_KEYS + ("batch_size", "batch_wait_timeout_ms", "retune", "faults")
 
 
@@ -80,46 +122,34 @@ class Pins:
     batch_wait_timeout_ms: float | None = None
 
 
-@dataclass(frozen=True)
-class ReplicaConfig:
-    """The builder's arguments (serve/app.py's AppArgs, less placement), with the user_config's
+class ReplicaConfig(ReplicaSettings):
+    """A replica's configuration: the builder's settings (max_ongoing_requests is what the builder
+    set; Ray's own value wins where readable), where Ray placed the replica, and the user_config's
     overrides when built by `with_user_config`."""
 
-    model: str
-    weights: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    memory_fraction: float | None = None
-    latency_budget_ms: float | None = None
-    max_batch: int = 256
-    cache_path: str | None = None
-    repeats: int = 3
-    warmup: int = 1
-    warm_sizes_budget_s: float = 120.0
-    gpu_share: float = 1.0
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    gpu_share: float = 1.0  # the share of a card Ray gave this replica (num_gpus)
     cpu_share: float | None = None  # this replica's num_cpus / its node's CPUs, as Ray placed it
-    max_ongoing_requests: int | None = None  # what the builder set; Ray's own value wins where readable
-    options: dict = field(default_factory=dict)
-    tuning_group: str | None = None  # added to the device fingerprint (the cache key); else $AUTOBATCH_TUNING_GROUP
-    single_flight: bool = True  # one tuning per key across the Ray cluster (serve/single_flight.py)
-    share_cap: str = "serve"  # cap the allocator at a GPU share's budget: serve | tune | off (optimizer/share_cap.py)
     # --- from user_config only ---
     pins: Pins = Pins()
     retune: Any = None  # a new truthy value re-tunes the running replicas, skipping the cache
     faults: Faults = Faults()
 
+    @classmethod
+    def placed(cls, settings: ReplicaSettings, gpu_share: float = 1.0, cpu_share: float | None = None) -> "ReplicaConfig":
+        """The builder's settings as one replica runs them: on `gpu_share` of a card, `cpu_share` of its node's CPUs."""
+        return cls(**dict(settings), gpu_share=gpu_share, cpu_share=cpu_share)
+
     def with_user_config(self, user_config: dict | None) -> "ReplicaConfig":
         """This (the builder's) configuration overlaid by a user_config, validated."""
         cfg = parse_user_config(user_config)
-        return replace(
-            self,
-            latency_budget_ms=cfg.get("latency_budget_ms", self.latency_budget_ms),
-            memory_fraction=cfg.get("memory_fraction", self.memory_fraction),
-            max_batch=int(cfg.get("max_batch", self.max_batch)),
-            pins=Pins(cfg.get("batch_size"), cfg.get("batch_wait_timeout_ms")),
-            retune=cfg.get("retune"),
-            faults=Faults.from_config(cfg.get("faults")),
-        )
+        return self.model_copy(update={
+            **{key: cfg[key] for key in TUNING_KEYS if key in cfg},
+            "pins": Pins(cfg.get("batch_size"), cfg.get("batch_wait_timeout_ms")),
+            "retune": cfg.get("retune"),
+            "faults": Faults.from_config(cfg.get("faults")),
+        })
 
     def tuning_changes(self, other: "ReplicaConfig") -> list[str]:
         """The user_config keys that change what a tuning measures, where `other` differs from this."""

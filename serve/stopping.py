@@ -1,8 +1,8 @@
 """How `make serve` (serve/local.py) stops what it started: `serve run`, then every process of
 its Ray (HAProxy included), and the address file `ray start` left. Why each step is as it is: the
-docstrings below. Ctrl-C reached nothing before issue 23 (a launcher started in the background
-inherits SIGINT ignored), and once it did, `serve run`'s own shutdown and `ray start`'s drain took
-more than a minute, while HAProxy, reparented when its manager died first, held the ports.
+docstrings below. In short: a launcher started in the background inherits SIGINT ignored, so
+Ctrl-C alone would reach nothing; `serve run`'s own shutdown and `ray start`'s drain can take more
+than a minute; and HAProxy, reparented when its manager dies first, would go on holding the ports.
 """
 from __future__ import annotations
 

@@ -20,14 +20,14 @@ import logging
 
 import numpy as np
 
-from deployments.base import PayloadError
+from wire import PayloadError
+from wire.request import InferFailure, InferRequest, InferResponse
+from wire.tensors import NUMPY_DTYPES, Tensor
 
 from .admission import Refused
 from .batch_runner import Item, Outcome
 from . import costs
 from .costs import decoded_sample_bytes
-from .oip.request import InferFailure, InferRequest, InferResponse
-from .oip.tensors import NUMPY_DTYPES, Tensor
 from .replica import Replica
 
 log = logging.getLogger("ray.serve")

@@ -1,7 +1,7 @@
 """A replica's start-up, phase by phase: where the seconds before its first answer went.
 
-A cached start on an H100 spent ~40 s before the first answer with no tuning at all, and nothing
-said where. Each phase is timed at its edges (time.time(), wall clock, so a benchmark can lay the
+A cached start, with no tuning at all, can still spend tens of seconds before the first answer
+(docs/benchmarks.md §8, §13); without this nothing says where. Each phase is timed at its edges (time.time(), wall clock, so a benchmark can lay the
 phases of every replica and its own launch on one axis; process start from psutil's create_time):
 
   worker        the process's start -> this package's modules began importing (Ray's worker start,

@@ -10,7 +10,8 @@ import uuid
 import fsspec
 from tuning_samples import simulated_tuning
 
-from optimizer.cache import TuningCache, open_cache
+from optimizer.cache import TuningCache
+from optimizer.cache_store import open_cache
 from optimizer.cache_store import FsspecTuningCache
 
 KEY = {"device": {"kind": "cuda", "name": "NVIDIA H200", "total_memory_bytes": 141 * 2**30},

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from serve_helpers import ServeCluster, free_port, image_bytes, stats_delta
 
-from serve.bench import (BenchError, Load, Record, format_report, is_loopback, latency_summary, percentile,
+from autobatch.client.bench import (BenchError, Load, Record, format_report, is_loopback, latency_summary, percentile,
                          run_load, summarize)
-from serve.client import AsyncClient, Client, ClientError, Unreachable, make_payload, route_path
+from autobatch.client.http_client import AsyncClient, Client, ClientError, Unreachable, make_payload, route_path
 
 ROUTE = "/r50"
 MAX_BATCH = 4
@@ -62,7 +62,7 @@ def test_summary_counts_errors_by_status_and_times_only_successes():
 
 
 def test_a_run_whose_requests_mostly_failed_is_a_failed_run_and_says_why():
-    from serve.bench import verdict
+    from autobatch.client.bench import verdict
 
     base = {"url": "http://127.0.0.1:8000", "route": "/resnet50"}
     # README's bench on the 2-core CPU before issue 23: 41 of 962 served, the rest shed
@@ -184,7 +184,7 @@ def test_a_load_split_between_processes_reports_every_request_once():
         load = Load(route="/r50", url=f"http://127.0.0.1:{server.server_address[1]}", concurrency=6, processes=3,
                     payloads=[(b"ok", "image/jpeg"), (b"no", "text/plain")], max_requests=60, duration_s=30,
                     warmup_requests=6)
-        from serve.load_processes import split
+        from autobatch.client.load_processes import split
 
         assert [(p.concurrency, p.max_requests, p.warmup_requests) for p in split(load)] == [(2, 20, 2)] * 3
         report = run_load(load)

@@ -14,12 +14,12 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import pytest
 import torch
 
-from deployments.base import PayloadError
 from deployments.device_images import (ImageInput, LetterboxGeometry, TorchvisionJpegDecoder, classifier_batch,
                                        decode_jpegs_isolated, image_input, images_to_device, letterbox_batch,
                                        map_by_shape, pipeline_for, pixels_to_device)
 from deployments.images import check_image_header, example_jpeg
 from deployments.registry import create_spec
+from wire import PayloadError
 from model_helpers import image_bytes
 from serve.batch_runner import BatchRunner, Item
 

@@ -1,39 +1,45 @@
 """The one-way imports and the size of modules, read from the source with `ast` (nothing imported).
 
-serve -> optimizer, serve -> deployments, autobatch (the CLI) -> all three; optimizer and
-deployments never import serve or ray, and optimizer never imports deployments: it knows a model
-only as a TunableModel. That keeps the optimizer usable in a plain process (`autobatch tune` on a
-laptop) and each model family testable without Ray.
+serve -> optimizer, serve -> deployments, autobatch (the CLI) -> all three; everything -> wire, which
+imports nothing of ours. optimizer and deployments never import serve or ray, and optimizer never
+imports deployments: it knows a model only as a TunableModel. That keeps the optimizer usable in a
+plain process (`autobatch tune` on a laptop) and each model family testable without Ray. The
+clients (autobatch/client/) import no server module and no Ray, so they run anywhere. No module
+imports itself back through others (an import cycle), at module level or inside a function.
 """
 from __future__ import annotations
 
 import ast
 import importlib.metadata
 import os
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("optimizer", "deployments", "serve", "autobatch")
+PACKAGES = ("optimizer", "deployments", "serve", "autobatch", "wire")
 FORBIDDEN = {
     "optimizer": {"deployments", "serve", "ray", "autobatch"},
     "deployments": {"serve", "ray", "autobatch"},
+    "wire": {"optimizer", "deployments", "serve", "ray", "autobatch"},
+    "autobatch/client": {"serve", "ray"},
 }
 MAX_LINES = 400
 # Modules allowed over MAX_LINES, each with the reason it still is.
 LONG_MODULES: dict[str, str] = {}
 
 
-def modules(package: str) -> list[str]:
+def modules(package: str, root: str = ROOT) -> list[str]:
     found = []
-    for folder, _, files in os.walk(os.path.join(ROOT, package)):
-        found += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith(".py")]
+    for folder, _, files in os.walk(os.path.join(root, package)):
+        found += [os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".py")]
     return sorted(found)
 
 
 def imported_top_levels(path: str) -> set[str]:
     """The top-level names a module imports anywhere in it (function bodies included); relative
-    imports stay inside their own package and are left out."""
+    imports stay inside their own package and are left out (a relative import cannot leave its
+    top-level package, so `autobatch/client`'s are checked by test_the_client_imports_no_server_module)."""
     tree = ast.parse(open(os.path.join(ROOT, path)).read(), filename=path)
     names = set()
     for node in ast.walk(tree):
@@ -51,6 +57,16 @@ def test_lower_layers_import_nothing_above_them(package):
     crossings = {path: sorted(imported_top_levels(path) & FORBIDDEN[package]) for path in paths}
     crossings = {path: names for path, names in crossings.items() if names}
     assert not crossings, f"{package} must not import {sorted(FORBIDDEN[package])}: {crossings}"
+
+
+def test_the_client_imports_no_server_module():
+    """Relative imports included: none of autobatch/client's climbs out of it (`from .. import cli`
+    would bring the optimizer and, through the CLI's entry points, serve)."""
+    graph = import_graph()
+    outside = {name: sorted(target for target in targets if not target.startswith(("autobatch.client", "wire",
+                                                                                  "deployments", "optimizer")))
+               for name, targets in graph.items() if name.startswith("autobatch.client")}
+    assert not {name: targets for name, targets in outside.items() if targets}
 
 
 def test_the_import_reader_sees_every_form_of_import(tmp_path):
@@ -147,3 +163,100 @@ def test_every_model_family_is_a_tunable_model():
             if callable(expected):  # a method: it takes the Protocol's arguments
                 wanted = len(inspect.signature(expected).parameters) - 1  # without self
                 assert len(inspect.signature(getattr(spec, member)).parameters) == wanted, (name, member)
+
+
+# ----------------------------------------------------------------- import cycles
+def module_name(path: str) -> str:
+    parts = list(Path(path).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: str = ROOT, packages=PACKAGES) -> dict[str, set[str]]:
+    """Our modules -> the modules of ours each imports, anywhere in it (function bodies included).
+    `from a import b` is an edge to a.b where that is a module, else to a; relative imports are
+    resolved against the module's package. A package's __init__ is reached only when named."""
+    paths = [path for package in packages for path in modules(package, root)]
+    known = {module_name(path) for path in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        name = module_name(path)
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(open(os.path.join(root, path)).read(), filename=path)):
+            if isinstance(node, ast.Import):
+                bases = [(alias.name, ()) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                bases = [(base, [alias.name for alias in node.names])]
+            else:
+                continue
+            for base, names in bases:
+                for member in names or [None]:
+                    target = f"{base}.{member}" if member and f"{base}.{member}" in known else base
+                    while target and target not in known:  # `import a.b.c` of a module a.b that exists
+                        target = target.rpartition(".")[0]
+                    if target and target != name:
+                        targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted: every module in
+    one imports every other, through the rest."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(import_graph())
+    assert not cycles, f"modules that import each other (break each circle by moving what both need down): {cycles}"
+
+
+def test_the_cycle_finder_finds_a_planted_cycle(tmp_path):
+    """a -> b (module level) -> c (inside a function, relatively) -> a: one cycle of three, beside
+    d -> a, which imports into it without being part of it."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg import b\n")
+    (pkg / "b.py").write_text("def later():\n    from . import c\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    (pkg / "d.py").write_text("from .a import something\n")
+    graph = import_graph(str(tmp_path), ("pkg",))
+    assert graph["pkg.b"] == {"pkg.c"} and graph["pkg.d"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+    (pkg / "c.py").write_text("import os\n")
+    assert import_cycles(import_graph(str(tmp_path), ("pkg",))) == []

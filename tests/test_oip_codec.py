@@ -1,4 +1,4 @@
-"""The Open Inference Protocol codec (serve/oip), Ray-free: request bodies made by the real
+"""The Open Inference Protocol codec (wire/ and serve/oip), Ray-free: request bodies made by the real
 tritonclient (HTTP JSON, HTTP binary, gRPC messages) parse into the tensors sent; responses we
 encode parse back in tritonclient; each bad request is a PayloadError with the right status and a
 message that says what to send."""
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from deployments.base import PayloadError
-from serve.oip import grpc_codec, metadata, rest
-from serve.oip.request import InferRequest, InferResponse, RequestedOutput, select_outputs, validate
-from serve.oip.tensors import Tensor, deserialize_bytes, serialize_bytes
+from serve.oip import metadata, rest
+from wire import PayloadError, grpc_codec
+from wire.request import InferRequest, InferResponse, RequestedOutput, select_outputs, validate
+from wire.tensors import Tensor, deserialize_bytes, serialize_bytes
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -347,7 +347,7 @@ def test_route_errors():
 
 # ----------------------------------------------------------------- our own v2 client (autobatch client/bench)
 def test_v2_client_request_and_response_forms_agree_with_the_server_codec():
-    from serve.oip.client import decode_http_response, encode_http_request, per_sample, samples_request
+    from autobatch.client.oip_client import decode_http_response, encode_http_request, per_sample, samples_request
 
     meta = metadata.model_metadata("llama_int4", TEXT_INPUTS, (Spec("text_output", "BYTES", (-1,)),))
     request = samples_request("llama_int4", meta, ["hello", b"\xff raw"], max_tokens=4)

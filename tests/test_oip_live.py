@@ -279,7 +279,7 @@ def test_bench_v2_sends_many_samples_per_request_through_the_router(live, transp
     """`autobatch bench --protocol v2 --samples-per-request N` as the lead runs it on the GPU, small:
     6 samples per request (more than the tuned batch of at most 4), one request at a time: admission
     counts samples, and on this CPU two such requests queued are over its bound (503, shed)."""
-    from serve.bench import main as bench_main
+    from autobatch.client.bench import main as bench_main
 
     out = tmp_path / "report.json"
     argv = ["--url", live.base, "--route", "resnet50", "--protocol", "v2", "--transport", transport,

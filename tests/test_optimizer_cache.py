@@ -22,6 +22,20 @@ KEY = {"device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "total_memory
 RESULT = simulated_tuning("resnet50", max_safe_batch=256, batch_size=64)
 
 
+class Spec:
+    """What Resolved.key_fields reads of a model."""
+
+    name = "resnet50"
+    library_packages = ("torch",)
+    default_latency_budget_s = 0.5
+
+    def signature(self):
+        return {"model": "resnet50"}
+
+    def default_dtype(self, kind):
+        return "float16"
+
+
 def test_hit_after_put_and_miss_on_any_changed_field(tmp_path):
     cache = TuningCache(tmp_path / "c.json")
     assert cache.get(KEY) is None
@@ -35,17 +49,6 @@ def test_hit_after_put_and_miss_on_any_changed_field(tmp_path):
 
 
 def test_key_fields_change_with_device_dtype_budget_and_library_versions():
-    class Spec:
-        name = "resnet50"
-        library_packages = ("torch",)
-        default_latency_budget_s = 0.5
-
-        def signature(self):
-            return {"model": "resnet50"}
-
-        def default_dtype(self, kind):
-            return "float16"
-
     h100 = DeviceFingerprint("cuda", "NVIDIA H100 80GB HBM3", 80 * 2**30, driver_version="580", torch_version="2.9")
     h200 = DeviceFingerprint("cuda", "NVIDIA H200", 141 * 2**30, driver_version="580", torch_version="2.9")
     base = Resolved("cuda", h100, "float16", 2**31, 0.1, TuningSettings())
@@ -64,6 +67,20 @@ def test_key_fields_change_with_device_dtype_budget_and_library_versions():
     same_model = DeviceFingerprint("cuda", h100.name, h100.total_memory_bytes, index=3, uuid="GPU-other",
                                    driver_version="580", torch_version="2.9")
     assert cache_key(Resolved("cuda", same_model, "float16", 2**31, 0.1, TuningSettings()).key_fields(Spec())) == cache_key(keys["base"])
+
+
+def test_the_cache_key_of_given_settings_is_the_one_caches_already_hold(monkeypatch):
+    """The key of one fixed tuning, as the code before TuningSettings marked its key fields wrote it:
+    a change of how the key is built must not turn every cache entry written so far into a miss."""
+    import optimizer.tune as tune
+
+    monkeypatch.setattr(tune, "package_version", lambda name: "1.0")
+    h100 = DeviceFingerprint("cuda", "NVIDIA H100 80GB HBM3", 80 * 2**30, driver_version="580", torch_version="2.9")
+    fields = Resolved("cuda", h100, "float16", 2**31, 0.1, TuningSettings(max_batch=512, margin=0.2)).key_fields(Spec())
+    assert {k: v for k, v in fields.items() if k not in ("device", "libraries", "model")} == {
+        "autobatch": "1.0", "dtype": "float16", "memory_budget_bytes": 2**31, "latency_budget_s": 0.1,
+        "max_batch": 512, "margin": 0.2, "knee_fraction": 0.95}
+    assert cache_key(fields) == "e7c6aa713014020850f9"
 
 
 def test_corrupt_file_is_ignored_with_a_warning_and_rewritten(tmp_path, caplog):

@@ -184,7 +184,7 @@ def test_10000_tiny_samples_in_one_request_are_a_413_with_the_bound(live):
     r = live.http.post("/v2/models/resnet50/infer", content=body, headers=headers)
     assert r.status_code == 413 and str(bound) in r.json()["error"] and "10000" in r.json()["error"], r.text
     tiny = image_bytes("JPEG", size=(8, 8))
-    from serve.oip.tensors import serialize_bytes
+    from wire.tensors import serialize_bytes
 
     body, headers = binary_v2_body("images", "BYTES", [10_000], serialize_bytes([tiny] * 10_000))
     r = live.http.post("/v2/models/resnet50/infer", content=body, headers=headers)
@@ -197,8 +197,8 @@ def test_the_replica_refuses_too_many_samples_itself(live):
     """Behind the router's check, the replica's own (a router with stale metadata, another caller)."""
     from ray.serve.handle import DeploymentHandle
 
-    from serve.oip.request import InferFailure, InferRequest
-    from serve.oip.tensors import Tensor
+    from wire.request import InferFailure, InferRequest
+    from wire.tensors import Tensor
 
     pixels = np.zeros((10_000, 2, 2, 3), dtype=np.uint8)
     request = InferRequest("resnet50", [Tensor("pixels", "UINT8", pixels.shape, pixels)])

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from serve_helpers import make_tuning
 
-from deployments.base import PayloadError
 from optimizer.tuning import MemoryFit
 from serve import costs
 from serve.admission import REQUEST_BATCHES, Admission, Capacity, Refused, capacity_from
 from serve.oip import rest
+from wire import PayloadError
 
 
 async def _chunks(parts):

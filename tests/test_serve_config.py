@@ -4,6 +4,7 @@ and answering real images and a prompt over HTTP."""
 from __future__ import annotations
 
 import copy
+import os
 import json
 import time
 from pathlib import Path
@@ -64,6 +65,23 @@ def test_builder_rejects_unknown_arguments_and_models_with_a_useful_message():
         build({"model": "resnet50", "user_config": {"batchsize": 8}})
     with pytest.raises(ValidationError, match="memory_fraction"):
         build({"model": "resnet50", "memory_fraction": 1.5})
+
+
+def test_the_builder_hands_each_replica_one_settings_object_of_its_own_arguments(monkeypatch):
+    """AppArgs is ReplicaSettings plus placement: every replica setting is a builder argument of the
+    same name, and the deployment is bound with those values (the cache path expanded, the
+    max_ongoing_requests default filled in) and the GPU share it was placed on."""
+    import serve.app as app_module
+    from serve.settings import ReplicaSettings
+
+    assert issubclass(app_module.AppArgs, ReplicaSettings)
+    monkeypatch.setattr(app_module, "cluster_gpus", lambda resources=None: 4.0)
+    app = app_module.build({"model": "resnet50", "num_gpus": 0.25, "max_batch": 64, "cache_path": "~/t.json",
+                            "warmup": 2, "options": {"overlap": False}})
+    (settings,), kwargs = app._bound_deployment.init_args, app._bound_deployment.init_kwargs
+    assert isinstance(settings, ReplicaSettings) and kwargs == {"gpu_share": 0.25}
+    assert (settings.max_batch, settings.warmup, settings.options) == (64, 2, {"overlap": False})
+    assert settings.max_ongoing_requests == 128 and settings.cache_path == os.path.expanduser("~/t.json")
 
 
 def _deployment_of(app):

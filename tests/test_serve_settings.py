@@ -9,7 +9,7 @@ from serve_helpers import make_tuning
 
 from optimizer.wait import LearntWait
 from serve.faults import TEST_SWITCH, Faults
-from serve.settings import Pins, ReplicaConfig, effective_settings, parse_user_config
+from serve.settings import TUNING_KEYS, Pins, ReplicaConfig, ReplicaSettings, effective_settings, parse_user_config
 
 TUNED = make_tuning(batch_size=8, batch_wait_timeout_s=0.010)
 LEARNT = LearntWait(0.003, "the requests of a batch arrived within 1.0 ms of each other")
@@ -62,6 +62,18 @@ def test_a_user_config_overrides_the_builder_and_falls_back_to_it_not_to_an_earl
     assert settings.latency_budget_s == pytest.approx(0.4) and settings.max_batch == 8 and settings.device == "cpu"
     with pytest.raises(ValueError, match="unknown user_config key"):
         builder.with_user_config({"batchsize": 4})
+
+
+def test_the_replica_settings_are_declared_once_and_placed_per_replica():
+    """ReplicaSettings is the builder's declaration; a replica adds where it runs and the user_config
+    layer. The user_config keys that re-tune are the fields marked LIVE, in the order they always had."""
+    assert TUNING_KEYS == ("latency_budget_ms", "memory_fraction", "max_batch")
+    settings = ReplicaSettings(model="resnet50", max_batch=16, options={"overlap": False})
+    config = ReplicaConfig.placed(settings, gpu_share=0.5, cpu_share=0.25)
+    assert isinstance(config, ReplicaSettings) and {**dict(config), **dict(settings)} == dict(config)
+    assert (config.gpu_share, config.cpu_share, config.max_batch, config.options) == (0.5, 0.25, 16, {"overlap": False})
+    with pytest.raises(ValueError, match="max_batch"):
+        ReplicaSettings(model="resnet50", max_batch=0)
 
 
 def test_faults_are_refused_unless_the_test_switch_is_on(monkeypatch):

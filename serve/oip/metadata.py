@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import metadata as _pkg
 from typing import Sequence
 
-from deployments.base import PayloadError
+from wire import PayloadError
 
 SERVER_NAME = "autobatch"
 EXTENSIONS = ("binary_tensor_data",)

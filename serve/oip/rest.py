@@ -8,10 +8,9 @@ from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 
-from deployments.base import PayloadError
-
-from .request import InferRequest, InferResponse, RequestedOutput
-from .tensors import Tensor, check_datatype, check_shape, from_binary, from_json, to_binary, to_json
+from wire import PayloadError
+from wire.request import InferRequest, InferResponse, RequestedOutput
+from wire.tensors import Tensor, check_datatype, check_shape, from_binary, from_json, to_binary, to_json
 
 HEADER_LENGTH = "inference-header-content-length"
 # A request body over this is answered 413 before it is read whole; the router's default. Room for

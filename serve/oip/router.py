@@ -15,14 +15,14 @@ side of the contract, on each model deployment (named as its application, see se
   http(method, subpath, headers, body) -> (status, headers, body)   the simple routes (/resnet50...)
                             when the models sit behind this one ingress
 
-Bodies (issue 23): a request up to `max_body_bytes` (DEFAULT_MAX_BODY_BYTES, 64 MiB) reaches its
+Bodies: a request up to `max_body_bytes` (DEFAULT_MAX_BODY_BYTES, 64 MiB) reaches its
 replica, and one over it is a JSON 413 before it is read whole (its Content-Length, or the bytes
 counted as a chunked body streams in). Under `make serve`'s HAProxy ingress Ray Serve's handles
 call replicas over gRPC, whose message limit (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, 4 MiB)
 refused every larger body; a call carrying BY_REFERENCE_MIN_BYTES or more, or answering
 BY_REFERENCE_MIN_SAMPLES or more samples, goes by Ray's actor path instead, its arguments through
-the object store (docs/benchmarks.md, "Large bodies": for 6 MiB it cost no more than gRPC with a
-raised limit, which would also need the same setting in every process). The one hop into the router
+the object store: that costs no more than gRPC with a raised limit (docs/benchmarks.md §10), and
+a raised limit would need the same setting in every process. The one hop into the router
 that Ray makes itself (its fallback proxy, behind HAProxy) gets the raised limit: `router_env`.
 """
 from __future__ import annotations
@@ -38,13 +38,14 @@ from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from deployments.base import PayloadError
+from wire import PayloadError, grpc_codec
+from wire import grpc_predict_v2_pb2 as pb
+from wire.request import InferFailure, InferRequest, InferResponse, select_outputs, validate
 
 from .. import costs
 from ..admission import REQUEST_BATCHES
-from . import grpc_codec, metadata, rest
-from . import grpc_predict_v2_pb2 as pb
-from .request import InferFailure, InferRequest, InferResponse, select_outputs, validate
+from . import metadata, rest
+from .calls import ReplicaLost, call_model
 from .shed import RouterShedder, Shed, content_length, shed_counter
 
 log = logging.getLogger("ray.serve")
@@ -53,41 +54,12 @@ DEFAULT_READY_TIMEOUT_S = 2.0
 DEFAULT_METADATA_TTL_S = 30.0
 REPLICA_LOST_RETRY_AFTER_S = 2  # Serve notices a dead replica within its health check period (2 s)
 # A call to a replica carrying this much, or answering this many samples, goes through the object
-# store (the actor path) rather than Ray Serve's gRPC transport and its 4 MiB messages: at 1 MiB the
-# two cost the same here (docs/benchmarks.md), and an answer of many samples (YOLO's keypoints) can
-# pass 4 MiB from a small request.
+# store (the actor path) rather than Ray Serve's gRPC transport and its 4 MiB messages: well under
+# the limit, where the two cost the same (docs/benchmarks.md §10), so no call nears it; and an
+# answer of many samples (YOLO's keypoints) can pass 4 MiB from a small request.
 BY_REFERENCE_MIN_BYTES = 2**20
 BY_REFERENCE_MIN_SAMPLES = 64
 ROUTER_GRPC_MARGIN_BYTES = 2**20  # a body's headers and its request's pickled envelope
-
-
-class ReplicaLost(PayloadError):
-    """The model's replica died with this request in flight (killed, crashed, out of host memory).
-
-    Ray's own proxy answers that with a plain-text 500; behind this router it is a 503 with
-    Retry-After and a JSON body, since every route is idempotent and a replacement is starting."""
-
-    def __init__(self, model: str, exc: BaseException):
-        super().__init__(f"the {model} replica stopped while answering this request ({type(exc).__name__}); "
-                         f"Ray Serve is starting a replacement: retry in a few seconds", status=503)
-
-
-async def call_model(model: str, call):
-    """Await a DeploymentHandle call; a replica that died mid-request becomes ReplicaLost, and any
-    other failure of the call itself a JSON 500 that says what failed (not Ray's plain-text one)."""
-    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
-
-    try:
-        return await call
-    except RayActorError as exc:
-        log.warning("autobatch: %s: a replica died with a request in flight: %s", model, exc)
-        raise ReplicaLost(model, exc) from None
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the transport between router and replica
-        log.exception("autobatch: %s: the call to its replica failed", model)
-        raise PayloadError(f"internal error forwarding the request to {model} ({type(exc).__name__}: "
-                           f"{str(exc)[:300]})", status=500) from None
 
 
 def forward(handle, method: str, payload_bytes: int, samples: int = 1):

@@ -3,7 +3,7 @@
 package `inference`). A development step; the generated modules are committed.
 
     python -m pip install --target /tmp/grpctools grpcio-tools==1.81.1
-    PYTHONPATH=/tmp/grpctools:. python -m serve.oip.generate_grpc
+    PYTHONPATH=/tmp/grpctools:. python -m wire.generate_grpc
 
 grpcio-tools 1.81.1 writes protobuf gencode 6.33.5, which runs on protobuf 6.33.5+ and 7.x (the
 runtime accepts gencode one major version older), so it works both beside tritonclient[grpc]
@@ -21,8 +21,8 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-PROTO = "serve/oip/grpc_predict_v2.proto"
+ROOT = HERE.parent
+PROTO = "wire/grpc_predict_v2.proto"
 DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
 OWN_POOL = ("# A pool of our own: tritonclient's copy of these messages may sit in the default pool.\n"
             "_POOL = _descriptor_pool.DescriptorPool()\n"

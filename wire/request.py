@@ -8,8 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deployments.base import PayloadError
-
+from . import PayloadError
 from .tensors import NUMPY_DTYPES, Tensor
 
 

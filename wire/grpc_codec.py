@@ -7,8 +7,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from deployments.base import PayloadError
-
+from . import PayloadError
 from . import grpc_predict_v2_pb2 as pb
 from .request import InferRequest, InferResponse, RequestedOutput
 from .tensors import NUMPY_DTYPES, Tensor, check_datatype, check_shape, element_count, from_binary, to_binary

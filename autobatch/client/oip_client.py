@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .request import InferRequest, InferResponse, RequestedOutput
-from .tensors import Tensor, from_binary, from_json
+from wire.request import InferRequest, InferResponse, RequestedOutput
+from wire.tensors import Tensor, from_binary, from_json, to_binary, to_json
 
 TRANSPORTS = ("http", "grpc")
 
@@ -69,8 +69,6 @@ def per_sample(response: InferResponse) -> list[dict]:
 
 def encode_http_request(request: InferRequest, binary_input: bool = True) -> tuple[bytes, dict[str, str]]:
     """The request body and headers a tritonclient would send (binary inputs after the JSON)."""
-    from .tensors import to_binary, to_json
-
     items, blobs = [], []
     for tensor in request.inputs:
         item = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
@@ -127,7 +125,7 @@ class V2Client:
         else:
             import grpc
 
-            from . import grpc_predict_v2_pb2_grpc
+            from wire import grpc_predict_v2_pb2_grpc
 
             target = self.url.split("://", 1)[-1]
             self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", -1),
@@ -162,7 +160,7 @@ class V2Client:
             raise V2Error(exc.code().name, exc.details() or "") from None
 
     async def call_infer(self, message) -> InferResponse:
-        from .grpc_codec import response_from_proto
+        from wire.grpc_codec import response_from_proto
 
         return response_from_proto(await self._call("ModelInfer", message))
 
@@ -170,7 +168,7 @@ class V2Client:
     async def server_metadata(self) -> dict:
         if self.transport == "http":
             return await self._get("/v2")
-        from . import grpc_predict_v2_pb2 as pb
+        from wire import grpc_predict_v2_pb2 as pb
 
         m = await self._call("ServerMetadata", pb.ServerMetadataRequest())
         return {"name": m.name, "version": m.version, "extensions": list(m.extensions)}
@@ -178,7 +176,7 @@ class V2Client:
     async def model_metadata(self, model: str) -> dict:
         if self.transport == "http":
             return await self._get(f"/v2/models/{model}")
-        from . import grpc_predict_v2_pb2 as pb
+        from wire import grpc_predict_v2_pb2 as pb
 
         m = await self._call("ModelMetadata", pb.ModelMetadataRequest(name=model))
         tensors = lambda ts: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]  # noqa: E731
@@ -189,7 +187,7 @@ class V2Client:
         if self.transport == "http":
             response = await self._http.get(f"/v2/models/{model}/ready")
             return response.status_code == 200
-        from . import grpc_predict_v2_pb2 as pb
+        from wire import grpc_predict_v2_pb2 as pb
 
         return (await self._call("ModelReady", pb.ModelReadyRequest(name=model))).ready
 
@@ -197,7 +195,7 @@ class V2Client:
         """The request in this transport's wire form, made once (bench sends it many times)."""
         if self.transport == "http":
             return encode_http_request(request, binary_input=binary)
-        from .grpc_codec import request_to_proto
+        from wire.grpc_codec import request_to_proto
 
         return request_to_proto(request)
 

@@ -1,5 +1,5 @@
 """`autobatch client --protocol v2` and `autobatch bench --protocol v2`: the Open Inference
-Protocol side of the two commands (serve/client.py and serve/bench.py hand over here).
+Protocol side of the two commands (command.py and bench.py hand over here).
 
 client: every INPUT of the command goes in ONE request (N samples), over HTTP or gRPC; the answer
 is printed one line per sample. bench: each request carries --samples-per-request samples, made
@@ -13,7 +13,9 @@ import os
 import sys
 from urllib.parse import urlsplit
 
-from .client import V2Client, V2Error, per_sample, samples_request
+from .http_client import route_path
+from .load import BenchError
+from .oip_client import V2Client, V2Error, per_sample, samples_request
 
 DEFAULT_GRPC_URL = os.environ.get("AUTOBATCH_GRPC_URL", "127.0.0.1:9000")
 
@@ -104,9 +106,6 @@ def check_loopback(url: str, allow_remote: bool) -> None:
 def v2_sender(args, payloads: list[tuple[bytes, str]]):
     """The Open Inference Protocol sender for --protocol v2: the payloads' bytes as samples (images;
     for an LLM, the prompt text out of the simple route's JSON)."""
-    from ..bench import BenchError
-    from ..client import route_path
-
     url = (args.grpc_url or DEFAULT_GRPC_URL) if args.transport == "grpc" else args.url
     try:
         check_loopback(url, args.allow_remote)

@@ -1,4 +1,4 @@
-"""The load generator behind `autobatch bench` (serve/bench.py is the command and its report):
+"""The load generator behind `autobatch bench` (bench.py is the command and its report):
 a bounded load, closed or open loop, against one route, and the report's numbers.
 
 Closed loop: N workers, each sends its next request when its last one is answered (the load adapts to
@@ -10,13 +10,11 @@ behind shows it (no coordinated omission), and at most `max_in_flight` requests 
 Every run is bounded: it stops issuing at `duration_s` or after `max_requests` requests, whichever
 comes first, waits at most `timeout_s` for the requests in flight, then cancels them ("unfinished").
 Load goes to loopback addresses only unless `allow_remote`. Another protocol plugs in as a `sender`
-(serve/oip/commands.py's V2Sender). No Ray import here.
+(oip_commands.py's V2Sender). No Ray import here.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ipaddress
 import math
 import random
 import sys
@@ -29,7 +27,7 @@ import httpx
 
 from optimizer.stats import percentile
 
-from .client import DEFAULT_URL, is_loopback, route_path  # noqa: F401 (is_loopback: re-exported)
+from .http_client import DEFAULT_URL, is_loopback, route_path  # noqa: F401 (is_loopback: re-exported)
 
 DEFAULT_DURATION_S = 10.0
 DEFAULT_MAX_REQUESTS = 100_000
@@ -122,14 +120,15 @@ class Load:
     allow_remote: bool = False
     seed: int = 0
     headers: dict = field(default_factory=dict)
-    # Another protocol's sender (serve/oip/commands.py V2Sender): open(), send(index) ->
+    # Another protocol's sender (oip_commands.py V2Sender): open(), send(index) ->
     # (status, ok, tokens, samples), close(). None: POST the payloads to the route.
     sender: object | None = None
     # closed loop: a client told 503 + Retry-After waits that long before its next request, as an
     # HTTP client should; off, it resends at once (the worst case for the server)
     honor_retry_after: bool = False
-    # load processes: one Python process's event loop sends ~1,000-2,000 small requests/s at most,
-    # so a server faster than that needs several (the concurrency or rate is split between them)
+    # load processes: one Python process's event loop is itself a limit on requests/s
+    # (docs/benchmarks.md, "Client and load generator"), so a faster server needs several (the
+    # concurrency or rate is split between them)
     processes: int = 1
 
     def validate(self) -> None:
@@ -366,13 +365,3 @@ def report(load: Load, route: str, records: Sequence[Record], wall_s: float, sto
         **({"protocol": "v2", "transport": load.sender.transport, "samples_per_request": load.sender.samples,
             "target": load.sender.url} if load.sender is not None else {}),
     }
-
-
-def run_load(load: Load, progress: bool = False) -> dict:
-    """Run one bounded load and return its report (see format_report for the fields)."""
-    load.validate()
-    if load.processes > 1:
-        from .load_processes import run_in_processes
-
-        return run_in_processes(load)
-    return asyncio.run(LoadRun(load, progress).run())

@@ -1,8 +1,9 @@
-"""`autobatch bench --processes N`: one load split between N forked processes.
+"""`run_load`: one bounded load, in this process or, for `autobatch bench --processes N`, split
+between N forked processes.
 
 One Python event loop sends ~1,000-2,000 small requests per second at most (httpx and the loop's
 own work per request), so measuring a server faster than that from one process measures the
-client. Each process runs its share of the concurrency (or rate) with serve/load.py's LoadRun,
+client. Each process runs its share of the concurrency (or rate) with load.py's LoadRun,
 waits for the others after its warm-up, and sends its records back; the report is computed over
 all of them, as one run's.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from .client import route_path
+from .http_client import route_path
 from .load import BenchError, Load, LoadRun, Record, report
 
 
@@ -76,3 +77,11 @@ def run_in_processes(load: Load) -> dict:
     if failures:
         raise BenchError(f"{len(failures)} of {len(parts)} load processes failed: {failures[0]}")
     return report(load, route_path(load.route), records, max(walls), ", ".join(sorted(stopped)))
+
+
+def run_load(load: Load, progress: bool = False) -> dict:
+    """Run one bounded load and return its report (see bench.format_report for the fields)."""
+    load.validate()
+    if load.processes > 1:
+        return run_in_processes(load)
+    return asyncio.run(LoadRun(load, progress).run())

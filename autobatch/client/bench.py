@@ -1,4 +1,4 @@
-"""`autobatch bench`: load-test one route of the serve app (the load generator is serve/load.py).
+"""`autobatch bench`: load-test one route of the serve app (the load generator is load.py).
 
     autobatch bench --route resnet50 --concurrency 16 --duration 30          # closed loop
     autobatch bench --route resnet50 --rate 50 --duration 30 --json          # open loop, 50 req/s
@@ -31,10 +31,11 @@ import sys
 
 import httpx
 
-from .client import DEFAULT_URL, make_payload, remote_refusal, route_path
+from .http_client import DEFAULT_URL, make_payload, remote_refusal, route_path
 from .load import (DEFAULT_DURATION_S, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUESTS, DEFAULT_TIMEOUT_S,  # noqa: F401
                    DROPPED, MAX_DURATION_S, MAX_REQUESTS, UNFINISHED, BenchError, Load, Record, is_loopback,
-                   latency_summary, percentile, run_load, summarize)
+                   latency_summary, percentile, summarize)
+from .load_processes import run_load
 
 # ----- payloads -----
 def generated_jpeg(size: tuple[int, int] = (640, 480), seed: int = 0) -> bytes:
@@ -193,7 +194,7 @@ def cmd_bench(args) -> int:
         if not 0 <= getattr(args, "max_failed_fraction", DEFAULT_MAX_FAILED_FRACTION) <= 1:
             raise BenchError(f"--max-failed-fraction must be within [0, 1], got {args.max_failed_fraction}")
         if getattr(args, "protocol", "simple") == "v2" and getattr(args, "transport", "http") == "grpc":
-            from .oip.commands import DEFAULT_GRPC_URL
+            from .oip_commands import DEFAULT_GRPC_URL
 
             refused = remote_refusal(args.grpc_url or DEFAULT_GRPC_URL, args.allow_remote, "--grpc-url")
             if refused:
@@ -201,7 +202,7 @@ def cmd_bench(args) -> int:
         if not payloads:
             load.payloads = default_payloads(args.url, args.route, args.max_new_tokens)
         if getattr(args, "protocol", "simple") == "v2":
-            from .oip.commands import v2_sender
+            from .oip_commands import v2_sender
 
             load.sender = v2_sender(args, load.payloads)
         report = run_load(load, progress=not args.no_progress)
@@ -220,7 +221,7 @@ def cmd_bench(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Entry point of the "autobatch.commands" group: adds `autobatch bench`."""
+    """Adds `autobatch bench` (autobatch/cli.py calls it)."""
     p = subparsers.add_parser("bench", help="load-test a route: requests/s, samples/s, latency percentiles, errors",
                               description="Send a bounded load (closed loop at a concurrency, or open loop at a rate) "
                                           "to one route and report throughput, latency percentiles and errors by status.")
@@ -229,7 +230,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autobatch.client.bench", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return cmd_bench(parser.parse_args(argv))
 

@@ -16,18 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from deployments.base import PayloadError
+from . import DATATYPES, NUMPY_TYPES, PayloadError
 
-# OIP datatype -> numpy dtype, little-endian as the binary extension fixes it. BYTES is an object
-# array of bytes. BF16 has no numpy type: it is refused where it is read (no spec here declares it).
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-DATATYPES = tuple(NUMPY_DTYPES) + ("BF16",)
+# The wire's datatype table (wire/__init__.py) as numpy dtypes; BF16 has none.
+NUMPY_DTYPES: dict[str, np.dtype] = {name: np.dtype(kind) for name, kind in NUMPY_TYPES.items()}
 _LENGTH = struct.Struct("<I")
 
 
