@@ -93,7 +93,7 @@ def build_replica(kind: str, cache_path: str):
         config = ReplicaConfig(model="stand_in_device", device="cpu", cache_path=cache_path, max_batch=256,
                                latency_budget_ms=500.0, warm_sizes_budget_s=0.0, single_flight=False,
                                options={"fixed_ms": 0.0, "per_sample_ms": 0.0})
-    old = hasattr(Replica, "enqueue")  # before the batcher: @serve.batch in front of a device queue
+    old = hasattr(Replica, "enqueue")  # before serve/batcher.py: @serve.batch in front of a device queue
     if old:
         import types
 

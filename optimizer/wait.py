@@ -128,10 +128,10 @@ def wait_from_arrivals(
     arrives in that window is the clients' doing.
     - Formed batches sat waiting for a busy device (the median batch held longer than
       `held_fraction` of its wait and `held_min_s`): the device, not the wait, set those batches.
-      The replica's device queue (serve/device_queue.py) merged everything that arrived while
-      they sat, so a longer wait would not fill them (before that queue, Ray's clock split a busy
-      device's queue into a convoy of small batches and a longer wait merged them; now it would only
-      delay the first batch after the device frees). The rule's wait stands.
+      The replica's batcher (serve/batcher.py) merged everything that arrived while they sat, so
+      a longer wait would not fill them (a clock that closes batches while the device is busy splits
+      its queue into a convoy of small batches, which a longer wait merged; here it would only delay
+      the first batch after the device frees). The rule's wait stands.
     - Arrivals reach the end of the window (the `spread_percentile` batch spread over more than
       `reach` of its wait): more may come after it, so the ceiling.
     - Otherwise the window's tail catches no one: `margin` x the `spread_percentile` spread, at least

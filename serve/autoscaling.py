@@ -178,12 +178,12 @@ __all__ = ["AutoscalingTargets", "BatchAwarePolicy", "autoscaling_config", "deri
            "replica_report", "PENDING_SAMPLES_METRIC", "TARGET_SAMPLES_METRIC", "POLICY_PATH"]
 
 
-def targets_now(settings, device_queue, admission) -> AutoscalingTargets | None:
+def targets_now(settings, batcher, admission) -> AutoscalingTargets | None:
     """A replica's targets as of now (the served batch time moves its admission bound); None untuned."""
     if settings is None:
         return None
     described = admission.describe()
-    return derive_targets(settings.size, device_queue.describe()["slots"], described["bound_s"],
+    return derive_targets(settings.size, batcher.describe()["slots"], described["bound_s"],
                           described["batch_time_s"], settings.wait_s)
 
 

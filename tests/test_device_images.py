@@ -21,7 +21,8 @@ from deployments.device_images import (ImageInput, LetterboxGeometry, Torchvisio
 from deployments.images import check_image_header, example_jpeg
 from deployments.registry import create_spec
 from model_helpers import image_bytes
-from serve.batch_runner import BatchRunner, Item
+from serve.batch_runner import BatchRunner
+from serve.batcher import Batch
 
 
 def corrupt_jpeg() -> bytes:
@@ -222,7 +223,7 @@ def test_the_batch_runner_answers_a_payload_error_output_with_its_status(classif
     _, device = classifiers["resnet50"]
     runner = BatchRunner(device, make_meter("cpu", 0), ThreadPoolExecutor(1), Counts(), model_name="resnet50",
                          before_predict=lambda items: None, on_oom=lambda n, m: None)
-    items = [Item(device.decode(p)) for p in (mixed_payloads()[0], corrupt_jpeg(), mixed_payloads()[1])]
+    items = Batch.of([device.decode(p) for p in (mixed_payloads()[0], corrupt_jpeg(), mixed_payloads()[1])])
     outcomes = asyncio.run(runner.run(items))
     assert [o.status for o in outcomes] == [200, 422, 200]
     assert "truncated or corrupt" in json.loads(outcomes[1].body)["error"]
