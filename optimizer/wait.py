@@ -11,7 +11,7 @@ on the device. Serving shows two things a tuning cannot:
 
 `WaitController` decides when to look and when to move, as one state machine (`WaitState`), with
 every number it uses in one `WaitControllerConfig`. It is Ray-free: it sees perf_counter times and
-batch sizes, and the deployment hands what it decides to `@serve.batch`.
+batch sizes, and the replica hands what it decides to its batcher (serve/batcher.py).
 """
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ class LearntWait:
 
 class WaitController:
     """One tuning's wait as served. `record` each served batch; when it returns True, `learnt`
-    changed and the deployment hands the new wait to @serve.batch."""
+    changed and the replica hands the new wait to its batcher."""
 
     def __init__(self, tuning: "Tuning", config: WaitControllerConfig = DEFAULT_WAIT_CONFIG):
         self.tuning = tuning
@@ -298,7 +298,7 @@ class WaitController:
 
     def record(self, arrivals_s: Sequence[float], started_s: float, elapsed_s: float, max_batch_size: int,
                wait_s: float, batch_size: int | None = None) -> bool:
-        """A batch whose requests reached @serve.batch at `arrivals_s` (perf_counter seconds), began
+        """A batch whose requests reached the batcher at `arrivals_s` (perf_counter seconds), began
         running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved.
         `batch_size` (default: one per arrival) with no arrivals: a batch that did not pass through the
         wait (a tensor request's samples), whose time still counts."""

@@ -1,7 +1,7 @@
 """Autoscaling that knows the batch: Ray Serve's autoscaler, with the target a replica's tuning gives.
 
 Ray Serve scales a deployment by `target_ongoing_requests`, a number users guess. A tuned replica
-knows what it can hold: its served batch times its device queue's slots (one batch computing and,
+knows what it can hold: its served batch times its batcher's slots (one batch computing and,
 where the stages overlap, the next one being prepared) is the work that keeps its device busy
 without a queue; more than that waits. And its admission bound (serve/admission.py) is the most it
 takes in before it sheds: the `max_ongoing_requests` worth giving it.
@@ -49,7 +49,7 @@ USER_KEYS = ("min_replicas", "initial_replicas", "max_replicas", "target_ongoing
 class AutoscalingTargets:
     """What one tuned replica says about scaling; GET /tuning's `serving.autoscaling`."""
 
-    target_ongoing_samples: int  # served batch x device queue slots
+    target_ongoing_samples: int  # served batch x batcher slots
     max_ongoing_requests_derived: int  # the admission bound, in samples (a request is at least one)
     reason: str
 

@@ -64,10 +64,10 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("autobatch_tuned_batch_size", GAUGE,
               "Batch size the tuning selected to serve (throughput knee within the latency budget)."),
     MetricDef("autobatch_max_batch_size", GAUGE,
-              "max_batch_size in effect on @serve.batch now: the tuned size unless pinned by reconfigure "
+              "max_batch_size in effect on the batcher now: the tuned size unless pinned by reconfigure "
               "or lowered after an out-of-memory while serving."),
     MetricDef("autobatch_batch_wait_timeout_seconds", GAUGE,
-              "batch_wait_timeout_s in effect on @serve.batch now: the tuned wait, re-derived while serving "
+              "batch_wait_timeout_s in effect on the batcher now: the tuned wait, re-derived while serving "
               "from batch times and request arrivals (optimizer/wait.py), or pinned by user_config."),
     MetricDef("autobatch_memory_budget_bytes", GAUGE, "Memory budget the tuning worked within."),
     MetricDef("autobatch_latency_budget_seconds", GAUGE, "Per-batch latency budget the tuning worked within."),

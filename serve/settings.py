@@ -1,4 +1,4 @@
-"""What a replica runs under, and the batch settings it hands to @serve.batch. Ray-free.
+"""What a replica runs under, and the batch settings it hands to its batcher (serve/batcher.py). Ray-free.
 
 Two layers make a replica's configuration (`ReplicaConfig`): the app builder's arguments, fixed for
 the replica's life, and the deployment's user_config, which Ray may change at any time
@@ -141,7 +141,7 @@ class ReplicaConfig:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """What @serve.batch is given: a max batch size and a wait, and why they differ from the tuning."""
+    """What the batcher is given: a max batch size and a wait, and why they differ from the tuning."""
 
     size: int
     wait_s: float
