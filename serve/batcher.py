@@ -22,18 +22,57 @@ spec's stages overlap (the next batch is prepared while this one computes), 1 ot
 Mechanism only. The size and the wait are set through the public setters by policy
 (serve/settings.py `effective_settings`, the wait rule and controller in optimizer/wait.py), as
 Ray Serve's own batch queue is; `run(batch) -> outcomes` (the replica's, one per sample) runs a
-formed batch.
+formed batch. The batcher also keeps how long its full batches took (`served`, what admission's
+bound reads: serve/admission.py), and a batch cuts itself where an out-of-memory halves it
+(`Batch.split`, which serve/batch_runner.py calls).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterator, Sequence
 
+from optimizer.stats import percentile
+
 log = logging.getLogger("ray.serve")
+
+# The batch time a bound on served latency's tail must use is a tail too: the 90th percentile of
+# the last full batches, not their mean (their swing, and decodes sharing the replica's CPU, would
+# otherwise put admitted requests past the bound).
+SERVED_BATCH_WINDOW = 20
+SERVED_BATCH_PERCENTILE = 90.0
+
+
+class ServedBatchTimes:
+    """How long the last SERVED_BATCH_WINDOW full batches (of the size `expect` named) took: their
+    SERVED_BATCH_PERCENTILE is `time_s` (None until one is recorded). Thread-safe."""
+
+    def __init__(self, window: int = SERVED_BATCH_WINDOW, pct: float = SERVED_BATCH_PERCENTILE):
+        self._times: deque[float] = deque(maxlen=window)
+        self._pct = pct
+        self._size: int | None = None
+        self._lock = threading.Lock()
+        self.time_s: float | None = None
+
+    def expect(self, size: int) -> None:
+        """Batches of `size` are full from now on; another size forgets the times recorded."""
+        with self._lock:
+            if size != self._size:
+                self._size, self.time_s = size, None
+                self._times.clear()
+
+    def record(self, size: int, elapsed_s: float) -> None:
+        """A batch ran: only full batches say how long a batch of the expected size takes."""
+        with self._lock:
+            if self._size is None or size != self._size or not math.isfinite(elapsed_s):
+                return
+            self._times.append(elapsed_s)
+            self.time_s = percentile(self._times, self._pct)  # once per batch, not per admission
 
 
 @dataclass(eq=False)
@@ -186,6 +225,7 @@ class Batcher:
         self._batches = 0
         self._coalesced_batches = 0  # device batches holding more than one request
         self._split_requests = 0  # requests spread over more than one batch
+        self.served = ServedBatchTimes()  # full batches' times, which admission's bound reads
 
     # ----- public setters and reads -----
     def set_max_batch_size(self, size: int) -> None:

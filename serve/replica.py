@@ -97,7 +97,7 @@ class Replica:
         self._started_at = time.time()
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"  # names its admission room to a router
         self.stats = ServingStats()
-        self.admission = Admission()  # what this replica takes in: serve/admission.py
+        self.admission = Admission(served=self.batcher.served)  # what this replica takes in: serve/admission.py
         self.tuning: Tuning | None = None
         self._tunings, self._tuning_wall_s = 0, 0.0
         self._wait: WaitController | None = None  # the wait as served batches show it; new with each tuning
@@ -289,7 +289,7 @@ class Replica:
             live_batch = Batch(live)
             result = await self._runner.run_timed(live_batch)
             if result.period_s is not None:
-                self.admission.record_batch(len(live_batch), result.period_s)  # what each batch adds at steady state
+                self.batcher.served.record(len(live_batch), result.period_s)  # what each batch adds at steady state
                 ran.update(started_s=result.started_s, latency_s=result.latency_s)
             out, at = [], 0
             for s in live:
