@@ -14,7 +14,8 @@ Two stand-ins:
           JPEG's header on the CPU and keeps the bytes (a 640x480 JPEG, 23.6 KB), the forward
           returns a fixed top-5 per sample, `encode` / `encode_tensors` are the spec's own.
   number  benchmarks/stand_in_device.py with 0 ms per batch: a JSON number in, its echo out.
-Requests: 1 sample each through the simple route (POST /, what the HTTP proxy hands a replica),
+The latency budget is 5 s so that admission (serve/admission.py) never sheds: a refused request
+would cost less than a served one. Requests: 1 sample each through the simple route (POST /, what the HTTP proxy hands a replica),
 32 samples each through the Open Inference Protocol route (what the OIP router hands a replica:
 an InferRequest of binary BYTES tensors, already parsed). Ray's own hops (proxy, router, handle)
 are not in it: they run in other processes.
@@ -86,12 +87,12 @@ def build_replica(kind: str, cache_path: str):
 
         replica_module.create_spec = create_spec
         config = ReplicaConfig(model="resnet50", device="cpu", cache_path=cache_path, max_batch=256,
-                               latency_budget_ms=500.0, warm_sizes_budget_s=0.0, single_flight=False,
+                               latency_budget_ms=5000.0, warm_sizes_budget_s=0.0, single_flight=False,
                                options={"image_pipeline": "device"})
     else:
         os.environ["AUTOBATCH_MODELS"] = "stand_in_device=stand_in_device:StandInDeviceSpec"
         config = ReplicaConfig(model="stand_in_device", device="cpu", cache_path=cache_path, max_batch=256,
-                               latency_budget_ms=500.0, warm_sizes_budget_s=0.0, single_flight=False,
+                               latency_budget_ms=5000.0, warm_sizes_budget_s=0.0, single_flight=False,
                                options={"fixed_ms": 0.0, "per_sample_ms": 0.0})
     old = hasattr(Replica, "enqueue")  # before serve/batcher.py: @serve.batch in front of a device queue
     if old:
