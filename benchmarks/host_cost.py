@@ -2,6 +2,7 @@
 
     python benchmarks/host_cost.py                       # this tree
     python benchmarks/host_cost.py --tree /tmp/before    # another checkout's serve/ (git archive <commit> | tar -x -C /tmp/before)
+    python benchmarks/host_cost.py --quick               # seconds: keeps the script from rotting
 
 One replica (serve/replica.py), started in this process without Ray, serves requests from
 closed-loop clients on its own event loop: admission -> decode (the replica's decode threads) ->
@@ -182,7 +183,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=3000, help="requests of 1 sample; of 32, a tenth of it")
     p.add_argument("--repeats", type=int, default=3, help="runs per row; the table shows the lowest CPU time")
+    p.add_argument("--quick", action="store_true", help="the number stand-in, 64 requests, one run per row")
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args()
+    if args.quick:
+        args.stand_ins, args.requests, args.repeats, args.clients = ["number"], 64, 1, 8
     tree = _use_tree(args.tree)
     import logging
 
@@ -202,6 +207,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['stand_in']} | {r['samples_per_request']} | {r['clients']} | {r['us_per_sample']:.1f} | "
               f"{r['us_per_request']:.0f} | {r['samples_per_s']:.0f} | {r['mean_batch']:.1f} |")
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump({"tree": tree, "label": label, "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
