@@ -10,7 +10,7 @@ fresh cache), in a fresh local Ray with Ray Serve's HTTP proxy on 127.0.0.1; thi
 generator (autobatch/client/bench.py, closed loop, one sample per request) measures both. The table shows
 requests/s, p50/p99, and the batches the device ran (the replica's own GET /tuning `stats`):
 with `@serve.batch` alone they are what its clock closed; with the device queue
-(serve/device_queue.py) they are what waited when the device could take a batch.
+(serve/batcher.py) they are what waited when the device could take a batch.
 """
 from __future__ import annotations
 

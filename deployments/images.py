@@ -94,6 +94,45 @@ def _open_checked(payload: bytes, content_type: str | None, max_bytes: int, max_
     return image
 
 
+# The start-of-frame markers that carry a JPEG's size (not DHT C4, JPG C8, DAC CC)
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(payload: bytes) -> tuple[int, int] | None:
+    """(width, height) of an ordinary JPEG read from its markers, as PIL's open reads them (its
+    segments up to the start of scan), in a few microseconds where PIL's open takes ~25 (the
+    per-sample host cost of a GPU replica, docs/benchmarks.md); None for anything unusual (no SOF
+    before the scan, a segment past the end, not 8 bits, not 1, 3 or 4 components, a multi-picture
+    file PIL names MPO), which PIL then reads and answers as it always did."""
+    if payload[:3] != b"\xff\xd8\xff":
+        return None
+    n, i, size = len(payload), 2, None
+    while i + 4 <= n:
+        if payload[i] != 0xFF:
+            return None
+        marker = payload[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
+        length = (payload[i + 2] << 8) | payload[i + 3]
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01 or length < 2 or i + 2 + length > n:
+            return None
+        if marker == 0xDA:  # start of scan: the header ends here
+            return size
+        if marker in _JPEG_SOF:
+            if size is not None or length < 8:
+                return None
+            precision, components = payload[i + 4], payload[i + 9]
+            height, width = (payload[i + 5] << 8) | payload[i + 6], (payload[i + 7] << 8) | payload[i + 8]
+            if precision != 8 or components not in (1, 3, 4) or not width or not height:
+                return None
+            size = (width, height)
+        elif marker == 0xE2 and payload[i + 4:i + 8] == b"MPF\x00":
+            return None
+        i += 2 + length
+    return None
+
+
 def check_image_header(
     payload: bytes,
     content_type: str | None = None,
@@ -105,6 +144,10 @@ def check_image_header(
     accepted image of an accepted size here, so a bad payload gets its own 4xx before batching.
     Reads only the header (microseconds); a JPEG whose body is corrupt passes and is caught by the
     batch decoder, which fails that sample alone (deployments/device_images.py)."""
+    size = jpeg_size(payload) if payload and len(payload) <= max_bytes else None
+    bomb = Image.MAX_IMAGE_PIXELS
+    if size is not None and size[0] * size[1] <= max_pixels and (bomb is None or size[0] * size[1] <= bomb):
+        return ImageHeader("JPEG", size[0], size[1])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

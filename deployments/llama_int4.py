@@ -3,7 +3,7 @@
 Scheduler (option `scheduler`): "continuous" (the default) serves every request through one
 transformers ContinuousBatchingManager per replica, sized by the tuning (deployments/llama_scheduler.py):
 requests join and leave the running batch at every step and stream their tokens. "static" runs
-whole batches through one `generate()` each (@serve.batch and the device queue), greedy only.
+whole batches through one `generate()` each (the replica's batcher), greedy only.
 Requests are read in deployments/llama_requests.py (simple JSON, OIP tensors, OpenAI chats).
 
 Request: JSON `{"prompt": str, "max_new_tokens": int (optional, 1..max_new_tokens)}`, or over the

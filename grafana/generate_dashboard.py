@@ -4,7 +4,9 @@
     python grafana/generate_dashboard.py --check   # exit 1 if the committed file is not what this makes
 
 Edit this file, not the JSON. Metric names come from serve.metrics (autobatch's own, recorded in
-replicas and exported by Ray with a `ray_` prefix) and from Ray Serve's batching metrics.
+replicas and exported by Ray with a `ray_` prefix) and from Ray Serve's request metrics. A replica
+forms its batches itself (serve/batcher.py), so Ray Serve's @serve.batch metrics are not exported:
+the batch panels read the batcher's (device batch size, batch wait, samples waiting).
 
 Label conventions the queries rely on:
 - autobatch metrics carry `model` and `device` (plus Ray's `application`, `deployment`, `replica`);
@@ -72,7 +74,7 @@ def ray_quantile(q: float, metric: str) -> str:
 
 SAMPLES_RATE = f"sum by (model) (rate({ab('autobatch_samples_served')}{{{M}}}[{RATE}]))"
 DEVICE_BATCH = ab("autobatch_device_batch_size")
-# The batches the device ran (serve/device_queue.py merges what @serve.batch's clock closed meanwhile).
+# The batches the device ran (serve/batcher.py forms them from every request waiting).
 BATCHES_RATE = f"sum by (model) (rate({DEVICE_BATCH}_count{{{M}}}[{RATE}]))"
 DEVICE_BATCH_P95 = f"histogram_quantile(0.95, sum by (model, le) (rate({DEVICE_BATCH}_bucket{{{M}}}[{RATE}])))"
 MEAN_BATCH = f"{SAMPLES_RATE} / {BATCHES_RATE}"
@@ -124,20 +126,19 @@ def serving_panels() -> list:
         ts(2, "Batch size: formed vs tuned",
            "What the device's batches really hold against what the tuning chose. Formed (mean) = samples "
            "served / batches the device ran; formed p95 from ray_autobatch_device_batch_size (interpolated "
-           "within power-of-two buckets). Ray's clock batches = p95 of ray_serve_actual_batch_size, what "
-           "@serve.batch closed before the device queue merged them. Tuned = the size the tuning selected; max safe = "
-           "the largest size that fit memory and the latency budget; in effect = max_batch_size on "
-           "@serve.batch now (pinned by reconfigure or lowered after an OOM while serving).", "none",
+           "within power-of-two buckets). Tuned = the size the tuning selected; max safe = "
+           "the largest size that fit memory and the latency budget; in effect = the batcher's max_batch_size "
+           "now (pinned by reconfigure or lowered after an OOM while serving).", "none",
            (MEAN_BATCH, "{{model}} formed (mean)"),
            (DEVICE_BATCH_P95, "{{model}} formed p95"),
            (f"max by (model) ({ab('autobatch_tuned_batch_size')}{{{M}}})", "{{model}} tuned"),
            (f"max by (model) ({ab('autobatch_tuned_max_safe_batch')}{{{M}}})", "{{model}} max safe"),
-           (f"max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})", "{{model}} in effect"),
-           (ray_quantile(0.95, "ray_serve_actual_batch_size"), "{{model}} Ray's clock batches p95")),
+           (f"max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})", "{{model}} in effect")),
         ts(3, "Batch utilisation",
-           "How full the batches are: Ray Serve's ray_serve_batch_utilization_percent (batch size / "
-           "max_batch_size, p50), and the mean formed batch over the max_batch_size in effect.", "percent",
-           (ray_quantile(0.5, "ray_serve_batch_utilization_percent"), "{{model}} p50 (Ray)"),
+           "How full the batches are: the p50 and the mean formed batch (ray_autobatch_device_batch_size) "
+           "over the max_batch_size in effect.", "percent",
+           (f"100 * histogram_quantile(0.5, sum by (model, le) (rate({DEVICE_BATCH}_bucket{{{M}}}[{RATE}]))) "
+            f"/ max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})", "{{model}} p50 / in effect"),
            (f"100 * ({MEAN_BATCH}) / max by (model) ({ab('autobatch_max_batch_size')}{{{M}}})",
             "{{model}} mean / in effect")),
         heatmap.Panel().id(4).title("Batch sizes formed").description(
@@ -148,16 +149,18 @@ def serving_panels() -> list:
         .with_target(q(f"sum by (le) (increase({DEVICE_BATCH}_bucket{{{M}}}[{RATE}]))", "{{le}}", "A",
                        fmt=PromQueryFormat.HEATMAP)),
         ts(5, "Batch queue length",
-           "Samples waiting for the device: in the replicas' device queues (ray_autobatch_samples_waiting, "
-           "set as each batch starts) and still in @serve.batch's queue (ray_serve_batch_queue_length), per model.",
+           "Samples waiting for the device in the replicas' batchers (ray_autobatch_samples_waiting, set as "
+           "each batch forms), per model.",
            "none",
-           (f"sum by (model) ({ab('autobatch_samples_waiting')}{{{M}}})", "{{model}} device queue"),
-           (f"sum by (model) ({by_model(f'ray_serve_batch_queue_length{{{D}}}')})", "{{model}} @serve.batch")),
+           (f"sum by (model) ({ab('autobatch_samples_waiting')}{{{M}}})", "{{model}} batcher")),
         ts(6, "Batch wait",
-           "How long a batch waited to fill (Ray Serve's ray_serve_batch_wait_time_ms, p50/p95) against "
-           "the batch_wait_timeout the tuning derived.", "ms",
-           (ray_quantile(0.5, "ray_serve_batch_wait_time_ms"), "{{model}} p50"),
-           (ray_quantile(0.95, "ray_serve_batch_wait_time_ms"), "{{model}} p95"),
+           "How long each batch's oldest request waited before the batch formed (ray_autobatch_batch_wait_seconds, "
+           "p50/p95: the wait at an idle device, the queueing behind a busy one) against the batch_wait_timeout "
+           "in force.", "ms",
+           (f"1000 * histogram_quantile(0.5, sum by (model, le) "
+            f"(rate({ab('autobatch_batch_wait_seconds')}_bucket{{{M}}}[{RATE}])))", "{{model}} p50"),
+           (f"1000 * histogram_quantile(0.95, sum by (model, le) "
+            f"(rate({ab('autobatch_batch_wait_seconds')}_bucket{{{M}}}[{RATE}])))", "{{model}} p95"),
            (f"1000 * max by (model) ({ab('autobatch_batch_wait_timeout_seconds')}{{{M}}})", "{{model}} timeout")),
     ]
 
@@ -178,14 +181,12 @@ def latency_panels() -> list:
            (ray_quantile(0.5, "ray_serve_deployment_processing_latency_ms"), "{{model}} p50"),
            (ray_quantile(0.99, "ray_serve_deployment_processing_latency_ms"), "{{model}} p99"), w=8),
         ts(9, "Batch compute vs latency budget",
-           "Seconds of one forward pass of one batch (autobatch's ray_autobatch_batch_inference_seconds, "
-           "and Ray Serve's ray_serve_batch_execution_time_ms) against the per-batch latency budget the "
-           "tuning worked within.", "s",
+           "Seconds of one batch on the device (ray_autobatch_batch_inference_seconds: prepare + forward "
+           "+ encode) against the per-batch latency budget the tuning worked within.", "s",
            (f"histogram_quantile(0.5, sum by (model, le) "
             f"(rate({ab('autobatch_batch_inference_seconds')}_bucket{{{M}}}[{RATE}])))", "{{model}} p50"),
            (f"histogram_quantile(0.99, sum by (model, le) "
             f"(rate({ab('autobatch_batch_inference_seconds')}_bucket{{{M}}}[{RATE}])))", "{{model}} p99"),
-           (f"{ray_quantile(0.99, 'ray_serve_batch_execution_time_ms')} / 1000", "{{model}} p99 (Ray execution)"),
            (f"max by (model) ({ab('autobatch_latency_budget_seconds')}{{{M}}})", "{{model}} budget"), w=8),
     ]
 

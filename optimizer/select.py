@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 from .probe import ProbeResult
-from .wait import batch_wait_timeout_s  # noqa: F401 - the wait's rule lives in wait.py; re-exported for tune.py until it imports from there
 
 MAX_KNEE_PROBES = 2  # probes after the search, to sharpen the knee
 

@@ -29,7 +29,8 @@ from .model import ExampleBatches, TunableModel, default_latency_budget_s
 from .probe import OOM, OVER_MEMORY, PREDICTED, ProbeResult
 from .search import Prober, find_max_safe_batch
 from .share_cap import Exclusive
-from .select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
+from .select import MAX_KNEE_PROBES, next_knee_probe, select_serve_batch
+from .wait import batch_wait_timeout_s
 from .tuning import CACHED, MEASURED, DeviceInfo, MemoryFit, Tuning
 
 log = logging.getLogger("autobatch")

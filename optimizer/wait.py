@@ -11,7 +11,7 @@ on the device. Serving shows two things a tuning cannot:
 
 `WaitController` decides when to look and when to move, as one state machine (`WaitState`), with
 every number it uses in one `WaitControllerConfig`. It is Ray-free: it sees perf_counter times and
-batch sizes, and the deployment hands what it decides to `@serve.batch`.
+batch sizes, and the replica hands what it decides to its batcher (serve/batcher.py).
 """
 from __future__ import annotations
 
@@ -128,10 +128,10 @@ def wait_from_arrivals(
     arrives in that window is the clients' doing.
     - Formed batches sat waiting for a busy device (the median batch held longer than
       `held_fraction` of its wait and `held_min_s`): the device, not the wait, set those batches.
-      The replica's device queue (serve/device_queue.py) merged everything that arrived while
-      they sat, so a longer wait would not fill them (before that queue, Ray's clock split a busy
-      device's queue into a convoy of small batches and a longer wait merged them; now it would only
-      delay the first batch after the device frees). The rule's wait stands.
+      The replica's batcher (serve/batcher.py) merged everything that arrived while they sat, so
+      a longer wait would not fill them (a clock that closes batches while the device is busy splits
+      its queue into a convoy of small batches, which a longer wait merged; here it would only delay
+      the first batch after the device frees). The rule's wait stands.
     - Arrivals reach the end of the window (the `spread_percentile` batch spread over more than
       `reach` of its wait): more may come after it, so the ceiling.
     - Otherwise the window's tail catches no one: `margin` x the `spread_percentile` spread, at least
@@ -261,7 +261,7 @@ class LearntWait:
 
 class WaitController:
     """One tuning's wait as served. `record` each served batch; when it returns True, `learnt`
-    changed and the deployment hands the new wait to @serve.batch."""
+    changed and the replica hands the new wait to its batcher."""
 
     def __init__(self, tuning: "Tuning", config: WaitControllerConfig = DEFAULT_WAIT_CONFIG):
         self.tuning = tuning
@@ -298,7 +298,7 @@ class WaitController:
 
     def record(self, arrivals_s: Sequence[float], started_s: float, elapsed_s: float, max_batch_size: int,
                wait_s: float, batch_size: int | None = None) -> bool:
-        """A batch whose requests reached @serve.batch at `arrivals_s` (perf_counter seconds), began
+        """A batch whose requests reached the batcher at `arrivals_s` (perf_counter seconds), began
         running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved.
         `batch_size` (default: one per arrival) with no arrivals: a batch that did not pass through the
         wait (a tensor request's samples), whose time still counts."""

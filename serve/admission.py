@@ -39,20 +39,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from optimizer.stats import percentile
+from .batcher import SERVED_BATCH_PERCENTILE, SERVED_BATCH_WINDOW, ServedBatchTimes  # noqa: F401 - their home is the batcher
 
 DEADLINE_HEADER = "request-timeout-ms"  # the client's bound, in milliseconds from the request's arrival
 BOUND_LATENCY_BUDGETS = 2.0  # a served request's expected time is bounded by this many latency budgets
 MIN_BATCHES_IN_BOUND = 2  # never fewer: one batch computing, the next one filling
-# The batch time a bound on served latency's tail must use is a tail too: the 90th percentile of
-# the last full batches, not their mean (their swing, and decodes sharing the replica's CPU, would
-# otherwise put admitted requests past the bound).
-SERVED_BATCH_WINDOW = 20
-SERVED_BATCH_PERCENTILE = 90.0
 SHED_REASONS = ("overload", "deadline", "expired", "memory", "samples")
 REQUEST_BATCHES = 4  # a request carries at most this many of the replica's largest batches
 
@@ -130,33 +124,26 @@ class Admission:
     """The counts of one replica and the decision. Thread-safe (routes run on the event loop, a
     future caller may not). `set_capacity` whenever the tuning or the batch settings change."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, served: ServedBatchTimes | None = None):
+        """`served`: the batcher's record of its full batches' times (serve/batcher.py), which the bound reads."""
         self._clock = clock
         self._lock = threading.Lock()
         self._capacity: Capacity | None = None
         self._pending_samples = 0
         self._pending_body_bytes = 0
         self._pending_decoded_bytes = 0
-        self._served_batch_times_s: deque[float] = deque(maxlen=SERVED_BATCH_WINDOW)  # full batches served
-        self._served_batch_time_s: float | None = None  # their SERVED_BATCH_PERCENTILE, updated per batch
+        self._served = served if served is not None else ServedBatchTimes()
 
     # ----- what the replica tells it -----
     def set_capacity(self, capacity: Capacity) -> None:
         with self._lock:
-            changed = self._capacity is None or capacity.batch_size != self._capacity.batch_size
             self._capacity = capacity
-            if changed:
-                self._served_batch_times_s.clear()  # another size: the tuning's time until batches show theirs
-                self._served_batch_time_s = None
+            self._served.expect(capacity.batch_size)  # another size: the tuning's time until batches show theirs
 
     def record_batch(self, size: int, elapsed_s: float) -> None:
-        """A batch ran: only full batches say how long a batch of batch_size takes."""
-        with self._lock:
-            if self._capacity is None or size != self._capacity.batch_size or not math.isfinite(elapsed_s):
-                return
-            self._served_batch_times_s.append(elapsed_s)
-            # once per batch, not per admission: every request's check reads it several times
-            self._served_batch_time_s = percentile(self._served_batch_times_s, SERVED_BATCH_PERCENTILE)
+        """A batch ran: only full batches say how long a batch of batch_size takes (kept by the batcher's
+        ServedBatchTimes, which the replica records into directly)."""
+        self._served.record(size, elapsed_s)
 
     @property
     def pending_samples(self) -> int:
@@ -166,7 +153,7 @@ class Admission:
         """The larger of the tuned and the served time of a full batch (SERVED_BATCH_PERCENTILE of the
         last SERVED_BATCH_WINDOW): a slower served batch wins."""
         cap = self._capacity
-        served = self._served_batch_time_s
+        served = self._served.time_s
         return cap.batch_time_s if served is None else max(cap.batch_time_s, served)
 
     def expected_s(self, samples: int = 1) -> float:

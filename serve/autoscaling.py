@@ -1,7 +1,7 @@
 """Autoscaling that knows the batch: Ray Serve's autoscaler, with the target a replica's tuning gives.
 
 Ray Serve scales a deployment by `target_ongoing_requests`, a number users guess. A tuned replica
-knows what it can hold: its served batch times its device queue's slots (one batch computing and,
+knows what it can hold: its served batch times its batcher's slots (one batch computing and,
 where the stages overlap, the next one being prepared) is the work that keeps its device busy
 without a queue; more than that waits. And its admission bound (serve/admission.py) is the most it
 takes in before it sheds: the `max_ongoing_requests` worth giving it.
@@ -49,7 +49,7 @@ USER_KEYS = ("min_replicas", "initial_replicas", "max_replicas", "target_ongoing
 class AutoscalingTargets:
     """What one tuned replica says about scaling; GET /tuning's `serving.autoscaling`."""
 
-    target_ongoing_samples: int  # served batch x device queue slots
+    target_ongoing_samples: int  # served batch x batcher slots
     max_ongoing_requests_derived: int  # the admission bound, in samples (a request is at least one)
     reason: str
 
@@ -178,12 +178,12 @@ __all__ = ["AutoscalingTargets", "BatchAwarePolicy", "autoscaling_config", "deri
            "replica_report", "PENDING_SAMPLES_METRIC", "TARGET_SAMPLES_METRIC", "POLICY_PATH"]
 
 
-def targets_now(settings, device_queue, admission) -> AutoscalingTargets | None:
+def targets_now(settings, batcher, admission) -> AutoscalingTargets | None:
     """A replica's targets as of now (the served batch time moves its admission bound); None untuned."""
     if settings is None:
         return None
     described = admission.describe()
-    return derive_targets(settings.size, device_queue.describe()["slots"], described["bound_s"],
+    return derive_targets(settings.size, batcher.describe()["slots"], described["bound_s"],
                           described["batch_time_s"], settings.wait_s)
 
 

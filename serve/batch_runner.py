@@ -3,7 +3,7 @@
 Mechanism, apart from the deployment's policy: the forward pass runs in the replica's one worker
 thread (the event loop keeps queueing the next batch); an out-of-memory splits the batch in halves
 and retries each (the deployment is told, and lowers its max batch); any other error retries the
-batch item by item, so one bad input gets its own 4xx and its batch-mates are answered.
+batch sample by sample, so one bad input gets its own 4xx and its batch-mates are answered.
 
 A spec whose stages overlap (ModelSpec.overlaps: on a GPU, the next batch's copy and JPEG decode
 beside this batch's forward) runs in two: `prepare` in a thread of its own under the `prepare`
@@ -19,10 +19,12 @@ import json
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from wire import PayloadError
+
+from .batcher import Batch
 
 log = logging.getLogger("ray.serve")
 
@@ -31,23 +33,8 @@ INPUT_ERRORS = ("ValueError", "TypeError", "KeyError", "IndexError", "InjectedFa
 
 
 @dataclass
-class Item:
-    """One decoded request waiting in a batch."""
-
-    sample: object
-    poisoned: bool = False
-    # True: the answer stays the encoded value (Outcome.value), for a tensor request to gather; else JSON bytes
-    keep_value: bool = False
-    # when it reached @serve.batch (or, direct, the device queue): the wait learns from the former
-    arrived_s: float = field(default_factory=time.perf_counter)
-    deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
-    # put on the device queue directly, not through @serve.batch and its wait (a tensor request's samples)
-    direct: bool = False
-
-
-@dataclass
 class Outcome:
-    """One item's answer: an HTTP status and a JSON body, or, for an item that keeps its value,
+    """One sample's answer: an HTTP status and a JSON body, or, for an item that keeps its value,
     what the spec's encode returned."""
 
     status: int
@@ -94,13 +81,13 @@ class BatchResult:
 
 
 class BatchRunner:
-    """`run(items)` answers every item of a batch. The deployment passes what a batch needs:
+    """`run(batch)` answers every sample of a batch (serve/batcher.py's Batch: slices of requests). The deployment passes what a batch needs:
     the spec (predict, encode), the meter (is this an OOM; clean up after one), the worker
     thread, its metrics, `before_predict` (the fault hooks of the moment), and `on_oom(batch_size,
     message)` to learn from a real out-of-memory."""
 
     def __init__(self, spec, meter, executor: Executor, metrics, *, model_name: str,
-                 before_predict: Callable[[list[Item]], None], on_oom: Callable[[int, str], None],
+                 before_predict: Callable[[Batch], None], on_oom: Callable[[int, str], None],
                  locks: DeviceLocks | None = None, prepare_executor: Executor | None = None):
         self.spec, self.meter, self.metrics = spec, meter, metrics
         self._executor = executor
@@ -117,40 +104,42 @@ class BatchRunner:
         """Whether batches run in two overlapping stages: the spec's say, and a thread to prepare in."""
         return self._prepare_executor is not self._executor and bool(self.spec.overlaps())
 
-    def _prepare(self, items: list[Item]):
+    def _prepare(self, batch: Batch):
         """In the prepare thread: the batch put on the device (the spec's first stage)."""
-        self._before_predict(items)
-        return self.spec.prepare([item.sample for item in items])
+        self._before_predict(batch)
+        return self.spec.prepare(batch.samples())
 
-    def _forward(self, items: list[Item], prepared=None) -> list[Outcome]:
+    def _forward(self, batch: Batch, prepared=None) -> list[Outcome]:
         """In the worker thread: one forward pass over the batch (the whole predict, or the second
-        stage on what `_prepare` made), then each output encoded alone. A PayloadError in place of
-        an output (a JPEG only the batch decode found corrupt) is that item's 4xx."""
+        stage on what `_prepare` made), then the batch's outputs encoded in one pass, one outcome per
+        sample (the batcher splits them per request). A PayloadError in place of an output (a JPEG
+        only the batch decode found corrupt) is that sample's 4xx, and so its request's."""
         if prepared is None:
-            self._before_predict(items)
-            outputs = self.spec.predict([item.sample for item in items])
+            self._before_predict(batch)
+            outputs = self.spec.predict(batch.samples())
         else:
             outputs = self.spec.forward(prepared)
-        if len(outputs) != len(items):
-            raise RuntimeError(f"{self._model_name} predict returned {len(outputs)} outputs for {len(items)} samples")
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"{self._model_name} predict returned {len(outputs)} outputs for {len(batch)} samples")
         outcomes = []
-        for item, output in zip(items, outputs):
+        encode, dumps = self.spec.encode, json.dumps
+        for keep_value, output in zip(batch.keep_values(), outputs):
             if isinstance(output, PayloadError):  # the spec found this sample bad in the batch; the rest ran
                 outcomes.append(Outcome.error(output.status, output.message))
                 continue
             try:
-                encoded = self.spec.encode(output)
-                outcomes.append(Outcome(200, b"", encoded) if item.keep_value else Outcome(200, json.dumps(encoded).encode()))
+                encoded = encode(output)
+                outcomes.append(Outcome(200, b"", encoded) if keep_value else Outcome(200, dumps(encoded).encode()))
             except Exception as exc:  # noqa: BLE001 - one output that cannot be encoded fails alone
                 log.exception("autobatch: encoding an output failed")
                 outcomes.append(Outcome.error(500, f"internal error encoding the answer ({type(exc).__name__}: {exc})"))
         return outcomes
 
-    async def run(self, items: list[Item]) -> list[Outcome]:
-        """Forward `items`; on OOM split and retry the halves; on another error retry item by item."""
-        return (await self.run_timed(items)).outcomes
+    async def run(self, batch: Batch) -> list[Outcome]:
+        """Forward `batch`; on OOM split and retry the halves; on another error retry sample by sample."""
+        return (await self.run_timed(batch)).outcomes
 
-    async def _stages(self, items: list[Item]) -> BatchResult:
+    async def _stages(self, items: Batch) -> BatchResult:
         loop = asyncio.get_running_loop()
         if not self.overlaps:
             async with self.locks.forward:
@@ -172,7 +161,7 @@ class BatchRunner:
             del prepared
         return BatchResult(outcomes, started, prepare_s + forward_s, max(prepare_s, forward_s))
 
-    async def run_timed(self, items: list[Item]) -> BatchResult:
+    async def run_timed(self, items: Batch) -> BatchResult:
         """`run`, with the stages' times when the batch ran whole (BatchResult)."""
         loop = asyncio.get_running_loop()
         failure = None
@@ -197,8 +186,8 @@ class BatchRunner:
             if n == 1:
                 return BatchResult([Outcome.error(413, f"this input needs more memory than the replica has "
                                                        f"({message}); send a smaller input")])
-            half = n // 2
-            return BatchResult(await self.run(items[:half]) + await self.run(items[half:]))
+            first, rest = items.split(n // 2)
+            return BatchResult(await self.run(first) + await self.run(rest))
         if n == 1:
             if payload_status:
                 return BatchResult([Outcome.error(payload_status, message)])
@@ -209,6 +198,6 @@ class BatchRunner:
         self.item_retries += 1
         self.metrics.inc("autobatch_batch_item_retries")
         outcomes = []
-        for item in items:
-            outcomes += await self.run([item])
+        for one in items.each():
+            outcomes += await self.run(one)
         return BatchResult(outcomes)

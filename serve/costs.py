@@ -11,6 +11,13 @@ process (its mmap threshold rises to the largest block freed, up to 32 MiB, so a
 successors live on the heap), and the replica's RSS stays where the largest request took it. After
 requests holding at least TRIM_MIN_BYTES are released (answered, refused or cancelled),
 `malloc_trim(0)` returns the free pages, in a thread of its own so no request waits on it.
+
+The trim collects cycles first (a request's buffers may hang on a traceback's frames). A full
+collection walks every object of the process, and with torch loaded that is ~0.2 s of a core
+(docs/benchmarks.md, host cost): run every 32 MiB of 23 KB JPEGs it was most of a replica's host
+time. So the full collection runs at most FULL_GC_SHARE of the time (its last duration / the share
+since the previous one), and the young generations, where a just-answered request's cycles are,
+are collected on every trim.
 """
 from __future__ import annotations
 
@@ -21,12 +28,14 @@ import functools
 import gc
 import logging
 import threading
+import time
 import weakref
 from typing import Any
 
 log = logging.getLogger("ray.serve")
 
 TRIM_MIN_BYTES = 32 * 2**20  # released request memory that is worth a trim
+FULL_GC_SHARE = 0.02  # of the wall time, at most, spent in full collections before trims
 _MAX_DEPTH = 6
 
 
@@ -105,6 +114,8 @@ class HeapTrimmer:
         self._released_bytes = 0
         self._running = False
         self.trims = 0
+        self.full_collections = 0
+        self._next_full_at = 0.0  # time.monotonic() from which a trim may collect all generations again
 
     def released(self, released_bytes: int) -> None:
         with self._lock:
@@ -116,7 +127,13 @@ class HeapTrimmer:
 
     def trim_now(self) -> None:
         """Collect cycles (a request's buffers may hang on a traceback's frames) and trim the heap."""
-        gc.collect()
+        started = time.monotonic()
+        if started >= self._next_full_at:
+            gc.collect()
+            self.full_collections += 1
+            self._next_full_at = started + (time.monotonic() - started) / FULL_GC_SHARE
+        else:
+            gc.collect(1)
         trim = _malloc_trim()
         if trim is not None:
             trim(0)

@@ -1,9 +1,9 @@
 """The batched Ray Serve deployment that serves every model family (any ModelSpec): Ray glue only.
 
 It reads what only Ray knows (the GPU ids it was given, the deployment's user_config and
-max_ongoing_requests), owns the @serve.batch method and hands its setters to the replica. What a
-replica does lives in plain modules:
+max_ongoing_requests) and hands them to the replica. What a replica does lives in plain modules:
   replica.py     tuning, warm-up, running batches, what GET /tuning shows
+  batcher.py     how requests become device batches: the size, the wait, the slots, the queue
   settings.py    ReplicaSettings (what this class is bound with), the user_config layer, the batch size and wait in force
   routes.py      the HTTP routes (directly, or through the OIP router's `http`)
   tensor_routes.py  the Open Inference Protocol requests the OIP router forwards, many samples each
@@ -16,7 +16,6 @@ faults (test hooks, accepted only with AUTOBATCH_TEST_FAULTS=1, see faults.py).
 """
 from __future__ import annotations
 
-import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,28 +26,12 @@ from starlette.requests import Request  # noqa: E402
 
 from wire.request import InferFailure, InferRequest, InferResponse  # noqa: E402
 
-from .batch_runner import Item, Outcome  # noqa: E402
 from .replica import Replica  # noqa: E402
 from .routes import HttpRoutes  # noqa: E402
 from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, ReplicaSettings,  # noqa: E402,F401
                        memory_fraction_for, parse_user_config)
 from .openai_api import OpenAIServing  # noqa: E402
 from .tensor_routes import TensorRoutes  # noqa: E402
-
-
-# More than any max_ongoing_requests a replica is given: @serve.batch hands every closed batch on.
-RAY_CONCURRENT_BATCHES = 4096
-
-
-class _NoConcurrentBatchesWarning(logging.Filter):
-    """Ray warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, which is
-    here by design (the device queue, not Ray, bounds what runs): the warning would mislead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_concurrent_batches" not in str(record.msg)
-
-
-logging.getLogger("ray.serve").addFilter(_NoConcurrentBatchesWarning())
 
 
 def _initial_user_config():
@@ -98,12 +81,12 @@ class AutobatchDeployment:
         # The initial user_config (Ray calls reconfigure with it right after __init__): applied now,
         # so a replica tunes once, with the settings it will serve under.
         config = builder.with_user_config(_initial_user_config())
-        self.replica = Replica(builder, config, knobs=self._infer, max_ongoing=self._max_ongoing_requests,
+        self.replica = Replica(builder, config, max_ongoing=self._max_ongoing_requests,
                                cpus=_assigned_cpus(), autoscaling=self._autoscaling_config)
         await self.replica.start(_gpu_ids())
-        self._routes = HttpRoutes(self.replica, self._infer)
+        self._routes = HttpRoutes(self.replica)
         self._tensors = TensorRoutes(self.replica)
-        self._openai = OpenAIServing(self.replica, self._infer)
+        self._openai = OpenAIServing(self.replica)
 
     def _max_ongoing_requests(self) -> int | None:
         try:
@@ -163,10 +146,3 @@ class AutobatchDeployment:
         """Server-sent events, streamed through the router (handle.options(stream=True))."""
         async for event in self._openai.stream(kind, model, body):
             yield event
-
-    # Every batch Ray's clock closes goes straight on to the replica's device queue, which forms the
-    # device's batch when the device can take one (serve/device_queue.py): so Ray must never hold a
-    # closed batch back, hence far more concurrent batches than a replica has requests.
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=RAY_CONCURRENT_BATCHES)
-    async def _infer(self, items: list[Item]) -> list[Outcome]:
-        return await self.replica.enqueue(items)

@@ -236,11 +236,11 @@ def paused(spec, work: Callable[[], object]):
         return work()
 
 
-async def llm_outcome(llm: LlmServing, item):
-    """One decoded request of the simple route or OIP (a deployments.llama_int4.Prompt), answered whole."""
+async def llm_outcome(llm: LlmServing, prompt, entry):
+    """One decoded sample (a deployments.llama_int4.Prompt) of a request (serve/batcher.py's Entry, of the
+    simple route or OIP), answered whole."""
     from .batch_runner import Outcome
 
-    prompt = item.sample
     try:
         result = await llm.complete(prompt.input_ids, prompt.max_new_tokens)
     except KvCacheFull as exc:
@@ -250,7 +250,7 @@ async def llm_outcome(llm: LlmServing, item):
         return Outcome.error(500, f"internal error while generating ({type(exc).__name__}: {exc})")
     result["prompt_truncated"] = prompt.truncated
     encoded = llm.spec.encode(result)
-    if item.keep_value:
+    if entry.keep_value:
         return Outcome(200, b"", value=encoded)
     import json
 

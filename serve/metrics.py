@@ -7,9 +7,10 @@ and `_count`. Every series carries the tags `model` and `device` (the device fin
 e.g. "cuda:NVIDIA H100 80GB HBM3" or "cpu:<cpu model>"), plus Ray Serve's own `deployment`,
 `replica` and `application`.
 
-Ray Serve already exports what the batch queue does (ray_serve_actual_batch_size,
-ray_serve_batch_wait_time_ms, ray_serve_batch_execution_time_ms, ray_serve_batch_queue_length,
-ray_serve_batch_utilization_percent, ray_serve_batches_processed); these are not duplicated here.
+A replica forms its batches itself (serve/batcher.py), not through Ray Serve's @serve.batch, so
+Ray's batch metrics (ray_serve_actual_batch_size, ray_serve_batch_wait_time_ms, ...) are not
+exported; their places are autobatch_device_batch_size, autobatch_batch_wait_seconds,
+autobatch_batch_inference_seconds and autobatch_samples_waiting.
 """
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("autobatch_tuned_batch_size", GAUGE,
               "Batch size the tuning selected to serve (throughput knee within the latency budget)."),
     MetricDef("autobatch_max_batch_size", GAUGE,
-              "max_batch_size in effect on @serve.batch now: the tuned size unless pinned by reconfigure "
+              "max_batch_size in effect on the batcher now: the tuned size unless pinned by reconfigure "
               "or lowered after an out-of-memory while serving."),
     MetricDef("autobatch_batch_wait_timeout_seconds", GAUGE,
-              "batch_wait_timeout_s in effect on @serve.batch now: the tuned wait, re-derived while serving "
+              "batch_wait_timeout_s in effect on the batcher now: the tuned wait, re-derived while serving "
               "from batch times and request arrivals (optimizer/wait.py), or pinned by user_config."),
     MetricDef("autobatch_memory_budget_bytes", GAUGE, "Memory budget the tuning worked within."),
     MetricDef("autobatch_latency_budget_seconds", GAUGE, "Per-batch latency budget the tuning worked within."),
@@ -96,13 +97,14 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("autobatch_batch_inference_seconds", HISTOGRAM,
               "Seconds of one forward pass (predict + encode) of one batch, in the worker thread."),
     MetricDef("autobatch_device_batch_size", HISTOGRAM,
-              "Samples per batch the device ran. The device queue (serve/device_queue.py) forms them when the "
-              "device can take one, from every batch @serve.batch closed meanwhile, so under load they are "
-              "larger than Ray's ray_serve_actual_batch_size (the batches its clock closed).",
+              "Samples per batch the device ran. The batcher (serve/batcher.py) forms them when the device can "
+              "take one, from every request waiting, up to the max batch.",
               boundaries=tuple(BATCH_SIZE_BOUNDARIES)),
+    MetricDef("autobatch_batch_wait_seconds", HISTOGRAM,
+              "Seconds the oldest request of each device batch waited, from its arrival at the batcher to the "
+              "batch formed: the batch wait at an idle device, the queueing behind a busy one."),
     MetricDef("autobatch_samples_waiting", GAUGE,
-              "Samples in the replica's device queue, waiting for the device (those still in @serve.batch's "
-              "own queue are Ray's ray_serve_batch_queue_length)."),
+              "Samples in the replica's batcher waiting for the device, set as each batch forms."),
     MetricDef("autobatch_device_memory_bytes", GAUGE,
               "Device memory this replica holds now (CUDA: allocator reserved + context; CPU: resident set)."),
     # --- the LLM's continuous batching (serve/llm.py; the Llama with options.scheduler continuous) ---

@@ -30,7 +30,7 @@ from deployments.llama_int4 import Prompt
 from deployments.llama_scheduler import Sampling
 from wire import PayloadError
 
-from .batch_runner import Item
+from .batcher import Entry
 from .llm import KvCacheFull
 
 log = logging.getLogger("ray.serve")
@@ -155,10 +155,10 @@ async def _stream(model: str, handle, kind: str, body: bytes) -> Response:
 
 # ============================================================================ the replica's half
 class OpenAIServing:
-    """`replica` is the model's serve.replica.Replica; `infer(item)` its @serve.batch method (the static path)."""
+    """`replica` is the model's serve.replica.Replica (the static path: `Replica.submit`, one request at a time)."""
 
-    def __init__(self, replica, infer):
-        self._replica, self._infer = replica, infer
+    def __init__(self, replica):
+        self._replica = replica
         self.created = int(time.time())
 
     def card(self) -> dict | None:
@@ -268,7 +268,7 @@ class OpenAIServing:
         if not sampling.greedy:
             raise OpenAIError(400, "this deployment runs the static scheduler, which generates greedily; send "
                                    '"temperature": 0, or serve it with options {scheduler: continuous}', "temperature")
-        outcome = await self._infer(Item(prompt))
+        outcome = (await self._replica.submit(Entry([prompt])))[0]
         if not outcome.ok:
             message = json.loads(outcome.body).get("error", "generation failed")
             raise OpenAIError(outcome.status, message, kind="server_error" if outcome.status >= 500 else "invalid_request_error")

@@ -1,17 +1,17 @@
 """One replica's work apart from Ray: tuning, the batch settings, warm-up, and running batches.
 
 serve/deployment.py is the Ray glue around it: it reads what only Ray knows (the GPU ids, the
-deployment's user_config and max_ongoing_requests), owns @serve.batch and hands its setters here.
+deployment's user_config and max_ongoing_requests). How requests become batches is serve/batcher.py.
 
 A replica's life:
   start         pick the device (a GPU share when Ray gave this replica a GPU, else the CPU), load
                 the model, take the tuning from the cache or tune (under the optimizer's per-device
                 lock, within this replica's share of the memory), hand the batch size and wait to
-                @serve.batch (settings.py), then run once each batch size it may form and has not
+                the batcher (settings.py decides them), then run once each batch size it may form and has not
                 run yet (warmup.py), so that no request waits out a size's first run.
-  a batch       @serve.batch's batches go to the device queue (device_queue.py), which forms the
-                device's batch when it can take one: all that waits, up to the max batch. It runs in
-                the one worker thread (batch_runner.py: an error fails only its item, an
+  a batch       every request is one entry of the batcher (batcher.py), which forms the device's
+                batch when it can take one: all that waits, up to the max batch. It runs in
+                the one worker thread (batch_runner.py: an error fails only its request, an
                 out-of-memory splits the batch and lowers the max batch); where the spec's stages
                 overlap, its prepare runs in a second thread while the batch before it computes (two
                 device batches in flight). Its time and its requests' arrivals go to the wait
@@ -29,7 +29,7 @@ import socket
 import time
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol
+from typing import Callable
 
 from deployments.registry import create_spec
 from optimizer.cache_store import open_cache
@@ -41,14 +41,14 @@ from optimizer.wait import WaitController
 
 from .admission import Admission, capacity_from, expired_message, run_unexpired
 from .autoscaling import AutoscalingTargets, autoscaling_metrics, continuous_targets, replica_report, targets_now
-from .batch_runner import BatchRunner, DeviceLocks, Item, Outcome
-from .device_queue import DeviceQueue
+from .batch_runner import BatchRunner, DeviceLocks, Outcome
+from .batcher import Batch, Batcher, Entry
 from .logs import CONSOLE, ShedLog, setup_replica_logging
 from .llm import LlmServing, continuous_sequences, llm_outcome, paused
 from .metrics import ReplicaMetrics
 from .settings import BatchSettings, ReplicaConfig, effective_settings
 from .single_flight import cluster_single_flight
-from .stats import ServingStats
+from .stats import ServingReport, ServingStats
 from .timeline import StartupTimeline, import_libraries
 from .warm_schedule import WarmUpSchedule, run_example_batch
 from .warmup import SizeWarmer
@@ -62,21 +62,13 @@ log = logging.getLogger("ray.serve")
 TUNING_GROUP_ENV = "AUTOBATCH_TUNING_GROUP"
 
 
-class BatchKnobs(Protocol):
-    """What @serve.batch lets a replica change while it runs."""
-
-    def set_max_batch_size(self, size: int) -> None: ...
-
-    def set_batch_wait_timeout_s(self, wait_s: float) -> None: ...
-
-
 class Replica:
     """`builder` is the configuration from the app builder alone; `config` the one in force (the
     builder's overlaid by the user_config, serve/settings.py). `max_ongoing()` reads the
     deployment's max_ongoing_requests now (a batch can never be larger); `autoscaling()` its Ray
     autoscaling config (None: a fixed replica count)."""
 
-    def __init__(self, builder: ReplicaConfig, config: ReplicaConfig, knobs: BatchKnobs,
+    def __init__(self, builder: ReplicaConfig, config: ReplicaConfig,
                  max_ongoing: Callable[[], int | None], cpus: float | None = None,
                  autoscaling: Callable[[], object] = lambda: None):
         setup_replica_logging()  # autobatch's lines into this replica's log file, flushed; warnings to the console
@@ -87,7 +79,6 @@ class Replica:
         self.startup = StartupTimeline(builder.model, IMPORTED_AT_S, _IMPORTS_ENDED_AT_S)
         self.startup.phase("constructed")
         self.cache = open_cache(builder.cache_path)
-        self._knobs = knobs
         self._max_ongoing = max_ongoing
         self._autoscaling = autoscaling
         self._autoscaling_logged: AutoscalingTargets | None = None
@@ -101,18 +92,18 @@ class Replica:
         self.decode_threads = max(1, math.ceil(cpus)) if cpus else min(32, (os.cpu_count() or 1) + 4)
         self.decode_executor = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="autobatch-decode")
         self.locks = DeviceLocks()  # a batch's stages, or a tuning or warm-up holding the device alone
-        # @serve.batch's batches wait here for the device; its slots (2 where stages overlap) are set at start
-        self.device_queue: DeviceQueue[Item, Outcome] = DeviceQueue(self.run_batch)
+        # every request waits here for the device; its slots (2 where stages overlap) are set at start
+        self.batcher = Batcher(self.run_batch)
         self._started_at = time.time()
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"  # names its admission room to a router
         self.stats = ServingStats()
-        self.admission = Admission()  # what this replica takes in: serve/admission.py
+        self.admission = Admission(served=self.batcher.served)  # what this replica takes in: serve/admission.py
         self.tuning: Tuning | None = None
         self._tunings, self._tuning_wall_s = 0, 0.0
         self._wait: WaitController | None = None  # the wait as served batches show it; new with each tuning
         self._oom_cap: int | None = None  # the max batch an out-of-memory while serving taught
         self.settings: BatchSettings | None = None
-        self._serving: dict = {}  # what GET /tuning shows of the settings as last applied
+        self.report: ServingReport | None = None  # what GET /tuning shows of the settings as last applied
         self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n),
                                   budget_s=builder.warm_sizes_budget_s, on_error=lambda: self.meter.cleanup())
         self.warm_up = WarmUpSchedule(self._warmer, self.locks, self._executor,
@@ -155,7 +146,7 @@ class Replica:
         self.startup.phase("model_load")
         # Two device batches in flight where the stages overlap (the second prepares while the first
         # computes), else one: a batch is formed, and its deadlines checked, when it can run.
-        self.device_queue.set_slots(2 if self._runner.overlaps else 1)
+        self.batcher.set_slots(2 if self._runner.overlaps else 1)
         log.info("autobatch: %s: %s", self.model_name,
                  "batches overlap: the next one is prepared (copied, decoded) while this one computes"
                  if self._runner.overlaps else "one batch at a time (predict whole)")
@@ -231,18 +222,14 @@ class Replica:
         s = effective_settings(self.tuning, self.config.pins, self._oom_cap, limit,
                                self._wait.learnt if self._wait else None)
         if self.llm is not None:  # the scheduler batches per step: each request goes on alone, at once
-            s = BatchSettings(1, 0.0, (*s.reasons, "continuous batching: @serve.batch passes each request on "
-                                                    "alone; the scheduler forms the batch at every step"))
-        self._knobs.set_max_batch_size(s.size)
-        self.device_queue.set_max_batch_size(s.size)
-        self._knobs.set_batch_wait_timeout_s(s.wait_s)
+            s = BatchSettings(1, 0.0, (*s.reasons, "continuous batching: each request goes to the scheduler "
+                                                    "at once; it forms the batch at every step"))
+        self.batcher.set_max_batch_size(s.size)
+        self.batcher.set_batch_wait_timeout_s(s.wait_s)
         self.settings = s
-        self._serving = {"max_batch_size": s.size, "batch_wait_timeout_s": s.wait_s,
-                         "pinned_batch_size": self.config.pins.batch_size, "oom_cap": self._oom_cap,
-                         "max_ongoing_requests": limit, "notes": list(s.reasons),
-                         "overlap": self._runner.overlaps,
-                         "tuned_batch_wait_timeout_s": float(self.tuning.batch_wait_timeout_s),
-                         "faults": self.config.faults.describe()}
+        self.report = ServingReport(s.size, s.wait_s, self.config.pins.batch_size, self._oom_cap, limit, s.reasons,
+                                    self._runner.overlaps, float(self.tuning.batch_wait_timeout_s),
+                                    self.config.faults.describe())
         self.metrics.batch_settings(s.size, s.wait_s)
         if self.llm is None:  # the continuous scheduler admits by KV blocks instead (serve/llm.py)
             self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
@@ -274,40 +261,49 @@ class Replica:
 
     # ----- warm-up -----
     # ----- serving -----
-    async def enqueue(self, items: list[Item]) -> list[Outcome]:
-        """One batch @serve.batch formed: its samples wait for the device with the others (device_queue.py),
-        or, scheduled continuously, each goes to the scheduler and is answered when its own tokens are done."""
+    async def submit(self, entry: Entry) -> list[Outcome]:
+        """One request: its samples wait for the device as one entry (batcher.py) and its outcomes come
+        back in order, or, scheduled continuously, each goes to the scheduler and is answered when its
+        own tokens are done."""
         if self.llm is not None:
-            outcomes = list(await asyncio.gather(*(llm_outcome(self.llm, item) for item in items)))
+            outcomes = list(await asyncio.gather(*(llm_outcome(self.llm, sample, entry) for sample in entry.samples)))
             served = sum(o.ok for o in outcomes)
             self.stats.samples_served += served
             self.metrics.inc("autobatch_samples_served", served)
             return outcomes
-        return await self.device_queue.put(items)
+        return await self.batcher.submit(entry)
 
-    async def run_batch(self, items: list[Item]) -> list[Outcome]:
-        """One batch the device queue formed: run it, count it, and let the wait learn from it."""
-        n = len(items)
+    async def run_batch(self, batch: Batch) -> list[Outcome]:
+        """One batch the batcher formed: run it, count it, and let the wait learn from it."""
+        n = len(batch)
+        formed_s = time.perf_counter()
         self.metrics.observe("autobatch_device_batch_size", n)
-        self.metrics.set("autobatch_samples_waiting", self.device_queue.waiting_samples)
+        self.metrics.observe("autobatch_batch_wait_seconds", formed_s - batch.slices[0].entry.arrived_s)
+        self.metrics.set("autobatch_samples_waiting", self.batcher.waiting_samples)
         self._warmer.mark_warm([n])
         self.stats.batch_formed(n)
         ran: dict = {}
 
-        async def run_live(live: list[Item]) -> list[Outcome]:
-            result = await self._runner.run_timed(live)
+        async def run_live(live: list) -> list:
+            """Per slice, its samples' outcomes."""
+            live_batch = Batch(live)
+            result = await self._runner.run_timed(live_batch)
             if result.period_s is not None:
-                self.admission.record_batch(len(live), result.period_s)  # what each batch adds at steady state
+                self.batcher.served.record(len(live_batch), result.period_s)  # what each batch adds at steady state
                 ran.update(started_s=result.started_s, latency_s=result.latency_s)
-            return result.outcomes
+            out, at = [], 0
+            for s in live:
+                out.append(result.outcomes[at:at + s.n])
+                at += s.n
+            return out
 
-        outcomes = await run_unexpired(items, run_live, time.perf_counter(), self._expired)
+        per_slice = await run_unexpired(batch.slices, run_live, formed_s, lambda s: [self._expired(s.entry)] * s.n)
+        outcomes = [o for group in per_slice for o in group]
         served = sum(o.ok for o in outcomes)
         # Only batches that ran whole say how long a batch takes; an injected fault's retries do not.
-        if self._wait is not None and ran and served == n and not any(item.poisoned for item in items):
-            # A tensor request's samples skipped @serve.batch's wait: how they arrived says nothing about it.
-            through_wait = not any(item.direct for item in items)
-            if self._wait.record([item.arrived_s for item in items] if through_wait else [], ran["started_s"],
+        if self._wait is not None and ran and served == n and not any(s.poisoned for s in batch):
+            # A request that brings its own batch did not wait: how it arrived says nothing about the wait.
+            if self._wait.record(batch.arrivals(), ran["started_s"],
                                  ran["latency_s"], self.settings.size, self.settings.wait_s, batch_size=n):
                 log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
                          self._wait.reason)
@@ -319,10 +315,10 @@ class Replica:
         self._update_memory_gauge()
         return outcomes
 
-    def _expired(self, item: Item) -> Outcome:
-        """An item whose client deadline passed while it queued: answered without computing it."""
+    def _expired(self, entry: Entry) -> Outcome:
+        """A request whose client deadline passed while it queued: answered without computing it."""
         self.count_shed("expired")
-        return Outcome.error(504, expired_message(time.perf_counter() - item.arrived_s))
+        return Outcome.error(504, expired_message(time.perf_counter() - entry.arrived_s))
 
     def count_shed(self, reason: str) -> None:
         self.stats.shed[reason] += 1
@@ -344,7 +340,7 @@ class Replica:
     def autoscaling_targets(self) -> AutoscalingTargets | None:
         if self.llm is not None and self.settings is not None:  # admits by KV blocks (serve/llm.py): no bound_s
             return continuous_targets(self.llm.scheduler.plan.max_sequences, self.spec.kv_queue_factor)
-        return targets_now(self.settings, self.device_queue, self.admission)
+        return targets_now(self.settings, self.batcher, self.admission)
 
     def autoscaling_stats(self) -> dict:  # the continuous scheduler's requests bypass the batch admission
         pending = self.llm.scheduler.snapshot()["in_flight"] if self.llm is not None else self.admission.pending_samples
@@ -373,7 +369,7 @@ class Replica:
             "usage": f"{self.spec.usage} POST it to this route; GET <route>/tuning for the tuning in use.",
             "inputs": [t.metadata() for t in self.spec.inputs()],
             "outputs": [t.metadata() for t in self.spec.outputs()],
-            "max_batch_size": self._serving["max_batch_size"],
+            "max_batch_size": self.report.max_batch_size,
         }
 
     def tuning_report(self) -> dict:
@@ -386,10 +382,10 @@ class Replica:
                         "single_flight": self._flights is not None, "allocator_cap_fraction": self._allocator_cap,
                         "decode_threads": self.decode_threads, "gpu_ids": self.gpu_ids},
             # the ratio as of now; the wait moves only when the controller checks (optimizer/wait.py)
-            "serving": {**self._serving,
+            "serving": {**self.report.to_dict(),
                         "served_vs_tuned_latency": wait.ratio if wait else None,
                         "served_batches_compared": wait.batches if wait else 0,
-                        "device_queue": self.device_queue.describe(),
+                        "device_queue": self.batcher.describe(),
                         "admission": self.admission.describe(),
                         "autoscaling": replica_report(self.autoscaling_targets(), self._autoscaling(),
                                                       self._max_ongoing())},

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from wire import PayloadError
 
 from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
-from .batch_runner import Item, Outcome
+from .batch_runner import Outcome
+from .batcher import Entry
 from . import costs
 from .costs import decoded_sample_bytes
 from .replica import Replica
@@ -49,11 +50,10 @@ def _declared_length(headers: Mapping[str, str]) -> int:
 
 
 class HttpRoutes:
-    """`infer(item)` is the deployment's @serve.batch method: it answers one item as part of a batch."""
+    """A POST is one request of one sample: one entry of the replica's batcher (`Replica.submit`)."""
 
-    def __init__(self, replica: Replica, infer: Callable[[Item], Awaitable[Outcome]]):
+    def __init__(self, replica: Replica):
         self._replica = replica
-        self._infer = infer
         self.decoded_bytes_per_sample = decoded_sample_bytes(replica.spec, replica.model_name)
 
     def _reply_error(self, status: int, message: str) -> JSONResponse:
@@ -119,9 +119,9 @@ class HttpRoutes:
             log.exception("autobatch: %s decode raised outside PayloadError", replica.model_name)
             return self._reply_error(422, f"the payload could not be decoded ({type(exc).__name__}: {exc}); "
                                           f"check it is what GET / describes")
-        item = Item(sample, poisoned=replica.config.faults.is_poisoned(headers), deadline_at=ticket.deadline_at)
+        entry = Entry([sample], poisoned=replica.config.faults.is_poisoned(headers), deadline_at=ticket.deadline_at)
         try:
-            outcome: Outcome = await self._infer(item)
+            outcome: Outcome = (await replica.submit(entry))[0]
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
             log.exception("autobatch: batch handler failed")
             return self._reply_error(500, f"internal error while serving ({type(exc).__name__}: {exc})")

@@ -1,4 +1,4 @@
-"""What a replica runs under, and the batch settings it hands to @serve.batch. Ray-free.
+"""What a replica runs under, and the batch settings it hands to its batcher (serve/batcher.py). Ray-free.
 
 `ReplicaSettings` declares, once, every setting the app builder hands a replica: the builder's
 arguments (serve/app.py's AppArgs is ReplicaSettings plus where the replicas go) and the
@@ -171,7 +171,7 @@ class ReplicaConfig(ReplicaSettings):
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """What @serve.batch is given: a max batch size and a wait, and why they differ from the tuning."""
+    """What the batcher is given: a max batch size and a wait, and why they differ from the tuning."""
 
     size: int
     wait_s: float

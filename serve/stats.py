@@ -6,7 +6,26 @@ replica's own exact record, which the tests and the benchmarks read per replica.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ServingReport:
+    """The batch settings a replica applied last, and why: GET /tuning's `serving` (less what the
+    replica adds as of the moment: the batcher, the admission, the autoscaling)."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    pinned_batch_size: int | None
+    oom_cap: int | None  # the max batch an out-of-memory while serving taught
+    max_ongoing_requests: int | None
+    notes: tuple[str, ...]  # why the size or wait differ from the tuning's (serve/settings.py)
+    overlap: bool
+    tuned_batch_wait_timeout_s: float
+    faults: dict | None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "notes": list(self.notes)}
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """A replica's side of the Open Inference Protocol: what the OIP router (serve/oip/router.py) calls
 by DeploymentHandle. The router parsed the wire and checked the tensors against the declared ones;
-here a request of N samples becomes N items put on the replica's device queue together
-(serve/device_queue.py), so batches form by sample (a request larger than a batch spreads over
-several; the served latency and the stats count samples), and the N answers come back in order.
-They skip @serve.batch: its wait gathers one-sample requests, and a request of many brings its own
-batch (the device queue still merges requests that arrive while the device computes).
+here a request of N samples becomes one entry of the replica's batcher (serve/batcher.py), counted
+by its N samples, so batches form by sample (a request larger than a batch spreads over several;
+the served latency and the stats count samples), and the N answers come back in order. It is not
+held for the batch wait (which gathers one-sample requests): a request of many brings its own batch,
+and the batcher still merges requests that arrive while the device computes.
 
 A request fails whole, with the first failing element's index and its own status: decoding runs
 first and nothing is queued when an element cannot be decoded; an element that fails in its batch
@@ -25,7 +25,8 @@ from wire.request import InferFailure, InferRequest, InferResponse
 from wire.tensors import NUMPY_DTYPES, Tensor
 
 from .admission import Refused
-from .batch_runner import Item, Outcome
+from .batch_runner import Outcome
+from .batcher import Entry
 from . import costs
 from .costs import decoded_sample_bytes
 from .replica import Replica
@@ -53,7 +54,7 @@ def timeout_parameter_s(parameters: dict) -> float | None:
     return float(value) / 1e6
 
 class TensorRoutes:
-    """A tensor request's samples go to the replica's device queue together (`Replica.enqueue`)."""
+    """A tensor request's samples go to the replica's batcher as one entry (`Replica.submit`)."""
 
     def __init__(self, replica: Replica, decoded_bytes_per_sample: int | None = None):
         self._replica = replica
@@ -130,12 +131,9 @@ class TensorRoutes:
             if isinstance(sample, PayloadError):
                 return self._fail(sample, index)
         try:
-            # Straight onto the device queue, all n at once: a request of many samples brings its own
-            # batch, so @serve.batch's wait (which gathers one-sample requests) has nothing to add, and
-            # n samples cost one put, not n trips through Ray's queue (serve/device_queue.py). The queue
-            # merges concurrent requests, splits one larger than the max batch and keeps the order.
-            items = [Item(sample, keep_value=True, deadline_at=deadline_at, direct=True) for sample in samples]
-            outcomes = await replica.enqueue(items)
+            # One entry of n samples, not held for the wait: a request of many brings its own batch. The
+            # batcher merges concurrent requests, splits one larger than the max batch and keeps the order.
+            outcomes = await replica.submit(Entry(samples, keep_value=True, deadline_at=deadline_at, waits=False))
         except Exception as exc:  # noqa: BLE001 - only a bug in the batching itself gets here
             log.exception("autobatch: batch handler failed")
             return self._fail(PayloadError(f"internal error while serving ({type(exc).__name__}: {exc})", 500))

@@ -2,7 +2,7 @@
 
 The first time a process runs a batch size it pays that shape's set-up (kernel selection, memory
 growth), on a GPU many times a warm run of the same size (benchmarks/new_shape_cost.py measures it;
-docs/benchmarks-gpu.md). Tuning runs a handful of sizes; @serve.batch then forms any size from 1 to
+docs/benchmarks-gpu.md). Tuning runs a handful of sizes; the batcher then forms any size from 1 to
 max_batch_size as traffic allows, and each size met for the first time is a stall that its batch,
 and every request queued behind it, waits out. Warming the rest up front moves that cost into
 start-up, where no request pays it.

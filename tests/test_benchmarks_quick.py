@@ -168,3 +168,13 @@ def test_device_queue_quick(tmp_path):
     assert row["tree"] == "after" and row["clients"] == 6 and row["errors"] == 0 and row["requests_per_s"] > 0
     assert row["device_batches"] > 0 and 1 <= row["mean_batch"] <= row["largest_batch"] <= 8
     assert row["coalesced_batches"] is not None  # this tree's replica reports its device queue
+
+
+def test_host_cost_quick(tmp_path):
+    """benchmarks/host_cost.py runs a replica in-process (no Ray) and prints host CPU per sample."""
+    out = tmp_path / "host_cost.json"
+    stdout = run_script("host_cost.py", "--quick", "--out", str(out))
+    assert "| stand-in | samples/request |" in stdout and f"wrote {out}" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stand_in"], r["samples_per_request"]) for r in rows] == [("number", 1), ("number", 32)]
+    assert all(r["us_per_sample"] > 0 and r["requests"] >= 8 for r in rows)

@@ -1,12 +1,13 @@
-"""The device queue (serve/device_queue.py): a device batch is formed when a slot frees, from every
-batch @serve.batch closed meanwhile, oldest first, never over the max batch size."""
+"""The batcher (serve/batcher.py) as a device queue: a device batch is formed when a slot frees, from
+every request that waited meanwhile, oldest first, never over the max batch size. (Its requests of
+one sample and the wait: tests/test_batcher.py.)"""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 
-from serve.device_queue import DeviceQueue
+from serve.batcher import Batcher, Entry
 
 
 class Device:
@@ -19,7 +20,8 @@ class Device:
         self.most_running = 0
         self.fail_on = set()
 
-    async def run(self, items):
+    async def run(self, batch):
+        items = batch.samples()
         self.batches.append(list(items))
         gate = asyncio.Event()
         self.release.append(gate)
@@ -41,6 +43,14 @@ async def settle():
 
 def run(coro):
     return asyncio.run(coro)
+
+
+class DeviceQueue(Batcher):
+    """The batcher with no wait, fed requests as the device queue was fed @serve.batch's batches:
+    `put(samples)` is one request of those samples."""
+
+    def put(self, samples):
+        return self.submit(Entry(list(samples)))
 
 
 def test_what_arrives_while_the_device_is_busy_forms_one_batch_when_it_frees():

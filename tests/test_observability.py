@@ -334,7 +334,7 @@ def test_panels_name_only_metrics_that_are_exported(observed):
     for text in (observed["metrics_after_requests"], observed["cluster"].metrics_text()):
         for family in text_string_to_metric_families(text):
             exported |= {sample.name for sample in family.samples}  # with _total, _bucket, _sum, _count
-    assert "ray_serve_actual_batch_size_bucket" in exported and "ray_autobatch_samples_served_total" in exported
+    assert "ray_autobatch_device_batch_size_bucket" in exported and "ray_autobatch_samples_served_total" in exported
 
     used, unknown = {}, []
     for item in queries():
@@ -345,10 +345,9 @@ def test_panels_name_only_metrics_that_are_exported(observed):
             if name not in exported:
                 unknown.append(f"{name} (panel {item['panel']!r} [{item['refId']}])")
     assert not unknown, "panels name metrics that nothing exports:\n" + "\n".join(sorted(set(unknown)))
-    # the parser really reads the expressions: Ray's batch histogram and autobatch's gauges are there
-    assert {"ray_autobatch_device_batch_size_bucket", "ray_serve_actual_batch_size_bucket",
-            "ray_autobatch_tuned_batch_size", "ray_serve_batch_queue_length",
-            "ray_autobatch_samples_waiting"} <= set(used)
+    # the parser really reads the expressions: the batcher's histograms and autobatch's gauges are there
+    assert {"ray_autobatch_device_batch_size_bucket", "ray_autobatch_batch_wait_seconds_bucket",
+            "ray_autobatch_tuned_batch_size", "ray_autobatch_samples_waiting"} <= set(used)
 
 
 def test_the_parser_finds_names_where_a_regex_would_not():

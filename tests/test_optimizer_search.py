@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from optimizer.simulated import SimulatedDevice
 from optimizer.search import BatchOneDoesNotFit, Prober, find_max_safe_batch, fit_affine, jitter_bytes, memory_fit_of
 from optimizer.probe import ProbeResult
-from optimizer.select import MAX_KNEE_PROBES, batch_wait_timeout_s, next_knee_probe, select_serve_batch
+from optimizer.select import MAX_KNEE_PROBES, next_knee_probe, select_serve_batch
+from optimizer.wait import batch_wait_timeout_s
 from optimizer.tune import TuningSettings, autobatch, tune_on
 from optimizer.trust import check_tuning
 from optimizer.tuning import Tuning

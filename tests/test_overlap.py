@@ -22,7 +22,8 @@ from deployments.registry import create_spec
 from optimizer.devices import make_meter
 from optimizer.model import ExampleBatches
 from optimizer.probe import OOM, BatchTiming, probe
-from serve.batch_runner import BatchRunner, DeviceLocks, Item
+from serve.batch_runner import BatchRunner, DeviceLocks
+from serve.batcher import Batch
 
 STAGE_S = 0.05
 
@@ -158,7 +159,7 @@ def test_the_runner_prepares_the_next_batch_while_this_one_computes():
     assert runner.overlaps
 
     async def two_batches():
-        return await asyncio.gather(runner.run_timed([Item(0), Item(1)]), runner.run_timed([Item(2), Item("bad"), Item(3)]))
+        return await asyncio.gather(runner.run_timed(Batch.of([0, 1])), runner.run_timed(Batch.of([2, "bad", 3])))
 
     first, second = asyncio.run(two_batches())
     assert [o.status for o in first.outcomes] == [200, 200]
@@ -177,7 +178,7 @@ def test_without_its_own_prepare_thread_a_runner_runs_batches_whole_and_in_turn(
     assert not runner.overlaps
 
     async def two_batches():
-        return await asyncio.gather(runner.run_timed([Item(0)]), runner.run_timed([Item(1)]))
+        return await asyncio.gather(runner.run_timed(Batch.of([0])), runner.run_timed(Batch.of([1])))
 
     first, second = asyncio.run(two_batches())
     assert first.latency_s == first.period_s
@@ -189,7 +190,7 @@ def test_an_oom_in_an_overlapped_batch_splits_it_and_every_sample_is_answered():
     ooms = []
     runner = runner_for(model)
     runner._on_oom = lambda n, message: ooms.append(n)
-    outcomes = asyncio.run(runner.run([Item(i) for i in range(4)]))
+    outcomes = asyncio.run(runner.run(Batch.of(list(range(4)))))
     assert [o.status for o in outcomes] == [200] * 4 and ooms == [4]
 
 

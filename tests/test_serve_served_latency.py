@@ -113,7 +113,7 @@ def test_arrivals_that_fill_the_window_or_batches_held_by_a_busy_device_keep_the
     split = [BatchObservation(0.0, 0.9, 0.001)] * 6 + [BatchObservation(0.0, 0.0, 0.001)] * 4  # closed at 1 ms, then waited 0.9 s for the device
     wait_s, why = wait_from_arrivals(1.2, split)
     assert wait_s == 1.2 and "busy device" in why
-    # 4 clients out of step: batches of one closed at 61 ms, run 200 ms later. The device queue merged
+    # 4 clients out of step: batches of one closed at 61 ms, run 200 ms later. The batcher merged
     # what sat, so the wait stays the rule's rather than growing to the 261 ms they sat
     convoy = [BatchObservation(0.0, 0.200, 0.061)] * 10
     assert wait_from_arrivals(0.061, convoy)[0] == pytest.approx(0.061)
@@ -193,8 +193,8 @@ def test_a_config_changes_the_schedule_and_the_reading_of_arrivals():
 
 
 def test_a_batch_that_skipped_the_wait_counts_its_time_but_not_its_arrivals():
-    """A tensor request's samples go to the device queue directly: their batch's time scales the
-    rule like any other, but when they arrived says nothing about @serve.batch's wait."""
+    """A tensor request is not held for the wait (it brings its own batch): its batch's time scales the
+    rule like any other, but when it arrived says nothing about the wait."""
     wait = WaitController(llama_tuning())
     for i in range(20):
         wait.record([], started_s=float(i), elapsed_s=0.2, max_batch_size=9, wait_s=wait.current_s, batch_size=4)
