@@ -20,7 +20,7 @@ import sys
 
 import bench_common  # noqa: F401  (puts the repo on sys.path)
 
-from optimizer.devices import SimulatedDevice
+from optimizer.simulated import SimulatedDevice
 from optimizer.search import Prober, find_max_safe_batch
 from optimizer.select import next_knee_probe, select_serve_batch
 
