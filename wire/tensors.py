@@ -226,3 +226,27 @@ def to_json(datatype: str, array: np.ndarray) -> list:
     if datatype in ("FP16", "FP32", "FP64"):
         return [float(x) for x in flat.astype(np.float64)]
     return flat.tolist()
+
+
+def http_tensor_entries(tensors, binary) -> tuple[list[dict], list[bytes]]:
+    """Tensors as v2 HTTP/REST JSON entries, and the binary blobs that follow the JSON for those
+    `binary(name)` says travel as binary data: one encoding for a client's inputs and a server's outputs."""
+    entries, blobs = [], []
+    for tensor in tensors:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if binary(tensor.name):
+            blob = to_binary(tensor.datatype, tensor.data)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = to_json(tensor.datatype, tensor.data)
+        entries.append(entry)
+    return entries, blobs
+
+
+def http_body(header: bytes, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """A v2 HTTP body and its headers: JSON alone, or JSON + blobs with Inference-Header-Content-Length."""
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {"content-type": "application/octet-stream",
+                                      "inference-header-content-length": str(len(header))}

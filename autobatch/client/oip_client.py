@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wire.request import InferRequest, InferResponse, RequestedOutput
-from wire.tensors import Tensor, from_binary, from_json, to_binary, to_json
+from wire.tensors import Tensor, from_binary, from_json, http_body, http_tensor_entries
 
 TRANSPORTS = ("http", "grpc")
 
@@ -69,27 +69,14 @@ def per_sample(response: InferResponse) -> list[dict]:
 
 def encode_http_request(request: InferRequest, binary_input: bool = True) -> tuple[bytes, dict[str, str]]:
     """The request body and headers a tritonclient would send (binary inputs after the JSON)."""
-    items, blobs = [], []
-    for tensor in request.inputs:
-        item = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if binary_input:
-            blob = to_binary(tensor.datatype, tensor.data)
-            item["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            item["data"] = to_json(tensor.datatype, tensor.data)
-        items.append(item)
+    items, blobs = http_tensor_entries(request.inputs, lambda name: binary_input)
     document: dict[str, Any] = {"inputs": items}
     if request.id:
         document["id"] = request.id
     if request.outputs:
         document["outputs"] = [{"name": o.name, **({"parameters": {"binary_data": o.binary}} if o.binary is not None else {})}
                                for o in request.outputs]
-    header = json.dumps(document).encode()
-    if not blobs:
-        return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {"content-type": "application/octet-stream",
-                                      "inference-header-content-length": str(len(header))}
+    return http_body(json.dumps(document).encode(), blobs)
 
 
 def decode_http_response(model: str, body: bytes, headers) -> InferResponse:

@@ -10,7 +10,7 @@ import numpy as np
 
 from wire import PayloadError
 from wire.request import InferRequest, InferResponse, RequestedOutput
-from wire.tensors import Tensor, check_datatype, check_shape, from_binary, from_json, to_binary, to_json
+from wire.tensors import Tensor, check_datatype, check_shape, from_binary, from_json, http_body, http_tensor_entries
 
 HEADER_LENGTH = "inference-header-content-length"
 # A request body over this is answered 413 before it is read whole; the router's default. Room for
@@ -189,17 +189,7 @@ def _parse_inputs(items: list, binary: memoryview | bytes) -> list[Tensor]:
 def encode_infer_response(response: InferResponse, request: InferRequest) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, or JSON + binary outputs (each output asked for as
     binary data, or all with binary_data_output) with Inference-Header-Content-Length."""
-    outputs_json = []
-    blobs = []
-    for tensor in response.outputs:
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if request.binary_output(tensor.name):
-            blob = to_binary(tensor.datatype, tensor.data)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = to_json(tensor.datatype, tensor.data)
-        outputs_json.append(entry)
+    outputs_json, blobs = http_tensor_entries(response.outputs, request.binary_output)
     document: dict[str, Any] = {"model_name": response.model_name}
     if response.model_version:
         document["model_version"] = response.model_version
@@ -208,11 +198,7 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> tup
     if response.parameters:
         document["parameters"] = response.parameters
     document["outputs"] = outputs_json
-    header = json.dumps(document, separators=(",", ":")).encode()
-    if not blobs:
-        return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {"content-type": "application/octet-stream",
-                                      "inference-header-content-length": str(len(header))}
+    return http_body(json.dumps(document, separators=(",", ":")).encode(), blobs)
 
 
 def error_body(message: str) -> bytes:
