@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="tuning cache file (default: a fresh temporary one)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--then", default=None, help="a shell command to run while the apps are up")
+    p.add_argument("--then-runs", nargs="+", default=["cold", "cached"], choices=["cold", "cached"],
+                   help="the runs after which --then runs (default both)")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                         pass
                     row["deployed_s"] = watch.deployed.get(model)
                     rows.append(row)
-                if args.then:
+                if args.then and run in args.then_runs:
                     say(f"running: {args.then}")
                     done = subprocess.run(args.then, shell=True, cwd=REPO, capture_output=True, text=True)
                     print(done.stdout + done.stderr, flush=True)

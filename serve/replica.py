@@ -83,7 +83,8 @@ class Replica:
         self._autoscaling = autoscaling
         self._autoscaling_logged: AutoscalingTargets | None = None
         self.gpu_ids: list = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
+        # the one thread every forward, tuning and warm-up runs in (serve/profiling.py captures in it too)
+        self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
         # the next batch's prepare, beside this one's forward, for a spec whose stages overlap
         self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-prepare")
         # Requests' decoding before batching (PIL on the CPU pipeline, PNG/WebP, the JPEG header check on
@@ -106,7 +107,7 @@ class Replica:
         self.report: ServingReport | None = None  # what GET /tuning shows of the settings as last applied
         self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n),
                                   budget_s=builder.warm_sizes_budget_s, on_error=lambda: self.meter.cleanup())
-        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self._executor,
+        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self.forward_executor,
                                       lambda: f"{self.model_name} on {self.device_label}")
         self._flights = None  # the cluster's single-flight hook, set at start
         self._allocator_cap: float | None = None  # the fraction of the card this replica's allocator may hold
@@ -124,9 +125,9 @@ class Replica:
         else:
             kind = resolve_device_kind(self.builder.device)  # raises with a clear message when cuda is absent
         loop = asyncio.get_running_loop()
-        imported = await loop.run_in_executor(self._executor, import_libraries, self.spec.library_packages)
+        imported = await loop.run_in_executor(self.forward_executor, import_libraries, self.spec.library_packages)
         self.startup.phase("libraries", imported)
-        self.meter = await loop.run_in_executor(self._executor, make_meter, kind, 0)
+        self.meter = await loop.run_in_executor(self.forward_executor, make_meter, kind, 0)
         self.startup.phase("device", kind)
         group = self.builder.tuning_group or os.environ.get(TUNING_GROUP_ENV)
         if group:  # nodes the fingerprint cannot tell apart, told apart: their own cache key, their own flight
@@ -135,14 +136,14 @@ class Replica:
         self._flights = cluster_single_flight() if self.builder.single_flight else None
         self.device_label = self.meter.fingerprint.label
         self.metrics = ReplicaMetrics(self.model_name, self.device_label)
-        self._runner = BatchRunner(self.spec, self.meter, self._executor, self.metrics, model_name=self.model_name,
+        self._runner = BatchRunner(self.spec, self.meter, self.forward_executor, self.metrics, model_name=self.model_name,
                                    before_predict=lambda items: self.config.faults.before_predict(items),
                                    on_oom=self._on_serving_oom, locks=self.locks,
                                    prepare_executor=self._prepare_executor)
         resolved = resolve(self.spec, self.config.tuning_settings(kind))
         log.info("autobatch: loading %s (%s) on %s as %s (Ray GPU ids: %s)", self.model_name,
                  self.spec.weights_description(), self.meter.torch_device, resolved.dtype, gpu_ids or "none")
-        await loop.run_in_executor(self._executor, self.spec.load, self.meter.torch_device, resolved.dtype)
+        await loop.run_in_executor(self.forward_executor, self.spec.load, self.meter.torch_device, resolved.dtype)
         self.startup.phase("model_load")
         # Two device batches in flight where the stages overlap (the second prepares while the first
         # computes), else one: a batch is formed, and its deadlines checked, when it can run.
@@ -167,19 +168,19 @@ class Replica:
                                      self.builder.gpu_share if self.builder.share_cap == "serve" else None)
         async with self.locks.exclusive():  # no batch runs while the model is measured
             if capped and self.builder.share_cap == "tune":
-                await loop.run_in_executor(self._executor, self._cap_allocator, settings)
+                await loop.run_in_executor(self.forward_executor, self._cap_allocator, settings)
             elif not exclusive:  # tuning beside the card's other replicas: none may take past its Ray share
-                await loop.run_in_executor(self._executor, self._cap_allocator, settings, self.builder.gpu_share)
+                await loop.run_in_executor(self.forward_executor, self._cap_allocator, settings, self.builder.gpu_share)
             started = time.perf_counter()
             tuning: Tuning = await loop.run_in_executor(
-                self._executor,
+                self.forward_executor,
                 lambda: paused(self.spec, lambda: autobatch(self.spec, settings, cache=self.cache, force=force,
                                                             meter=self.meter, loaded=True, say=log.info,
                                                             single_flight=self._flights, exclusive=exclusive)),
             )
             wall_s = time.perf_counter() - started
             if capped and self.builder.share_cap == "serve":
-                await loop.run_in_executor(self._executor, self._cap_allocator, settings)
+                await loop.run_in_executor(self.forward_executor, self._cap_allocator, settings)
         self._tunings += 1
         self._tuning_wall_s = wall_s
         self._oom_cap = None  # a fresh measurement replaces what serving OOMs taught
@@ -213,7 +214,7 @@ class Replica:
             return
         async with self.locks.exclusive():
             await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: spec.start_scheduler(sequences, tuning.latency_budget_s, say=log.info,
+                self.forward_executor, lambda: spec.start_scheduler(sequences, tuning.latency_budget_s, say=log.info,
                                                              sequences_why=why))
         self.llm = LlmServing(spec, self.metrics, self.count_shed)
 

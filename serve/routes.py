@@ -2,6 +2,8 @@
 
   GET  /        what the route serves (Replica.describe)
   GET  /tuning  the tuning in use and what the batches did (Replica.tuning_report)
+  POST /profile a torch.profiler capture of the replica serving, or of its tuning probe
+                (serve/profiling.py; only where the app's profile_dir or $AUTOBATCH_PROFILE_DIR is set)
   POST /        one payload: decoded in a thread (a bad payload is answered 4xx here and never
                 reaches a batch), then batched, then answered with its own status
 
@@ -21,7 +23,7 @@ from wire import PayloadError
 from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
 from .batch_runner import Outcome
 from .batcher import Entry
-from . import costs
+from . import costs, profiling
 from .costs import decoded_sample_bytes
 from .replica import Replica
 
@@ -76,6 +78,8 @@ class HttpRoutes:
             return error_response(404, f"no such path {path!r}; use POST / for predictions, GET /tuning for the tuning in use")
         if method != "POST":
             return error_response(405, f"method {method} is not served; use POST / with the payload, or GET /tuning")
+        if path == "/profile":
+            return await self._profile(read_body)
         if path != "/":
             return error_response(404, f"no such path {path!r}; POST the payload to the route itself")
         # Admitted before the body is read: a refused request costs no transfer of its body from the proxy.
@@ -92,6 +96,22 @@ class HttpRoutes:
                 return await self._decode_and_infer(headers, body, ticket)
         finally:  # answered, refused in decoding or cancelled: its buffers go back to the OS
             costs.released(len(body) + ticket.decoded_bytes)
+
+    async def _profile(self, read_body: Callable[[], Awaitable[bytes]]) -> JSONResponse:
+        replica = self._replica
+        directory = profiling.profile_dir(replica.builder.profile_dir)
+        if directory is None:
+            return error_response(404, f"profiling is off; give the app profile_dir: <folder>, or start the replicas with "
+                                       f"{profiling.PROFILE_DIR_ENV}=<folder>, to capture torch.profiler traces there")
+        try:
+            asked = profiling.parse_request(await read_body(), replica.settings.size)
+        except profiling.ProfileRequestError as exc:
+            return error_response(400, str(exc))
+        try:
+            return JSONResponse(await profiling.capture_replica(replica, asked, directory))
+        except Exception as exc:  # noqa: BLE001 - a failed capture must not take the replica down
+            log.exception("autobatch: %s: the profile capture failed", replica.model_name)
+            return error_response(500, f"the profile capture failed ({type(exc).__name__}: {exc})")
 
     def admit(self, headers: Mapping[str, str], body_bytes: int, samples: int = 1) -> Ticket | Response:
         """A ticket for this request (serve/admission.py), or the answer that refuses it."""

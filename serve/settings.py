@@ -61,6 +61,8 @@ class ReplicaSettings(BaseModel):
                                      "apart (same GPU model, other host) tune and cache apart; default $AUTOBATCH_TUNING_GROUP")
     single_flight: bool = Field(True, description="replicas of one GPU type across the cluster tune once: one measures, "
                                 "the others wait for its answer (serve/single_flight.py)")
+    profile_dir: str | None = Field(None, description="a folder for POST <route>/profile's torch.profiler traces "
+                                    "(serve/profiling.py); default $AUTOBATCH_PROFILE_DIR; unset: the route is off")
     share_cap: Literal["serve", "tune", "off"] = Field("serve", description="a replica with a share of a GPU caps its "
                                                        "allocator at its budget: after tuning (serve), before it (tune), or not (off)")
 

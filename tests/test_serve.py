@@ -4,6 +4,7 @@ probe) so the module runs in about two minutes on 2 cores."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -27,6 +28,8 @@ def r50_app(name: str, route: str, cache_path: str, user_config: dict | None = N
             # These apps share one tuning key: without this, the cluster's single-flight coordinator
             # would hand a later app the answer it published, where these tests are about the cache file.
             "single_flight": False,
+            # POST <route>/profile on (serve/profiling.py), its traces beside the cache
+            "profile_dir": os.path.join(os.path.dirname(cache_path), "traces"),
         },
     }
     if user_config is not None:
@@ -304,3 +307,30 @@ def test_another_device_fingerprint_in_the_cache_means_a_new_tuning(cluster, tmp
     assert set(entries) == {foreign_key, t["key"]}  # the other device's entry is kept, ours added
     assert cluster.post("/r50-other", image_bytes("JPEG")).status_code == 200
 
+
+
+def test_a_profile_capture_of_serving_and_of_the_probe_writes_a_trace_and_summarises_it(cluster):
+    """POST <route>/profile: the next second of serving, captured while requests are served, then the
+    tuner's own measurement of the served batch; each a gzipped Chrome trace and a summary."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        n = MAX_BATCH + 2  # within Ray's proxy queue (max_queued_requests), which would refuse the profile itself
+        load = pool.submit(cluster.post_concurrently, ROUTE,
+                           [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)], retries_on_503=3)
+        time.sleep(0.2)
+        serving = cluster.http.post(ROUTE + "/profile", json={"seconds": 1.5, "what": "serving"})
+        assert [r.status_code for r in load.result()] == [200] * n
+    assert serving.status_code == 200, serving.text
+    s = serving.json()
+    assert s["what"] == "serving" and os.path.exists(s["trace"]) and s["trace"].endswith(".json.gz")
+    assert s["summary"]["gpu"] is None  # this CPU
+    assert s["summary"]["window_s"] >= 1.5 and s["summary"]["gil_wait_1ms_ticker"]["ticks"] > 0
+    probe = cluster.http.post(ROUTE + "/profile", json={"seconds": 1, "what": "probe", "batch_size": 2})
+    assert probe.status_code == 200, probe.text
+    p = probe.json()
+    assert p["batch_size"] == 2 and p["per_batch"]["batches"] >= 1 and p["per_batch"]["mean_batch"] == 2
+    assert any(op.startswith("aten::") for op in p["summary"]["top_cpu_ops_ms"])  # the forward thread's operators
+    bad = cluster.http.post(ROUTE + "/profile", json={"what": "train"})
+    assert bad.status_code == 400 and '"what" is' in bad.json()["error"]
+    assert cluster.http.post(ROUTE, content=image_bytes("JPEG"), headers={"content-type": "image/jpeg"}).status_code == 200

@@ -266,7 +266,8 @@ class OipRouter:
             return _json(exc.status, {"error": exc.message})
         subpath = "/" + (parts[1] if len(parts) > 1 else "")
         shedder = self.shedder[parts[0]]
-        samples = 1 if request.method == "POST" else 0  # GET /<model>/tuning is never shed
+        # GET /<model>/tuning and a profile capture are never shed: they are how an overload is looked at
+        samples = 1 if request.method == "POST" and subpath != "/profile" else 0
         body = b""
         try:
             if samples:

