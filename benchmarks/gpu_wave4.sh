@@ -10,6 +10,9 @@
 #           (benchmarks/llama_fast_tuning.py --order fast,check: < 30 s, within 5%)
 #   search  the vision models' search against a brute-force scan at 1/2/4 GiB
 #           (benchmarks/tune_vs_bruteforce.py: <= 6 probes, never over the scan's largest)
+#   replicas ResNet-50 alone with 1, 2 and 4 replicas on the card (benchmarks/gpu_serving.sh through
+#           HAProxy: one JPEG per request at $REPLICA_SIMPLE_LEVELS clients, 32 per request at
+#           $REPLICA_V2_LEVELS): issue 20 item 3, whether more processes per card serve more
 # $OUT gets at most 8 files back: each stage's results are packed into $OUT/<stage>.tgz, with its log
 # beside it, as soon as the stage ends (a call cut off keeps what finished).
 #
@@ -54,7 +57,7 @@ for stage in ${STAGES:-serve}; do
 --duration ${DURATION:-8} --out $work/serve/served.json > $work/serve/served.log 2>&1; \
 $py benchmarks/profile_serving.py --route ${PROFILE_ROUTE:-resnet50} --samples-per-request ${SAMPLES:-32} \
 --concurrency ${PROFILE_CLIENTS:-16} --out $work/serve/profile.json > $work/serve/profile.log 2>&1"
-    timeout "${SERVE_TIMEOUT:-560}" $py benchmarks/startup.py --config "${SERVE_CONFIG:-serve_config.yaml}" \
+    timeout "${SERVE_TIMEOUT:-520}" $py benchmarks/startup.py --config "${SERVE_CONFIG:-serve_config.yaml}" \
       --runs cold cached --then "$then" --then-runs cached --timeout-s "${STARTUP_APP_TIMEOUT:-170}" \
       --out "$work/serve/startup.json" > "$OUT/serve.log" 2>&1
     echo "rc $?"
@@ -82,6 +85,17 @@ $py benchmarks/profile_serving.py --route ${PROFILE_ROUTE:-resnet50} --samples-p
       echo "rc $? $m" | tee -a "$OUT/search.log"; tail -8 "$work/search/search-$m.log" | tee -a "$OUT/search.log"
       pack search >/dev/null
     done
+    ;;
+  replicas)
+    echo "=== replicas: ResNet-50 alone, 1/2/4 replicas per card"
+    for r in ${REPLICA_COUNTS:-1 2 4}; do
+      OUT="$work/replicas" MODELS=resnet50 REPLICAS=$r INGRESSES=haproxy DURATION="${DURATION:-8}" V2_GRPC=0 \
+        SIMPLE_LEVELS="${REPLICA_SIMPLE_LEVELS:-64 256}" V2_LEVELS="${REPLICA_V2_LEVELS:-64}" PROCESSES=8 \
+        timeout "${REPLICA_TIMEOUT:-170}" bash benchmarks/gpu_serving.sh >> "$OUT/replicas.log" 2>&1
+      echo "rc $? replicas $r" | tee -a "$OUT/replicas.log"
+      stop_everything; pack replicas >/dev/null
+    done
+    grep -E "^==|^-- |images/s|req/s|samples/s" "$OUT/replicas.log" | tail -40
     ;;
   *) echo "unknown stage $stage" ;;
   esac
