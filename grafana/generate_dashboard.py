@@ -128,7 +128,8 @@ def serving_panels() -> list:
            "served / batches the device ran; formed p95 from ray_autobatch_device_batch_size (interpolated "
            "within power-of-two buckets). Tuned = the size the tuning selected; max safe = "
            "the largest size that fit memory and the latency budget; in effect = the batcher's max_batch_size "
-           "now (pinned by reconfigure or lowered after an OOM while serving).", "none",
+           "now (pinned by reconfigure, lowered after an OOM while serving, or re-decided when served batches "
+           "run slower than tuned: ray_autobatch_served_vs_tuned_latency).", "none",
            (MEAN_BATCH, "{{model}} formed (mean)"),
            (DEVICE_BATCH_P95, "{{model}} formed p95"),
            (f"max by (model) ({ab('autobatch_tuned_batch_size')}{{{M}}})", "{{model}} tuned"),
@@ -197,6 +198,7 @@ def tuning_panels() -> list:
         ("autobatch_tuned_max_safe_batch", "max safe"),
         ("autobatch_max_batch_size", "in effect"),
         ("autobatch_batch_wait_timeout_seconds", "wait timeout s"),
+        ("autobatch_served_vs_tuned_latency", "served / tuned time"),
         ("autobatch_latency_budget_seconds", "latency budget s"),
         ("autobatch_memory_budget_bytes", "memory budget"),
         ("autobatch_tuning_seconds", "tuning s"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .probe import ProbeResult
+from .served import ServedBatch, served_batch
 from .stats import OBSERVED, percentile
 
 if TYPE_CHECKING:
@@ -279,6 +280,8 @@ class WaitController:
         # Batches formed before the wait last moved describe a window that is gone: their arrivals
         # are not kept.
         self._moved_at_s = float("-inf")
+        self.served_batch: ServedBatch | None = None  # the batch as served times re-decided it (optimizer/served.py)
+        self._batch_checked_at = (0, 0.0)
 
     @property
     def wait_s(self) -> float | None:
@@ -299,7 +302,8 @@ class WaitController:
     def record(self, arrivals_s: Sequence[float], started_s: float, elapsed_s: float, max_batch_size: int,
                wait_s: float, batch_size: int | None = None) -> bool:
         """A batch whose requests reached the batcher at `arrivals_s` (perf_counter seconds), began
-        running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved.
+        running at `started_s`, took `elapsed_s`, under these settings. True when the wait moved or
+        the batch was re-decided (`served_batch`).
         `batch_size` (default: one per arrival) with no arrivals: a batch that did not pass through the
         wait (a tensor request's samples), whose time still counts."""
         self.batches += 1
@@ -311,7 +315,19 @@ class WaitController:
         moved = self._step()
         if moved:
             self._moved_at_s = started_s + elapsed_s  # the new wait applies to batches begun from here on
-        return moved
+        return self._check_batch() or moved
+
+    def _check_batch(self) -> bool:
+        """The batch re-decided from the served times, once per `enough_batches`; True when it changed."""
+        c = self.config
+        if not c.enough_batches(self.batches - self._batch_checked_at[0], self.seconds - self._batch_checked_at[1]):
+            return False
+        self._batch_checked_at = (self.batches, self.seconds)
+        decided = served_batch(self.tuning, self.ratio, lowered=self.served_batch is not None)
+        if (decided and decided.size) == (self.served_batch and self.served_batch.size):
+            return False
+        self.served_batch = decided
+        return True
 
     def _due(self) -> bool:
         if self.state is WaitState.CHECKING_NEW_WAIT:

@@ -64,8 +64,13 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("autobatch_tuned_batch_size", GAUGE,
               "Batch size the tuning selected to serve (throughput knee within the latency budget)."),
     MetricDef("autobatch_max_batch_size", GAUGE,
-              "max_batch_size in effect on the batcher now: the tuned size unless pinned by reconfigure "
-              "or lowered after an out-of-memory while serving."),
+              "max_batch_size in effect on the batcher now: the tuned size unless pinned by reconfigure, "
+              "lowered after an out-of-memory while serving, or re-decided from served batch times "
+              "(optimizer/served.py)."),
+    MetricDef("autobatch_served_vs_tuned_latency", GAUGE,
+              "Served batches' time over the tuning's time for their size (median of recent batches, "
+              "updated every 32 batches); 0 until enough batches ran. Above 1.1 it may lower the batch "
+              "(optimizer/served.py) and move the wait."),
     MetricDef("autobatch_batch_wait_timeout_seconds", GAUGE,
               "batch_wait_timeout_s in effect on the batcher now: the tuned wait, re-derived while serving "
               "from batch times and request arrivals (optimizer/wait.py), or pinned by user_config."),
@@ -220,6 +225,7 @@ class ReplicaMetrics:
         self.inc("autobatch_oom_events", tuning.oom_events, phase="search", kind="real")
         self.inc("autobatch_oom_events", tuning.predicted_skips, phase="search", kind="predicted")
 
-    def batch_settings(self, max_batch_size: int, wait_s: float) -> None:
+    def batch_settings(self, max_batch_size: int, wait_s: float, served_vs_tuned: float | None = None) -> None:
         self.set("autobatch_max_batch_size", max_batch_size)
         self.set("autobatch_batch_wait_timeout_seconds", wait_s)
+        self.set("autobatch_served_vs_tuned_latency", served_vs_tuned or 0.0)

@@ -221,7 +221,7 @@ class Replica:
     def _apply_batch_settings(self) -> None:
         limit = self._max_ongoing()
         s = effective_settings(self.tuning, self.config.pins, self._oom_cap, limit,
-                               self._wait.learnt if self._wait else None)
+                               self._wait.learnt if self._wait else None, self._wait.served_batch if self._wait else None)
         if self.llm is not None:  # the scheduler batches per step: each request goes on alone, at once
             s = BatchSettings(1, 0.0, (*s.reasons, "continuous batching: each request goes to the scheduler "
                                                     "at once; it forms the batch at every step"))
@@ -231,7 +231,7 @@ class Replica:
         self.report = ServingReport(s.size, s.wait_s, self.config.pins.batch_size, self._oom_cap, limit, s.reasons,
                                     self._runner.overlaps, float(self.tuning.batch_wait_timeout_s),
                                     self.config.faults.describe())
-        self.metrics.batch_settings(s.size, s.wait_s)
+        self.metrics.batch_settings(s.size, s.wait_s, self._wait.ratio if self._wait else None)
         if self.llm is None:  # the continuous scheduler admits by KV blocks instead (serve/llm.py)
             self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
         targets = self.autoscaling_targets()
@@ -260,7 +260,6 @@ class Replica:
         self._apply_batch_settings()
         await self.warm_up.before_traffic(self.settings.size, self.spec.fixed_sample_shape)
 
-    # ----- warm-up -----
     # ----- serving -----
     async def submit(self, entry: Entry) -> list[Outcome]:
         """One request: its samples wait for the device as one entry (batcher.py) and its outcomes come
@@ -306,9 +305,13 @@ class Replica:
             # A request that brings its own batch did not wait: how it arrived says nothing about the wait.
             if self._wait.record(batch.arrivals(), ran["started_s"],
                                  ran["latency_s"], self.settings.size, self.settings.wait_s, batch_size=n):
-                log.info("autobatch: %s: batch wait re-derived from served batches: %s", self.model_name,
-                         self._wait.reason)
+                served = self._wait.served_batch
+                log.info("autobatch: %s: from served batches (%.2fx the tuning's time): batch %s, wait %s", self.model_name,
+                         self._wait.ratio or 1.0, served.reason if served else f"the tuning's {self.tuning.batch_size}",
+                         self._wait.reason or "the tuning's", extra=CONSOLE)
                 self._apply_batch_settings()  # a user_config pin still wins there
+            elif self._wait.batches % 32 == 0:
+                self.metrics.set("autobatch_served_vs_tuned_latency", self._wait.ratio or 0.0)
         self.stats.samples_served += served
         self.metrics.inc("autobatch_samples_served", served)
         if served and not self.startup.done("first_request"):

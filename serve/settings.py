@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.registry import model_names
 from optimizer.tune import TuningSettings
 from optimizer.tuning import Tuning
+from optimizer.served import ServedBatch
 from optimizer.wait import LearntWait
 
 from .budgets import default_memory_fraction
@@ -181,14 +182,18 @@ class BatchSettings:
 
 
 def effective_settings(tuning: Tuning, pins: Pins, oom_cap: int | None, max_ongoing: int | None,
-                       served_wait: LearntWait | None) -> BatchSettings:
-    """The size: pinned > tuned, never above what an out-of-memory while serving taught (`oom_cap`),
-    never above max_ongoing_requests (Ray never has more requests to put in one batch). The wait:
-    pinned > re-derived from served batches (`served_wait`) > tuned."""
+                       served_wait: LearntWait | None, served_batch: ServedBatch | None = None) -> BatchSettings:
+    """The size: pinned > re-decided from served batches' times (`served_batch`, optimizer/served.py)
+    > tuned, never above what an out-of-memory while serving taught (`oom_cap`), never above
+    max_ongoing_requests (Ray never has more requests to put in one batch). The wait: pinned >
+    re-derived from served batches (`served_wait`) > tuned."""
     reasons = []
     size = pins.batch_size or tuning.batch_size
     if pins.batch_size:
         reasons.append(f"pinned by user_config batch_size={size}")
+    elif served_batch is not None and served_batch.size < size:
+        size = served_batch.size
+        reasons.append(f"batch re-decided from served batches: {served_batch.reason}")
     if oom_cap is not None and size > oom_cap:
         size = oom_cap
         reasons.append(f"lowered to {size} after an out-of-memory while serving")
