@@ -10,6 +10,10 @@
 #           (benchmarks/llama_fast_tuning.py --order fast,check: < 30 s, within 5%)
 #   search  the vision models' search against a brute-force scan at 1/2/4 GiB
 #           (benchmarks/tune_vs_bruteforce.py: <= 6 probes, never over the scan's largest)
+#   layout  serve_config.yaml less the Llama (this image's transformers predates the continuous
+#           scheduler's), cold, then what it serves (served_vs_tuned.py); then the same with ResNet-50
+#           as 2 replicas of half its share (num_replicas 2, num_gpus 0.125): issue 20 item 3 inside
+#           the default layout, one process vs two for the same quarter of the card
 #   replicas ResNet-50 alone with 1, 2 and 4 replicas on the card (benchmarks/gpu_serving.sh through
 #           HAProxy: one JPEG per request at $REPLICA_SIMPLE_LEVELS clients, 32 per request at
 #           $REPLICA_V2_LEVELS): issue 20 item 3, whether more processes per card serve more
@@ -84,6 +88,37 @@ $py benchmarks/profile_serving.py --route ${PROFILE_ROUTE:-resnet50} --samples-p
         --budgets-mb ${SEARCH_BUDGETS_MB:-1024 2048 4096} --out "$work/search/search-$m.json" > "$work/search/search-$m.log" 2>&1
       echo "rc $? $m" | tee -a "$OUT/search.log"; tail -8 "$work/search/search-$m.log" | tee -a "$OUT/search.log"
       pack search >/dev/null
+    done
+    ;;
+  layout)
+    echo "=== layout: serve_config.yaml less the Llama, ResNet-50 as 1 then 2 replicas of its share"
+    for n in ${LAYOUT_REPLICAS:-1 2}; do
+      cfg="$work/layout/resnet50-x$n.yaml"
+      $py - "${SERVE_CONFIG:-serve_config.yaml}" "$cfg" "$n" <<'PY'
+import sys, yaml
+source, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = yaml.safe_load(open(source))
+apps = [a for a in config["applications"] if (a.get("args") or {}).get("model") != "llama_int4"]
+for app in apps:
+    args = app["args"]
+    if app["name"] == "oip":
+        args["models"] = [m for m in args["models"] if m != "llama_int4"]
+    elif args.get("model") == "resnet50" and n > 1:  # the app's share of the card, split between n processes
+        args["num_replicas"] = n
+        args["num_gpus"] = round(args.get("num_gpus", 0.25) / n, 4)
+        args["memory_fraction"] = round(args.get("memory_fraction", 0.22) / n, 4)
+config["applications"] = apps
+yaml.safe_dump(config, open(path, "w"))
+PY
+      models=$([ "$n" = 1 ] && echo "${LAYOUT_MODELS:-resnet50 vit_b_16 yolo11n_pose}" || echo resnet50)
+      then="$py benchmarks/served_vs_tuned.py --models $models --levels ${LEVELS:-16 32} --other-levels ${OTHER_LEVELS:-16} \
+--simple-clients ${SIMPLE_CLIENTS:-64} --samples-per-request ${SAMPLES:-32} --duration ${DURATION:-8} \
+--out $work/layout/served-resnet50-x$n.json > $work/layout/served-resnet50-x$n.log 2>&1"
+      timeout "${LAYOUT_TIMEOUT:-200}" $py benchmarks/startup.py --config "$cfg" --runs cold --then "$then" --then-runs cold \
+        --timeout-s "${STARTUP_APP_TIMEOUT:-150}" --out "$work/layout/startup-resnet50-x$n.json" >> "$OUT/layout.log" 2>&1
+      echo "rc $? resnet50 x$n" | tee -a "$OUT/layout.log"
+      tail -12 "$work/layout/served-resnet50-x$n.log" 2>/dev/null | tee -a "$OUT/layout.log"
+      stop_everything; pack layout >/dev/null
     done
     ;;
   replicas)
