@@ -305,9 +305,9 @@ class Replica:
             # A request that brings its own batch did not wait: how it arrived says nothing about the wait.
             if self._wait.record(batch.arrivals(), ran["started_s"],
                                  ran["latency_s"], self.settings.size, self.settings.wait_s, batch_size=n):
-                served = self._wait.served_batch
+                lowered = self._wait.served_batch
                 log.info("autobatch: %s: from served batches (%.2fx the tuning's time): batch %s, wait %s", self.model_name,
-                         self._wait.ratio or 1.0, served.reason if served else f"the tuning's {self.tuning.batch_size}",
+                         self._wait.ratio or 1.0, lowered.reason if lowered else f"the tuning's {self.tuning.batch_size}",
                          self._wait.reason or "the tuning's", extra=CONSOLE)
                 self._apply_batch_settings()  # a user_config pin still wins there
             elif self._wait.batches % 32 == 0:

@@ -127,6 +127,33 @@ def test_concurrent_requests_form_batches(cluster):
     assert t["replica"]["pid"] == before["replica"]["pid"]
 
 
+def test_a_profile_capture_of_serving_and_of_the_probe_writes_a_trace_and_summarises_it(cluster):
+    """POST <route>/profile: the next second of serving, captured while requests are served, then the
+    tuner's own measurement of the served batch; each a gzipped Chrome trace and a summary."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        n = MAX_BATCH + 2  # within Ray's proxy queue (max_queued_requests), which would refuse the profile itself
+        load = pool.submit(cluster.post_concurrently, ROUTE,
+                           [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)], retries_on_503=3)
+        time.sleep(0.2)
+        serving = cluster.http.post(ROUTE + "/profile", json={"seconds": 1.5, "what": "serving"})
+        assert [r.status_code for r in load.result()] == [200] * n
+    assert serving.status_code == 200, serving.text
+    s = serving.json()
+    assert s["what"] == "serving" and os.path.exists(s["trace"]) and s["trace"].endswith(".json.gz")
+    assert s["summary"]["gpu"] is None  # this CPU
+    assert s["summary"]["window_s"] >= 1.5 and s["summary"]["gil_wait_1ms_ticker"]["ticks"] > 0
+    probe = cluster.http.post(ROUTE + "/profile", json={"seconds": 1, "what": "probe", "batch_size": 2})
+    assert probe.status_code == 200, probe.text
+    p = probe.json()
+    assert p["batch_size"] == 2 and p["per_batch"]["batches"] >= 1 and p["per_batch"]["mean_batch"] == 2
+    assert any(op.startswith("aten::") for op in p["summary"]["top_cpu_ops_ms"])  # the forward thread's operators
+    bad = cluster.http.post(ROUTE + "/profile", json={"what": "train"})
+    assert bad.status_code == 400 and '"what" is' in bad.json()["error"]
+    assert cluster.http.post(ROUTE, content=image_bytes("JPEG"), headers={"content-type": "image/jpeg"}).status_code == 200
+
+
 def test_batches_ray_closes_while_the_model_computes_run_as_one_device_batch(cluster):
     """With a 1 ms wait, a clock would close batches far faster than the model computes one; the
     batcher merges the requests that wait meanwhile (serve/batcher.py), never past the max."""
@@ -308,29 +335,3 @@ def test_another_device_fingerprint_in_the_cache_means_a_new_tuning(cluster, tmp
     assert cluster.post("/r50-other", image_bytes("JPEG")).status_code == 200
 
 
-
-def test_a_profile_capture_of_serving_and_of_the_probe_writes_a_trace_and_summarises_it(cluster):
-    """POST <route>/profile: the next second of serving, captured while requests are served, then the
-    tuner's own measurement of the served batch; each a gzipped Chrome trace and a summary."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        n = MAX_BATCH + 2  # within Ray's proxy queue (max_queued_requests), which would refuse the profile itself
-        load = pool.submit(cluster.post_concurrently, ROUTE,
-                           [(image_bytes("JPEG", seed=i), "image/jpeg", {}) for i in range(n)], retries_on_503=3)
-        time.sleep(0.2)
-        serving = cluster.http.post(ROUTE + "/profile", json={"seconds": 1.5, "what": "serving"})
-        assert [r.status_code for r in load.result()] == [200] * n
-    assert serving.status_code == 200, serving.text
-    s = serving.json()
-    assert s["what"] == "serving" and os.path.exists(s["trace"]) and s["trace"].endswith(".json.gz")
-    assert s["summary"]["gpu"] is None  # this CPU
-    assert s["summary"]["window_s"] >= 1.5 and s["summary"]["gil_wait_1ms_ticker"]["ticks"] > 0
-    probe = cluster.http.post(ROUTE + "/profile", json={"seconds": 1, "what": "probe", "batch_size": 2})
-    assert probe.status_code == 200, probe.text
-    p = probe.json()
-    assert p["batch_size"] == 2 and p["per_batch"]["batches"] >= 1 and p["per_batch"]["mean_batch"] == 2
-    assert any(op.startswith("aten::") for op in p["summary"]["top_cpu_ops_ms"])  # the forward thread's operators
-    bad = cluster.http.post(ROUTE + "/profile", json={"what": "train"})
-    assert bad.status_code == 400 and '"what" is' in bad.json()["error"]
-    assert cluster.http.post(ROUTE, content=image_bytes("JPEG"), headers={"content-type": "image/jpeg"}).status_code == 200
