@@ -72,8 +72,8 @@ def image_stand_in():
 
 def build_replica(kind: str, cache_path: str):
     """A Replica and what feeds it, for whichever version of serve/ is on the path."""
-    from serve.replica import Replica
-    from serve.settings import ReplicaConfig
+    from serve.replica.replica import Replica
+    from serve.replica.settings import ReplicaConfig
 
     if kind == "image":
         import deployments.registry as registry
@@ -84,7 +84,7 @@ def build_replica(kind: str, cache_path: str):
         def create_spec(name, weights=None, **options):
             return stand_in(weights, **options) if name == "resnet50" else registry_create(name, weights, **options)
 
-        import serve.replica as replica_module
+        import serve.replica.replica as replica_module
 
         replica_module.create_spec = create_spec
         config = ReplicaConfig(model="resnet50", device="cpu", cache_path=cache_path, max_batch=256,
@@ -124,8 +124,8 @@ def build_replica(kind: str, cache_path: str):
 async def measure(kind: str, samples: int, clients: int, requests: int) -> dict:
     from wire.request import InferRequest
     from wire.tensors import Tensor
-    from serve.routes import HttpRoutes
-    from serve.tensor_routes import TensorRoutes
+    from serve.api.routes import HttpRoutes
+    from serve.api.tensor_routes import TensorRoutes
 
     cache = os.path.join(tempfile.mkdtemp(prefix="host-cost-"), "tuning.json")
     replica, infer = build_replica(kind, cache)

@@ -102,7 +102,7 @@ class ModelSpec(abc.ABC):
     default_latency_budget_s_by_device: ClassVar[dict[str, float]] = {}
     spec_version: ClassVar[int] = 1
     # Every decoded sample has one tensor shape (a resized image), so a batch's shape is its size
-    # alone and a replica can run each size once before traffic (serve/warmup.py). False where
+    # alone and a replica can run each size once before traffic (serve/replica/warmup.py). False where
     # shapes also follow the input (prompt lengths): warming sizes would not cover them.
     fixed_sample_shape: ClassVar[bool] = True
     # A cheaper probe for tuning (optimizer/model.py's TunableModel says what it must do); a family
@@ -156,7 +156,7 @@ class ModelSpec(abc.ABC):
         return output
 
     # --- predict in two stages, so that a replica can feed the device the next batch while it
-    # computes this one (serve/batch_runner.py; the tuner times the same overlap, optimizer/model.py)
+    # computes this one (serve/replica/batch_runner.py; the tuner times the same overlap, optimizer/model.py)
     def overlaps(self) -> bool:
         """True where `prepare` and `forward` use different parts of the machine, so that running
         one batch's prepare during the previous batch's forward gains throughput: on a GPU the JPEG

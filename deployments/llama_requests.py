@@ -1,5 +1,5 @@
 """What the Llama reads from a request: JSON for the simple route, OIP tensors, and OpenAI chats
-(serve/openai_api.py), each checked against the deployment's limits with a message that says what
+(serve/api/openai_api.py), each checked against the deployment's limits with a message that says what
 to send. A mixin of LlamaInt4Spec (deployments/llama_int4.py), which holds the limits and tokenizer."""
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
     python grafana/generate_dashboard.py           # (re)write the dashboard next to this file
     python grafana/generate_dashboard.py --check   # exit 1 if the committed file is not what this makes
 
-Edit this file, not the JSON. Metric names come from serve.metrics (autobatch's own, recorded in
+Edit this file, not the JSON. Metric names come from serve.replica.metrics (autobatch's own, recorded in
 replicas and exported by Ray with a `ray_` prefix) and from Ray Serve's request metrics. A replica
-forms its batches itself (serve/batcher.py), so Ray Serve's @serve.batch metrics are not exported:
+forms its batches itself (serve/replica/batcher.py), so Ray Serve's @serve.batch metrics are not exported:
 the batch panels read the batcher's (device batch size, batch wait, samples waiting).
 
 Label conventions the queries rely on:
@@ -41,10 +41,10 @@ from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: serve.metrics is the one list of names
+if str(ROOT) not in sys.path:  # run as a script from anywhere: serve.replica.metrics is the one list of names
     sys.path.insert(0, str(ROOT))
 
-from serve.metrics import METRICS_BY_NAME  # noqa: E402
+from serve.replica.metrics import METRICS_BY_NAME  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parent / "autobatch-dashboard.json"
 UID = "autobatch-batching"
@@ -57,7 +57,7 @@ D = 'deployment=~"$model"'  # Ray Serve's per-deployment metrics (deployment nam
 
 
 def ab(name: str) -> str:
-    """The Prometheus name of an autobatch metric, checked against serve.metrics."""
+    """The Prometheus name of an autobatch metric, checked against serve.replica.metrics."""
     return METRICS_BY_NAME[name].exported_name
 
 
@@ -74,7 +74,7 @@ def ray_quantile(q: float, metric: str) -> str:
 
 SAMPLES_RATE = f"sum by (model) (rate({ab('autobatch_samples_served')}{{{M}}}[{RATE}]))"
 DEVICE_BATCH = ab("autobatch_device_batch_size")
-# The batches the device ran (serve/batcher.py forms them from every request waiting).
+# The batches the device ran (serve/replica/batcher.py forms them from every request waiting).
 BATCHES_RATE = f"sum by (model) (rate({DEVICE_BATCH}_count{{{M}}}[{RATE}]))"
 DEVICE_BATCH_P95 = f"histogram_quantile(0.95, sum by (model, le) (rate({DEVICE_BATCH}_bucket{{{M}}}[{RATE}])))"
 MEAN_BATCH = f"{SAMPLES_RATE} / {BATCHES_RATE}"
@@ -259,7 +259,7 @@ def memory_panels() -> list:
            (f"max by (model, device) ({ab('autobatch_device_memory_bytes')}{{{M}}})", "{{model}} in use ({{device}})"),
            (f"max by (model) ({ab('autobatch_memory_budget_bytes')}{{{M}}})", "{{model}} budget"), w=8),
         ts(17, "Requests shed",
-           "Requests a replica did not compute, per second, by reason (serve/admission.py): overload = its "
+           "Requests a replica did not compute, per second, by reason (serve/replica/admission.py): overload = its "
            "expected wait was over 2 latency budgets + one batch (503 + Retry-After); deadline = it could not "
            "meet the client's Request-Timeout-Ms (503); expired = that deadline passed while it queued (504, "
            "dropped from its batch before compute); memory = the replica's memory share (503, 413 if it never "
@@ -270,7 +270,7 @@ def memory_panels() -> list:
 
 
 def llm_panels() -> list:
-    """The LLM's continuous batching (serve/llm.py): per-token latency, tokens/s, sequences and KV blocks."""
+    """The LLM's continuous batching (serve/replica/llm.py): per-token latency, tokens/s, sequences and KV blocks."""
     def quantiles(name: str, label: str) -> list[tuple[str, str]]:
         return [(f"histogram_quantile({p}, sum by (model, le) (rate({ab(name)}_bucket{{{M}}}[{RATE}])))",
                  f"{{{{model}}}} {label} p{int(p * 100)}") for p in (0.5, 0.99)]

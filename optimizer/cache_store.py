@@ -10,7 +10,7 @@ the bytes are stored differs from the local file:
 - There is no lock across nodes (a file lock holds on one host only). Concurrent writers of
   different entries may race: each `put` re-reads, merges, writes and reads back, and writes again
   (up to PUT_ATTEMPTS times) when another writer's document replaced its entry. One writer per key
-  at a time is serve/single_flight.py's job (one replica per GPU type tunes; the others wait).
+  at a time is serve/replica/single_flight.py's job (one replica per GPU type tunes; the others wait).
 - Unreadable, unwritable or unreachable storage is never fatal: as with the local file, the entries
   are kept in this process's memory after one warning (a restart tunes again).
 

@@ -1,6 +1,6 @@
 """Single-flight tuning: among many processes that miss the cache for one key, one tunes and the
 others wait for its answer and take it. Ray-free: the lease service may be this process's
-`LeaseTable` or, in a Ray cluster, a named actor around one (serve/single_flight.py).
+`LeaseTable` or, in a Ray cluster, a named actor around one (serve/replica/single_flight.py).
 
 `autobatch(..., single_flight=flights)` calls `flights(key)` on a cache miss and enters it:
 - the context yields a `Flight` whose `answer` is the stored tuning another process published for
@@ -122,7 +122,7 @@ class LeaseTable:
 
 class LeasedFlights:
     """`SingleFlight` over a lease service (anything with LeaseTable's acquire/renew/publish/release,
-    called directly: a LeaseTable, or serve/single_flight.py's proxy to the cluster's actor)."""
+    called directly: a LeaseTable, or serve/replica/single_flight.py's proxy to the cluster's actor)."""
 
     def __init__(self, service, holder: str | None = None, *, poll_s: float = 0.5, lease_s: float = DEFAULT_LEASE_S,
                  max_wait_s: float | None = None, say: Callable[[str], None] | None = None):

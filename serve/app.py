@@ -19,7 +19,7 @@ silently cap every batch at 5.
 
 `num_replicas: auto` (or an `autoscaling_config`) scales the app with Ray Serve's autoscaler between
 min_replicas (1) and max_replicas (default: the per-card count above, which fills the cards this
-app has a share of), by the target its tuned replicas derive (serve/autoscaling.py) unless the
+app has a share of), by the target its tuned replicas derive (serve/replica/autoscaling.py) unless the
 autoscaling_config sets target_ongoing_requests.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from deployments.registry import model_names
 
-from .autoscaling import autoscaling_config as deployment_autoscaling_config
-from .deployment import AutobatchDeployment
-from .settings import ReplicaSettings, parse_user_config
+from .replica.autoscaling import autoscaling_config as deployment_autoscaling_config
+from .cluster.deployment import AutobatchDeployment
+from .replica.settings import ReplicaSettings, parse_user_config
 
 log = logging.getLogger("ray.serve")
 
@@ -47,7 +47,7 @@ HEALTH_CHECK_PERIOD_S = 2.0
 
 
 class AppArgs(ReplicaSettings):
-    """The builder's arguments: the replica's settings (serve/settings.py's ReplicaSettings) and where
+    """The builder's arguments: the replica's settings (serve/replica/settings.py's ReplicaSettings) and where
     the replicas go; an unknown key is an error that lists the known ones."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -57,7 +57,7 @@ class AppArgs(ReplicaSettings):
                                             "past it: 503 with Retry-After. Default: max_ongoing_requests; -1: no bound")
     num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(None, description=(
         "replicas; default: one per card on a GPU cluster (replicas_per_gpu per card when given), else 1; "
-        "auto: Ray Serve's autoscaler, the target derived from the tuning (serve/autoscaling.py)"))
+        "auto: Ray Serve's autoscaler, the target derived from the tuning (serve/replica/autoscaling.py)"))
     autoscaling_config: dict | None = Field(None, description=(
         "Ray Serve autoscaling_config keys (min_replicas, max_replicas, upscale_delay_s, downscale_delay_s, "
         "look_back_period_s, target_ongoing_requests, ...): implies num_replicas auto; target_ongoing_requests "
@@ -72,7 +72,7 @@ class AppArgs(ReplicaSettings):
         "work (HTTP, decode) keeps one replica from feeding the card"))
     resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources per replica, to place "
                                         "replicas on a kind of node (e.g. {\"gpu_type_h200\": 1}); see docs/cluster.md")
-    user_config: dict | None = Field(None, description="initial user_config (see serve/settings.py)")
+    user_config: dict | None = Field(None, description="initial user_config (see serve/replica/settings.py)")
 
     @field_validator("model")
     @classmethod
@@ -183,7 +183,7 @@ def build(args: AppArgs):
         name=args.model,
         **({"autoscaling_config": scaling} if scaling else {"num_replicas": where.replicas}),
         max_ongoing_requests=max_ongoing,
-        # The replicas bound their own queues once tuned (serve/admission.py); this bound is the proxy's,
+        # The replicas bound their own queues once tuned (serve/replica/admission.py); this bound is the proxy's,
         # fixed before any tuning exists. Ray answers past it with a plain-text 503 and this Retry-After.
         max_queued_requests=args.max_queued_requests if args.max_queued_requests is not None else max_ongoing,
         backpressure_config={"status_code": 503, "retry_after_s": BACKPRESSURE_RETRY_AFTER_S},

@@ -114,7 +114,7 @@ def deploy_request(details: dict, route: str, user_config: dict) -> dict:
 def apply(address: str, route: str, changes: dict, *, retune: bool = False, timeout_s: float = 600.0) -> dict:
     """Merge `changes` into the route's user_config (None removes a key), bump `retune` if asked,
     deploy, and wait until the app is RUNNING again. Returns the user_config now in effect."""
-    from serve.deployment import parse_user_config
+    from serve.replica.settings import parse_user_config
 
     client = _client(address)
     details = client.get_serve_details()

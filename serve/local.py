@@ -2,7 +2,7 @@
 `serve run CONFIG` against it; Ctrl-C (or SIGTERM) stops what this started and nothing else, HAProxy
 included, within seconds. A port it needs that is already held (a listener left from an earlier run)
 is named with its pid and command line before anything starts. One line per application when it
-answers (serve/readiness.py), then one with the URLs.
+answers (serve/cluster/readiness.py), then one with the URLs.
 
     python -m serve.local [serve_config.yaml] [--port 6379] [--dashboard-port 8265]
                           [--metrics-export-port 8080] [--temp-dir /tmp/ray] [--num-cpus N]
@@ -39,9 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import loopback
-from .readiness import ReadinessWatch
-from .stopping import _stop_serve_run, forget_cluster_address, stop_cluster  # noqa: F401 (re-exported)
+from .cluster import loopback
+from .cluster.readiness import ReadinessWatch
+from .cluster.stopping import _stop_serve_run, forget_cluster_address, stop_cluster  # noqa: F401 (re-exported)
 
 LOOPBACK = "127.0.0.1"
 
@@ -139,7 +139,7 @@ def cluster_env(args) -> dict:
     env.setdefault("AUTOSCALER_METRIC_PORT", str(free_port()))
     env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
     env.update(ingress_env(getattr(args, "ingress_mode", "proxy")))
-    env.update(loopback.cluster_env(LOOPBACK))  # Serve's gRPC servers on loopback (serve/loopback.py)
+    env.update(loopback.cluster_env(LOOPBACK))  # Serve's gRPC servers on loopback (serve/cluster/loopback.py)
     return env
 
 
@@ -209,7 +209,7 @@ def check_budgets(config_path: str, node_cpus: float | None = None) -> None:
     """Refuse, before starting anything, a config whose apps' memory budgets exceed the machine."""
     import yaml
 
-    from .budgets import check_memory_shares
+    from .replica.budgets import check_memory_shares
 
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     node_cpus = float(node_cpus or os.cpu_count() or 1)
@@ -253,7 +253,7 @@ def _handle_stop_signals(handler) -> None:
 
 def report_held_ports(config: dict, args, when: str = "") -> bool:
     """Print who holds each port this launch needs (pid, command line, how to stop it); True if any."""
-    from .ports import holders, needed_ports
+    from .cluster.ports import holders, needed_ports
 
     held = holders(needed_ports(config, args))
     for h in held:

@@ -41,7 +41,7 @@ def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (320, 240), seed: int
 
 def warmed_up(t: dict) -> bool:
     """A /tuning report whose warm-up is over: the sizes a queue forms first run before traffic,
-    the rest between served batches (serve/warmup.py); tests that count warmed sizes wait for it."""
+    the rest between served batches (serve/replica/warmup.py); tests that count warmed sizes wait for it."""
     return (t.get("warm_sizes") or {}).get("background") != "running"
 
 
@@ -66,7 +66,7 @@ class ServeCluster:
         self.metrics_port = free_port()
         ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=self.metrics_port,
                  _system_config={"metrics_report_interval_ms": 1000},
-                 # AUTOBATCH_TEST_FAULTS: the tests' user_configs may inject faults (serve/faults.py)
+                 # AUTOBATCH_TEST_FAULTS: the tests' user_configs may inject faults (serve/replica/faults.py)
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "AUTOBATCH_TEST_FAULTS": "1"}})
         self.http_options = {"host": "127.0.0.1", "port": self.http_port}
         # grpc: Serve's gRPC proxy on a free port with the Open Inference Protocol service (serve_config.yaml's)

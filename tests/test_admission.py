@@ -1,4 +1,4 @@
-"""serve/admission.py's rules, Ray-free: the expected wait, the bound, a client's deadline, the
+"""serve/replica/admission.py's rules, Ray-free: the expected wait, the bound, a client's deadline, the
 memory share, and dropping what expired while it queued."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from serve.admission import (DEADLINE_HEADER, Admission, Capacity, Refused, capacity_from, parse_deadline_ms,
-                             run_unexpired)
+from serve.replica.admission import (DEADLINE_HEADER, Admission, Capacity, Refused, capacity_from, parse_deadline_ms,
+                                     run_unexpired)
 from serve_helpers import make_tuning
 
 

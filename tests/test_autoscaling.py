@@ -20,8 +20,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from serve.autoscaling import (PENDING_SAMPLES_METRIC, POLICY_PATH, TARGET_SAMPLES_METRIC, BatchAwarePolicy,
-                               autoscaling_config, derive_targets, describe_config)
+from serve.replica.autoscaling import (PENDING_SAMPLES_METRIC, POLICY_PATH, TARGET_SAMPLES_METRIC, BatchAwarePolicy,
+                                       autoscaling_config, derive_targets, describe_config)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -262,7 +262,7 @@ def test_a_load_step_scales_one_replica_to_two_and_back_without_a_second_tuning(
 
 
 def test_the_continuous_schedulers_target_is_its_sequences_and_its_bound_its_kv_admission():
-    from serve.autoscaling import continuous_targets
+    from serve.replica.autoscaling import continuous_targets
 
     t = continuous_targets(max_sequences=22, kv_queue_factor=1.0)
     assert (t.target_ongoing_samples, t.max_ongoing_requests_derived) == (22, 44)

@@ -1,4 +1,4 @@
-"""The batcher's entries are whole requests (serve/batcher.py, issue 20): a request's samples travel
+"""The batcher's entries are whole requests (serve/replica/batcher.py, issue 20): a request's samples travel
 as one entry with one future, batches form by sample count, a request larger than the room is split
 over batches in order, a bad element fails only its request, a caller gone is not computed, an
 out-of-memory splits a batch of slices; and the wait, as @serve.batch's: a batch closes the wait
@@ -13,8 +13,8 @@ import pytest
 
 from deployments.base import PayloadError
 from optimizer.devices import make_meter
-from serve.batch_runner import BatchRunner, Outcome
-from serve.batcher import Batch, Batcher, Entry, Slice
+from serve.replica.batch_runner import BatchRunner, Outcome
+from serve.replica.batcher import Batch, Batcher, Entry, Slice
 
 
 async def settle():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.budgets import MAX_TOTAL_FRACTION, BudgetError, check_memory_shares
-from serve.settings import ReplicaConfig, memory_fraction_for
+from serve.replica.budgets import MAX_TOTAL_FRACTION, BudgetError, check_memory_shares
+from serve.replica.settings import ReplicaConfig, memory_fraction_for
 
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 

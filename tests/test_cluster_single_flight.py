@@ -55,7 +55,7 @@ client.deploy_apps(ServeDeploySchema.model_validate(
 COORDINATOR_STATE = """
 import json, sys
 import ray
-from serve.single_flight import COORDINATOR_NAME, COORDINATOR_NAMESPACE
+from serve.replica.single_flight import COORDINATOR_NAME, COORDINATOR_NAMESPACE
 ray.init(address=sys.argv[1])
 print(json.dumps(ray.get(ray.get_actor(COORDINATOR_NAME, namespace=COORDINATOR_NAMESPACE).state.remote())))
 """

@@ -21,8 +21,8 @@ from deployments.images import check_image_header, example_jpeg, jpeg_size
 from deployments.registry import create_spec
 from wire import PayloadError
 from model_helpers import image_bytes
-from serve.batch_runner import BatchRunner
-from serve.batcher import Batch
+from serve.replica.batch_runner import BatchRunner
+from serve.replica.batcher import Batch
 
 
 def corrupt_jpeg() -> bytes:

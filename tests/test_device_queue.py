@@ -1,4 +1,4 @@
-"""The batcher (serve/batcher.py) as a device queue: a device batch is formed when a slot frees, from
+"""The batcher (serve/replica/batcher.py) as a device queue: a device batch is formed when a slot frees, from
 every request that waited meanwhile, oldest first, never over the max batch size. (Its requests of
 one sample and the wait: tests/test_batcher.py.)"""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from serve.batcher import Batcher, Entry
+from serve.replica.batcher import Batcher, Entry
 
 
 class Device:

@@ -6,6 +6,11 @@ imports deployments: it knows a model only as a TunableModel. That keeps the opt
 plain process (`autobatch tune` on a laptop) and each model family testable without Ray. The
 clients (autobatch/client/) import no server module and no Ray, so they run anywhere. No module
 imports itself back through others (an import cycle), at module level or inside a function.
+
+Inside serve/ the folders are the parts (docs/architecture.md): replica/ (the replica and its
+batcher) imports no other part, api/ (what a replica answers) imports replica/, oip/ (the ingress)
+and cluster/ (the Ray glue and the launcher's parts) import api/ and replica/ and not each other;
+only the entry points at serve/'s top (app.py, local.py, live_config.py) import across all of them.
 """
 from __future__ import annotations
 
@@ -23,6 +28,21 @@ FORBIDDEN = {
     "deployments": {"serve", "ray", "autobatch"},
     "wire": {"optimizer", "deployments", "serve", "ray", "autobatch"},
     "autobatch/client": {"serve", "ray"},
+}
+# serve/'s parts -> the other parts each may import (its own modules and serve/__init__ always)
+SERVE_PARTS = {
+    "serve.replica": set(),
+    "serve.api": {"serve.replica"},
+    "serve.oip": {"serve.api", "serve.replica"},
+    "serve.cluster": {"serve.api", "serve.replica"},
+}
+# what sits at serve/'s top: the package and the entry points users name (serve.app:build,
+# `python -m serve.local`, the `autobatch config` plug-in serve.live_config:register)
+SERVE_TOP = {"serve", "serve.app", "serve.local", "serve.live_config"}
+# the only modules of a part that import Ray (at module level or inside a function)
+RAY_IN_PART = {
+    "serve/replica": {"serve/replica/metrics.py", "serve/replica/single_flight.py"},
+    "serve/api": {"serve/api/calls.py"},
 }
 MAX_LINES = 400
 # Modules allowed over MAX_LINES, each with the reason it still is.
@@ -67,6 +87,103 @@ def test_the_client_imports_no_server_module():
                                                                                   "deployments", "optimizer")))
                for name, targets in graph.items() if name.startswith("autobatch.client")}
     assert not {name: targets for name, targets in outside.items() if targets}
+
+
+def serve_part(name: str) -> str | None:
+    return next((part for part in SERVE_PARTS if name == part or name.startswith(part + ".")), None)
+
+
+def test_serve_is_its_parts_and_its_entry_points():
+    """Every module of serve/ is in one of the parts, or is one of the entry points at its top."""
+    loose = sorted(name for name in map(module_name, modules("serve"))
+                   if name not in SERVE_TOP and serve_part(name) is None)
+    assert not loose, f"put these in a part of serve/ (SERVE_PARTS), or list a new entry point in SERVE_TOP: {loose}"
+
+
+def test_each_part_of_serve_imports_only_the_parts_it_may():
+    graph = import_graph()
+    crossings = {}
+    for name, targets in graph.items():
+        part = serve_part(name)
+        if part is None:
+            continue
+        allowed = SERVE_PARTS[part] | {part}
+        wrong = sorted(target for target in targets  # an entry point (serve.app, ...) is in no part
+                       if target.startswith("serve.") and serve_part(target) not in allowed)
+        if wrong:
+            crossings[name] = wrong
+    assert not crossings, f"serve/'s parts import only those below them ({SERVE_PARTS}): {crossings}"
+
+
+@pytest.mark.parametrize("part", sorted(RAY_IN_PART))
+def test_only_the_listed_modules_of_a_part_import_ray(part):
+    importing = {path for path in modules(part) if "ray" in imported_top_levels(path)}
+    assert importing <= RAY_IN_PART[part], f"{part} imports Ray only in {sorted(RAY_IN_PART[part])}: " \
+                                           f"{sorted(importing - RAY_IN_PART[part])}"
+
+
+def test_every_package_folder_is_installed():
+    """A new sub-package (serve/replica/, ...) must be in pyproject.toml's packages, or a wheel leaves it out."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {module_name(path) for package in PACKAGES for path in modules(package) if path.endswith("__init__.py")}
+    assert found == listed, f"in the tree, not in pyproject.toml: {sorted(found - listed)}; " \
+                            f"listed, not in the tree: {sorted(listed - found)}"
+
+
+def defines(dotted: str) -> bool:
+    """Whether `module:attr` or `module.attr` names a module of this tree that defines attr at its top
+    (a def, a class, an assignment or an import), read with ast."""
+    module, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    base = os.path.join(ROOT, *module.split("."))
+    path = base + ".py" if os.path.exists(base + ".py") else os.path.join(base, "__init__.py")
+    if not os.path.exists(path):
+        return False
+    names = set()
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            names |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                      if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return attr in names
+
+
+def string_constant(path: str, name: str) -> str:
+    for node in ast.parse(open(os.path.join(ROOT, path)).read()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return node.value.value
+    raise AssertionError(f"{path} has no {name}")
+
+
+def test_the_import_paths_users_and_ray_name_exist():
+    """The paths written down outside the code: serve_config.yaml's import paths and gRPC servicer,
+    pyproject.toml's console script and plug-in, the Makefile's `python -m serve.local`, and the
+    paths Ray imports by string (the autoscaling policy, the worker setup hook)."""
+    import tomllib
+
+    import yaml
+
+    with open(os.path.join(ROOT, "serve_config.yaml")) as f:
+        config = yaml.safe_load(f)
+    named = [app["import_path"] for app in config["applications"]]
+    named += config["grpc_options"]["grpc_servicer_functions"]
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    named += list(project["scripts"].values())
+    named += [path for group in project["entry-points"].values() for path in group.values()]
+    named += [string_constant("serve/replica/autoscaling.py", "POLICY_PATH"),
+              string_constant("serve/cluster/loopback.py", "SETUP_HOOK")]
+    assert {"serve.app:build", "serve.oip.router:build_router"} <= set(named)
+    missing = sorted(path for path in named if not defines(path))
+    assert not missing, f"named, but no module of this tree defines them: {missing}"
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        assert "-m serve.local" in f.read()
+    assert defines("serve.local:main")
 
 
 def test_the_import_reader_sees_every_form_of_import(tmp_path):

@@ -1,9 +1,9 @@
-"""serve/llm.py TextStream: token ids become streamed text as soon as it is final. Pure, no model:
+"""serve/replica/llm.py TextStream: token ids become streamed text as soon as it is final. Pure, no model:
 a byte tokenizer whose ids are bytes, decoded the way the synthetic tokenizer's ByteLevel decoder
 does (each maximal invalid UTF-8 subpart becomes one U+FFFD)."""
 from __future__ import annotations
 
-from serve.llm import TextStream
+from serve.replica.llm import TextStream
 
 
 class ByteIds:

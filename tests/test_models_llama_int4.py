@@ -309,7 +309,7 @@ def test_the_spec_stays_offline_even_without_the_env_vars(tmp_path, cache_dir):
 def test_the_continuous_scheduler_is_sized_by_memory_where_the_static_latency_bounded_the_tuning():
     from types import SimpleNamespace
 
-    from serve.llm import continuous_sequences
+    from serve.replica.llm import continuous_sequences
 
     gib, mib = 2**30, 2**20
     fit = SimpleNamespace(intercept_bytes=6.07 * gib, per_sample_bytes=152 * mib)

@@ -2,12 +2,12 @@
 
 serve_config.yaml as it is, built by serve.app:build on a cluster of N cards: every model app gets
 one replica per card of its share (num_gpus 0.25), so the four apps fill every card, and their
-memory budgets add up per card (serve/budgets.py). `replicas_per_gpu: k` gives k replicas of 1/k
+memory budgets add up per card (serve/replica/budgets.py). `replicas_per_gpu: k` gives k replicas of 1/k
 per card. Ray itself then places them: a local Ray started with `num_gpus=2` (no card behind it;
 the actors only ask for the shares and report the GPU ids Ray gave them) puts the replicas of the
 config on both cards, each card's shares summing to one. All the replicas of one GPU type have one
 tuning key (the card's index and uuid are not in it), so one tunes and the others take its answer
-(serve/single_flight.py; tests/test_cluster_single_flight.py runs that across two nodes).
+(serve/replica/single_flight.py; tests/test_cluster_single_flight.py runs that across two nodes).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import serve.app as app_module
-from serve.budgets import MAX_TOTAL_FRACTION, app_replicas, check_memory_shares
+from serve.replica.budgets import MAX_TOTAL_FRACTION, app_replicas, check_memory_shares
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,7 +62,7 @@ def test_all_cards_of_one_gpu_type_share_one_tuning_key():
     from deployments.registry import create_spec
     from optimizer.devices import DeviceFingerprint
     from optimizer.tune import resolve
-    from serve.settings import ReplicaConfig
+    from serve.replica.settings import ReplicaConfig
 
     spec = create_spec("resnet50")
     settings = ReplicaConfig(model="resnet50", gpu_share=0.25, memory_fraction=0.22).tuning_settings("cuda")

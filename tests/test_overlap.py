@@ -1,6 +1,6 @@
 """Batches in two overlapping stages (issue 13): a spec's `prepare` for the next batch runs while
 `forward` computes this one, in the tuner (optimizer/model.py ExampleBatches, timed as a BatchTiming)
-and in the replica (serve/batch_runner.py, two locks and two threads). On a GPU the stages use the
+and in the replica (serve/replica/batch_runner.py, two locks and two threads). On a GPU the stages use the
 JPEG engine and copies beside the compute units; here they are CPU stand-ins that sleep (the GIL is
 released, as it is while CUDA works), and the tests check the order of events, not durations.
 
@@ -22,8 +22,8 @@ from deployments.registry import create_spec
 from optimizer.devices import make_meter
 from optimizer.model import ExampleBatches
 from optimizer.probe import OOM, BatchTiming, probe
-from serve.batch_runner import BatchRunner, DeviceLocks
-from serve.batcher import Batch
+from serve.replica.batch_runner import BatchRunner, DeviceLocks
+from serve.replica.batcher import Batch
 
 STAGE_S = 0.05
 

@@ -1,4 +1,4 @@
-"""serve/profiling.py: the trace's summary from made-up traces (the GPU numbers the issue asks for:
+"""serve/api/profiling.py: the trace's summary from made-up traces (the GPU numbers the issue asks for:
 busy fraction, idle gaps, host syncs, pinned allocations), the request's checks, and a real
 torch.profiler capture on this CPU started and stopped in a worker thread, as the replica does."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serve import profiling
+from serve.api import profiling
 
 
 def kernel(ts, dur, name="k"):

@@ -24,7 +24,7 @@ import pytest
 from serve_helpers import ServeCluster, image_bytes
 
 from deployments.registry import MODELS_ENV
-from serve.admission import DEADLINE_HEADER
+from serve.replica.admission import DEADLINE_HEADER
 
 pytestmark = pytest.mark.timeout(600)
 

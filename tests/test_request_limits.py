@@ -12,8 +12,8 @@ import pytest
 from serve_helpers import make_tuning
 
 from optimizer.tuning import MemoryFit
-from serve import costs
-from serve.admission import REQUEST_BATCHES, Admission, Capacity, Refused, capacity_from
+from serve.api import costs
+from serve.replica.admission import REQUEST_BATCHES, Admission, Capacity, Refused, capacity_from
 from serve.oip import rest
 from wire import PayloadError
 
@@ -185,7 +185,7 @@ def test_the_heap_is_trimmed_once_enough_is_released():
 
 TRIM_SCRIPT = r'''
 import sys
-from serve import costs
+from serve.api import costs
 
 def rss():
     with open("/proc/self/statm") as f:

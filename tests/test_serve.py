@@ -28,7 +28,7 @@ def r50_app(name: str, route: str, cache_path: str, user_config: dict | None = N
             # These apps share one tuning key: without this, the cluster's single-flight coordinator
             # would hand a later app the answer it published, where these tests are about the cache file.
             "single_flight": False,
-            # POST <route>/profile on (serve/profiling.py), its traces beside the cache
+            # POST <route>/profile on (serve/api/profiling.py), its traces beside the cache
             "profile_dir": os.path.join(os.path.dirname(cache_path), "traces"),
         },
     }
@@ -156,7 +156,7 @@ def test_a_profile_capture_of_serving_and_of_the_probe_writes_a_trace_and_summar
 
 def test_batches_ray_closes_while_the_model_computes_run_as_one_device_batch(cluster):
     """With a 1 ms wait, a clock would close batches far faster than the model computes one; the
-    batcher merges the requests that wait meanwhile (serve/batcher.py), never past the max."""
+    batcher merges the requests that wait meanwhile (serve/replica/batcher.py), never past the max."""
     from concurrent.futures import ThreadPoolExecutor
 
     reconfigure(cluster, pinned(MAX_BATCH, 1), lambda t: t["serving"]["batch_wait_timeout_s"] == 0.001)
@@ -269,7 +269,7 @@ def test_metrics_are_exported_with_model_and_device_tags(cluster):
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from serve.metrics import METRICS
+    from serve.replica.metrics import METRICS
 
     # every metric but the LLM scheduler's, which only an LLM replica exports (tests/test_llm_openai_live.py)
     wanted = {m.exported_name for m in METRICS if not m.name.startswith("autobatch_llm_")}

@@ -72,7 +72,7 @@ def test_the_builder_hands_each_replica_one_settings_object_of_its_own_arguments
     same name, and the deployment is bound with those values (the cache path expanded, the
     max_ongoing_requests default filled in) and the GPU share it was placed on."""
     import serve.app as app_module
-    from serve.settings import ReplicaSettings
+    from serve.replica.settings import ReplicaSettings
 
     assert issubclass(app_module.AppArgs, ReplicaSettings)
     monkeypatch.setattr(app_module, "cluster_gpus", lambda resources=None: 4.0)
@@ -109,7 +109,7 @@ def test_replicas_per_gpu_packs_k_replicas_that_share_one_tuning_key(monkeypatch
     import serve.app as app_module
     from optimizer.devices import DeviceFingerprint
     from optimizer.tune import resolve
-    from serve.settings import ReplicaConfig
+    from serve.replica.settings import ReplicaConfig
     from deployments.registry import create_spec
     from pydantic import ValidationError
 
@@ -140,7 +140,7 @@ def test_replicas_per_gpu_packs_k_replicas_that_share_one_tuning_key(monkeypatch
 
 
 def test_a_gpu_share_tunes_within_its_share_of_the_memory():
-    from serve.deployment import memory_fraction_for
+    from serve.cluster.deployment import memory_fraction_for
 
     assert memory_fraction_for("cuda", None, 0.25) == pytest.approx(0.9 * 0.25)
     assert memory_fraction_for("cuda", None, 1.0) is None  # the optimizer's default (0.9 of the card)
@@ -149,7 +149,7 @@ def test_a_gpu_share_tunes_within_its_share_of_the_memory():
 
 
 def test_user_config_is_validated():
-    from serve.deployment import parse_user_config
+    from serve.cluster.deployment import parse_user_config
 
     assert parse_user_config({"batch_size": 8.0, "latency_budget_ms": 50})["batch_size"] == 8
     for bad in ({"batch_size": 0}, {"batch_size": 2.5}, {"memory_fraction": 2}, {"faults": {"oom_above": -1}},

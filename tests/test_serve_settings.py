@@ -8,8 +8,8 @@ import pytest
 from serve_helpers import make_tuning
 
 from optimizer.wait import LearntWait
-from serve.faults import TEST_SWITCH, Faults
-from serve.settings import TUNING_KEYS, Pins, ReplicaConfig, ReplicaSettings, effective_settings, parse_user_config
+from serve.replica.faults import TEST_SWITCH, Faults
+from serve.replica.settings import TUNING_KEYS, Pins, ReplicaConfig, ReplicaSettings, effective_settings, parse_user_config
 
 TUNED = make_tuning(batch_size=8, batch_wait_timeout_s=0.010)
 LEARNT = LearntWait(0.003, "the requests of a batch arrived within 1.0 ms of each other")
@@ -89,5 +89,5 @@ def test_faults_are_refused_unless_the_test_switch_is_on(monkeypatch):
 
 
 def test_the_settings_and_the_wait_controller_import_no_ray():
-    code = "import sys, serve.settings, optimizer.wait; sys.exit('ray' in sys.modules)"
+    code = "import sys, serve.replica.settings, optimizer.wait; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

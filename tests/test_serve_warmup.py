@@ -1,7 +1,7 @@
 """The warm-up mechanism on its own: which sizes it runs, in what order, and where it stops."""
 from __future__ import annotations
 
-from serve.warmup import SizeWarmer, size_ranges
+from serve.replica.warmup import SizeWarmer, size_ranges
 
 
 class FakeClock:

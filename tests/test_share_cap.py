@@ -7,7 +7,7 @@ import pytest
 
 from optimizer.share_cap import allocator_cap_fraction, cap_allocator, share_cap_applies
 from serve.app import AppArgs, placement
-from serve.settings import memory_fraction_for
+from serve.replica.settings import memory_fraction_for
 
 GiB = 2**30
 H200 = 140 * GiB

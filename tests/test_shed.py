@@ -1,11 +1,11 @@
-"""The router's shedding (serve/oip/shed.py) and the admission room it reads (serve/admission.py
+"""The router's shedding (serve/oip/shed.py) and the admission room it reads (serve/replica/admission.py
 Admission.room): pure, no Ray, no timing. The rule under test: the router refuses exactly what the
 replica's own admission would refuse, from the replica's last answer and its own in-flight count."""
 from __future__ import annotations
 
 import pytest
 
-from serve.admission import Admission, Capacity, Refused
+from serve.replica.admission import Admission, Capacity, Refused
 from serve.oip.shed import VIEW_TTL_S, ModelShedder, RouterShedder, Shed, content_length
 
 

@@ -59,7 +59,7 @@ class InferResponse:
     model_version: str = ""
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
-    # the replica's admission room (serve/admission.py Admission.room) for the router's shedding
+    # the replica's admission room (serve/replica/admission.py Admission.room) for the router's shedding
     # (serve/oip/shed.py); never on the wire
     admission: dict | None = field(default=None, compare=False)
 

@@ -42,10 +42,10 @@ from wire import PayloadError, grpc_codec
 from wire import grpc_predict_v2_pb2 as pb
 from wire.request import InferFailure, InferRequest, InferResponse, select_outputs, validate
 
-from .. import costs
-from ..admission import REQUEST_BATCHES
+from ..api import costs
+from ..replica.admission import REQUEST_BATCHES
 from . import metadata, rest
-from .calls import ReplicaLost, call_model
+from ..api.calls import ReplicaLost, call_model
 from .shed import RouterShedder, Shed, content_length, shed_counter
 
 log = logging.getLogger("ray.serve")
@@ -138,7 +138,7 @@ def _json(status: int, body: dict) -> JSONResponse:
 
 
 class Refusal(PayloadError):
-    """The model's replica refused the request with Retry-After (its admission, serve/admission.py)."""
+    """The model's replica refused the request with Retry-After (its admission, serve/replica/admission.py)."""
 
     def __init__(self, message: str, status: int, retry_after_s: float | None):
         super().__init__(message, status=status)
@@ -210,7 +210,7 @@ class OipRouter:
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
         if path == "/v1" or path.startswith("/v1/"):  # the OpenAI-compatible API, for the LLM apps
-            from serve import openai_api
+            from serve.api import openai_api
 
             return await openai_api.route(self.directory, request, self.max_body_bytes)
         if not path.startswith("/v2"):

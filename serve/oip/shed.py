@@ -3,7 +3,7 @@ body is read, parsed or forwarded.
 
 Why: under overload a refusal at the replica is expensive. The router reads the whole body (32
 JPEGs are ~3.6 MB), parses it, and sends it through Ray's object store to the replica, whose
-admission (serve/admission.py) then says no: the router's one event loop, the object store and the
+admission (serve/replica/admission.py) then says no: the router's one event loop, the object store and the
 replica's loop carry refused requests beside the served ones, and served throughput falls as the
 clients that resend at once outnumber the ones served. Here the router keeps a cheap view of each
 model's admission state and answers JSON 503 + Retry-After itself, from the request's headers.

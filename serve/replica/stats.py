@@ -1,6 +1,6 @@
 """What one replica's batches did since it started, for GET /tuning's `stats`.
 
-Prometheus has the same counts (serve/metrics.py), summed over replicas and sampled; this is the
+Prometheus has the same counts (serve/replica/metrics.py), summed over replicas and sampled; this is the
 replica's own exact record, which the tests and the benchmarks read per replica.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ class ServingReport:
     pinned_batch_size: int | None
     oom_cap: int | None  # the max batch an out-of-memory while serving taught
     max_ongoing_requests: int | None
-    notes: tuple[str, ...]  # why the size or wait differ from the tuning's (serve/settings.py)
+    notes: tuple[str, ...]  # why the size or wait differ from the tuning's (serve/replica/settings.py)
     overlap: bool
     tuned_batch_wait_timeout_s: float
     faults: dict | None
@@ -34,7 +34,7 @@ class ServingStats:
     serving_ooms: int = 0
     batch_sizes: Counter = field(default_factory=Counter)  # batch size -> batches formed of that size
     errors: Counter = field(default_factory=Counter)  # HTTP status (str) -> requests answered with it
-    shed: Counter = field(default_factory=Counter)  # reason (serve/admission.py SHED_REASONS) -> requests refused or dropped
+    shed: Counter = field(default_factory=Counter)  # reason (serve/replica/admission.py SHED_REASONS) -> requests refused or dropped
 
     def batch_formed(self, size: int) -> None:
         self.batch_sizes[size] += 1

@@ -53,7 +53,7 @@ from .timeline import StartupTimeline, import_libraries
 from .warm_schedule import WarmUpSchedule, run_example_batch
 from .warmup import SizeWarmer
 
-from . import IMPORTED_AT_S
+from .. import IMPORTED_AT_S
 
 _IMPORTS_ENDED_AT_S = time.time()  # serve's modules imported: the start-up timeline's imports phase ends
 

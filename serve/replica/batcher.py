@@ -20,11 +20,11 @@ way, when the engine can take one. `slots` is how many device batches may be in 
 spec's stages overlap (the next batch is prepared while this one computes), 1 otherwise.
 
 Mechanism only. The size and the wait are set through the public setters by policy
-(serve/settings.py `effective_settings`, the wait rule and controller in optimizer/wait.py), as
+(serve/replica/settings.py `effective_settings`, the wait rule and controller in optimizer/wait.py), as
 Ray Serve's own batch queue is; `run(batch) -> outcomes` (the replica's, one per sample) runs a
 formed batch. The batcher also keeps how long its full batches took (`served`, what admission's
-bound reads: serve/admission.py), and a batch cuts itself where an out-of-memory halves it
-(`Batch.split`, which serve/batch_runner.py calls).
+bound reads: serve/replica/admission.py), and a batch cuts itself where an out-of-memory halves it
+(`Batch.split`, which serve/replica/batch_runner.py calls).
 """
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ class Entry:
 
     samples: Sequence
     keep_value: bool = False  # True: outcomes keep the encoded value (a tensor request gathers them); else JSON bytes
-    deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/admission.py)
-    poisoned: bool = False  # a test fault (serve/faults.py)
+    deadline_at: float | None = None  # perf_counter time past which it is not computed (serve/replica/admission.py)
+    poisoned: bool = False  # a test fault (serve/replica/faults.py)
     waits: bool = True  # False: it brings its own batch; not held for the wait, nor counted by the wait's controller
     arrived_s: float = field(default_factory=time.perf_counter)
     future: asyncio.Future | None = field(default=None, repr=False)
@@ -146,7 +146,7 @@ class Slice:
 
 class Batch:
     """The slices one device batch holds, in order. len() is its sample count; iterating yields its
-    slices (each has `.poisoned`, what serve/faults.py reads)."""
+    slices (each has `.poisoned`, what serve/replica/faults.py reads)."""
 
     __slots__ = ("slices", "size")
 

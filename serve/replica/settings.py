@@ -1,8 +1,8 @@
-"""What a replica runs under, and the batch settings it hands to its batcher (serve/batcher.py). Ray-free.
+"""What a replica runs under, and the batch settings it hands to its batcher (serve/replica/batcher.py). Ray-free.
 
 `ReplicaSettings` declares, once, every setting the app builder hands a replica: the builder's
 arguments (serve/app.py's AppArgs is ReplicaSettings plus where the replicas go) and the
-deployment's constructor argument (serve/deployment.py) are this one model; `tuning_settings`
+deployment's constructor argument (serve/cluster/deployment.py) are this one model; `tuning_settings`
 is where they reach the optimizer. A new setting is one field here plus its use.
 
 Two layers make a replica's configuration (`ReplicaConfig`): the app builder's settings, fixed for
@@ -56,14 +56,14 @@ class ReplicaSettings(BaseModel):
     repeats: int = Field(3, ge=1, description="timed runs per tuning probe")
     warmup: int = Field(1, ge=0, description="untimed runs per tuning probe")
     warm_sizes_budget_s: float = Field(120.0, ge=0, description="seconds a replica may spend before traffic running each batch "
-                                       "size it may serve once (a size's first run pays its set-up; see serve/warmup.py); 0: off")
+                                       "size it may serve once (a size's first run pays its set-up; see serve/replica/warmup.py); 0: off")
     options: dict = Field(default_factory=dict, description="model-specific options passed to the spec")
     tuning_group: str | None = Field(None, description="a label added to the device fingerprint, so nodes it cannot tell "
                                      "apart (same GPU model, other host) tune and cache apart; default $AUTOBATCH_TUNING_GROUP")
     single_flight: bool = Field(True, description="replicas of one GPU type across the cluster tune once: one measures, "
-                                "the others wait for its answer (serve/single_flight.py)")
+                                "the others wait for its answer (serve/replica/single_flight.py)")
     profile_dir: str | None = Field(None, description="a folder for POST <route>/profile's torch.profiler traces "
-                                    "(serve/profiling.py); default $AUTOBATCH_PROFILE_DIR; unset: the route is off")
+                                    "(serve/api/profiling.py); default $AUTOBATCH_PROFILE_DIR; unset: the route is off")
     share_cap: Literal["serve", "tune", "off"] = Field("serve", description="a replica with a share of a GPU caps its "
                                                        "allocator at its budget: after tuning (serve), before it (tune), or not (off)")
 
@@ -106,7 +106,7 @@ def parse_user_config(user_config: dict | None) -> dict:
 def memory_fraction_for(kind: str, fraction: float | None, gpu_share: float,
                         cpu_share: float | None = None) -> float | None:
     """The memory fraction (of the whole device) a replica tunes within: the app's, else its share of
-    the device as Ray placed it (serve/budgets.py: num_gpus of a card, num_cpus of the node's CPUs),
+    the device as Ray placed it (serve/replica/budgets.py: num_gpus of a card, num_cpus of the node's CPUs),
     so that replicas sharing a device each tune within their own part of it; None: the optimizer's
     default for the device (a CPU replica whose share is unknown)."""
     if fraction is None:

@@ -107,7 +107,7 @@ def setup_replica_logging() -> None:
 
 class ShedLog:
     """Requests refused (shed) by a replica: the first one logged at once, then at most one line per
-    `interval_s` with the counts since the last line, by reason (serve/admission.py's reasons)."""
+    `interval_s` with the counts since the last line, by reason (serve/replica/admission.py's reasons)."""
 
     def __init__(self, name: str, log: logging.Logger, detail: str = "", interval_s: float = SHED_LOG_INTERVAL_S,
                  clock=time.monotonic):

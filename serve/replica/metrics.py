@@ -7,7 +7,7 @@ and `_count`. Every series carries the tags `model` and `device` (the device fin
 e.g. "cuda:NVIDIA H100 80GB HBM3" or "cpu:<cpu model>"), plus Ray Serve's own `deployment`,
 `replica` and `application`.
 
-A replica forms its batches itself (serve/batcher.py), not through Ray Serve's @serve.batch, so
+A replica forms its batches itself (serve/replica/batcher.py), not through Ray Serve's @serve.batch, so
 Ray's batch metrics (ray_serve_actual_batch_size, ray_serve_batch_wait_time_ms, ...) are not
 exported; their places are autobatch_device_batch_size, autobatch_batch_wait_seconds,
 autobatch_batch_inference_seconds and autobatch_samples_waiting.
@@ -102,7 +102,7 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("autobatch_batch_inference_seconds", HISTOGRAM,
               "Seconds of one forward pass (predict + encode) of one batch, in the worker thread."),
     MetricDef("autobatch_device_batch_size", HISTOGRAM,
-              "Samples per batch the device ran. The batcher (serve/batcher.py) forms them when the device can "
+              "Samples per batch the device ran. The batcher (serve/replica/batcher.py) forms them when the device can "
               "take one, from every request waiting, up to the max batch.",
               boundaries=tuple(BATCH_SIZE_BOUNDARIES)),
     MetricDef("autobatch_batch_wait_seconds", HISTOGRAM,
@@ -112,7 +112,7 @@ METRICS: tuple[MetricDef, ...] = (
               "Samples in the replica's batcher waiting for the device, set as each batch forms."),
     MetricDef("autobatch_device_memory_bytes", GAUGE,
               "Device memory this replica holds now (CUDA: allocator reserved + context; CPU: resident set)."),
-    # --- the LLM's continuous batching (serve/llm.py; the Llama with options.scheduler continuous) ---
+    # --- the LLM's continuous batching (serve/replica/llm.py; the Llama with options.scheduler continuous) ---
     MetricDef("autobatch_llm_time_to_first_token_seconds", HISTOGRAM,
               "Seconds from a request's arrival at the scheduler to its first generated token."),
     MetricDef("autobatch_llm_time_per_output_token_seconds", HISTOGRAM,

@@ -125,7 +125,7 @@ class Admission:
     future caller may not). `set_capacity` whenever the tuning or the batch settings change."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, served: ServedBatchTimes | None = None):
-        """`served`: the batcher's record of its full batches' times (serve/batcher.py), which the bound reads."""
+        """`served`: the batcher's record of its full batches' times (serve/replica/batcher.py), which the bound reads."""
         self._clock = clock
         self._lock = threading.Lock()
         self._capacity: Capacity | None = None

@@ -30,8 +30,8 @@ from deployments.llama_int4 import Prompt
 from deployments.llama_scheduler import Sampling
 from wire import PayloadError
 
-from .batcher import Entry
-from .llm import KvCacheFull
+from ..replica.batcher import Entry
+from ..replica.llm import KvCacheFull
 
 log = logging.getLogger("ray.serve")
 
@@ -79,7 +79,7 @@ def _loads(body: bytes) -> dict:
 # ============================================================================ the router's half
 async def route(directory, request: Request, max_body_bytes: int) -> Response:
     """One /v1 request at the router: list the models, or forward a completion to the model named."""
-    from .oip.calls import ReplicaLost, call_model
+    from .calls import ReplicaLost, call_model
 
     path = "/" + request.url.path.strip("/")
     try:
@@ -155,7 +155,7 @@ async def _stream(model: str, handle, kind: str, body: bytes) -> Response:
 
 # ============================================================================ the replica's half
 class OpenAIServing:
-    """`replica` is the model's serve.replica.Replica (the static path: `Replica.submit`, one request at a time)."""
+    """`replica` is the model's serve.replica.replica.Replica (the static path: `Replica.submit`, one request at a time)."""
 
     def __init__(self, replica):
         self._replica = replica

@@ -1,10 +1,10 @@
 """What a request costs a replica's memory before it is decoded, and giving that memory back after.
 
-Decoded bytes: a request's samples are all decoded before its first batch runs (serve/tensor_routes.py),
+Decoded bytes: a request's samples are all decoded before its first batch runs (serve/api/tensor_routes.py),
 so a small body can grow into gigabytes (10,000 `pixels` samples of 2x2 become 10,000 crops of
 3x224x224 floats). Admission charges each sample, before decoding, at the size of one decoded
 sample in the form serving hands to `predict`: `spec.example_batch(1)`, the worst case the tuning
-measured (serve/admission.py).
+measured (serve/replica/admission.py).
 
 Giving it back: CPython frees a request's buffers to glibc's malloc, which keeps them in the
 process (its mmap threshold rises to the largest block freed, up to 32 MiB, so a 6 MB body's

@@ -237,7 +237,7 @@ def paused(spec, work: Callable[[], object]):
 
 
 async def llm_outcome(llm: LlmServing, prompt, entry):
-    """One decoded sample (a deployments.llama_int4.Prompt) of a request (serve/batcher.py's Entry, of the
+    """One decoded sample (a deployments.llama_int4.Prompt) of a request (serve/replica/batcher.py's Entry, of the
     simple route or OIP), answered whole."""
     from .batch_runner import Outcome
 

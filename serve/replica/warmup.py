@@ -13,7 +13,7 @@ LLM's shapes also follow prompt lengths; warming sizes would not cover them, so 
 
 Which first: before traffic only the sizes a queue forms first (`first_sizes`: the max batch, what
 full load forms, and 1, what a lone request forms), so a replica is ready right after tuning; the
-rest while already serving, one size at a time between batches (serve/replica.py holds the model
+rest while already serving, one size at a time between batches (serve/replica/replica.py holds the model
 lock per size, so a batch waits at most one size's first run). Sizes that traffic forms first are
 warm by serving them and are skipped.
 

@@ -1,6 +1,6 @@
 """When a replica warms its batch sizes: the first ones before traffic, the rest between batches.
 
-serve/warmup.py's SizeWarmer knows which sizes are warm and runs one; this decides when, so that
+serve/replica/warmup.py's SizeWarmer knows which sizes are warm and runs one; this decides when, so that
 no request waits out a size's first run and no batch waits behind more than one size's warm-up
 (each runs under the model lock, DeviceLocks.exclusive). A new call (reconfigure) replaces a
 warm-up still running. The report is what GET /tuning shows under `warm_sizes`.

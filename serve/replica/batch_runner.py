@@ -81,7 +81,7 @@ class BatchResult:
 
 
 class BatchRunner:
-    """`run(batch)` answers every sample of a batch (serve/batcher.py's Batch: slices of requests). The deployment passes what a batch needs:
+    """`run(batch)` answers every sample of a batch (serve/replica/batcher.py's Batch: slices of requests). The deployment passes what a batch needs:
     the spec (predict, encode), the meter (is this an OOM; clean up after one), the worker
     thread, its metrics, `before_predict` (the fault hooks of the moment), and `on_oom(batch_size,
     message)` to learn from a real out-of-memory."""

@@ -24,7 +24,7 @@ import os
 
 BIND_HOST_ENV = "AUTOBATCH_GRPC_BIND_HOST"
 SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # Ray's name for the hook's import path
-SETUP_HOOK = "serve.loopback.bind_worker_grpc_servers"
+SETUP_HOOK = "serve.cluster.loopback.bind_worker_grpc_servers"
 _WILDCARDS = ("[::]", "0.0.0.0", "", "*")
 
 

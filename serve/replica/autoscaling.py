@@ -3,7 +3,7 @@
 Ray Serve scales a deployment by `target_ongoing_requests`, a number users guess. A tuned replica
 knows what it can hold: its served batch times its batcher's slots (one batch computing and,
 where the stages overlap, the next one being prepared) is the work that keeps its device busy
-without a queue; more than that waits. And its admission bound (serve/admission.py) is the most it
+without a queue; more than that waits. And its admission bound (serve/replica/admission.py) is the most it
 takes in before it sheds: the `max_ongoing_requests` worth giving it.
 
 The order problem: Ray fixes a deployment's autoscaling_config when the app is deployed, before any
@@ -37,7 +37,7 @@ TARGET_SAMPLES_METRIC = "autobatch_target_ongoing_samples"
 PENDING_SAMPLES_METRIC = "autobatch_ongoing_samples"
 
 # Ray pickles the policy's module by value into its controller: this module needs no install there.
-POLICY_PATH = "serve.autoscaling:BatchAwarePolicy"
+POLICY_PATH = "serve.replica.autoscaling:BatchAwarePolicy"
 DEFAULTS = {"min_replicas": 1}  # the delays, look-back and factors are Ray's own defaults
 # the keys a user's autoscaling_config may carry (Ray's AutoscalingConfig, its public ones)
 USER_KEYS = ("min_replicas", "initial_replicas", "max_replicas", "target_ongoing_requests", "metrics_interval_s",
@@ -75,7 +75,7 @@ def derive_targets(batch_size: int, slots: int, bound_s: float, batch_time_s: fl
 
 
 def continuous_targets(max_sequences: int, kv_queue_factor: float) -> AutoscalingTargets:
-    """The same for the Llama's continuous scheduler (serve/llm.py), which has no batches to count:
+    """The same for the Llama's continuous scheduler (serve/replica/llm.py), which has no batches to count:
     its target is the concurrent sequences the tuning sized it for, and its bound what its KV-block
     admission takes, that cache plus `kv_queue_factor` caches' worth waiting (at the worst length)."""
     target = max(1, int(max_sequences))

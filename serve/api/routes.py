@@ -20,12 +20,12 @@ from starlette.responses import JSONResponse, Response
 
 from wire import PayloadError
 
-from .admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
-from .batch_runner import Outcome
-from .batcher import Entry
+from ..replica.admission import DEADLINE_HEADER, Refused, Ticket, parse_deadline_ms
+from ..replica.batch_runner import Outcome
+from ..replica.batcher import Entry
 from . import costs, profiling
 from .costs import decoded_sample_bytes
-from .replica import Replica
+from ..replica.replica import Replica
 
 log = logging.getLogger("ray.serve")
 

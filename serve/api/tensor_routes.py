@@ -1,6 +1,6 @@
 """A replica's side of the Open Inference Protocol: what the OIP router (serve/oip/router.py) calls
 by DeploymentHandle. The router parsed the wire and checked the tensors against the declared ones;
-here a request of N samples becomes one entry of the replica's batcher (serve/batcher.py), counted
+here a request of N samples becomes one entry of the replica's batcher (serve/replica/batcher.py), counted
 by its N samples, so batches form by sample (a request larger than a batch spreads over several;
 the served latency and the stats count samples), and the N answers come back in order. It is not
 held for the batch wait (which gathers one-sample requests): a request of many brings its own batch,
@@ -24,12 +24,12 @@ from wire import PayloadError
 from wire.request import InferFailure, InferRequest, InferResponse
 from wire.tensors import NUMPY_DTYPES, Tensor
 
-from .admission import Refused
-from .batch_runner import Outcome
-from .batcher import Entry
+from ..replica.admission import Refused
+from ..replica.batch_runner import Outcome
+from ..replica.batcher import Entry
 from . import costs
 from .costs import decoded_sample_bytes
-from .replica import Replica
+from ..replica.replica import Replica
 
 log = logging.getLogger("ray.serve")
 
@@ -44,7 +44,7 @@ def _message(outcome: Outcome) -> str:
 
 def timeout_parameter_s(parameters: dict) -> float | None:
     """The request's `timeout` parameter (Triton's: microseconds from arrival) in seconds, None if
-    absent; the replica's admission refuses a request it cannot answer within it (serve/admission.py)."""
+    absent; the replica's admission refuses a request it cannot answer within it (serve/replica/admission.py)."""
     value = (parameters or {}).get("timeout")
     if value is None:
         return None
@@ -82,7 +82,7 @@ class TensorRoutes:
         return InferFailure.of(error, index)
 
     async def infer(self, request: InferRequest) -> InferResponse | InferFailure:
-        """Admitted by its sample count (serve/admission.py: a replica at capacity sheds it whole,
+        """Admitted by its sample count (serve/replica/admission.py: a replica at capacity sheds it whole,
         before any decoding), then decoded, batched by sample and gathered."""
         n = request.samples
         body_bytes = request.payload_bytes

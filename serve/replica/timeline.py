@@ -14,7 +14,7 @@ phases of every replica and its own launch on one axis; process start from psuti
   device        the device and its memory meter (CUDA's context, NVML)
   model_load    the weights (or synthetic weights of the architecture) onto the device
   tuning        the cache read, or the tuning on a miss (`cache` says which)
-  warm_up       the batch sizes run before traffic (serve/warmup.py); the replica is ready then
+  warm_up       the batch sizes run before traffic (serve/replica/warmup.py); the replica is ready then
   first_request ready -> the first batch this replica served ended: Ray marking the replica running,
                 the router finding it, the client's next try, and that batch itself
 

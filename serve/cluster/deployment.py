@@ -2,17 +2,19 @@
 
 It reads what only Ray knows (the GPU ids it was given, the deployment's user_config and
 max_ongoing_requests) and hands them to the replica. What a replica does lives in plain modules:
-  replica.py     tuning, warm-up, running batches, what GET /tuning shows
-  batcher.py     how requests become device batches: the size, the wait, the slots, the queue
-  settings.py    ReplicaSettings (what this class is bound with), the user_config layer, the batch size and wait in force
-  routes.py      the HTTP routes (directly, or through the OIP router's `http`)
-  tensor_routes.py  the Open Inference Protocol requests the OIP router forwards, many samples each
-  batch_runner.py, warmup.py, stats.py, metrics.py, faults.py; the wait: optimizer/wait.py
+  serve/replica/replica.py     tuning, warm-up, running batches, what GET /tuning shows
+  serve/replica/batcher.py     how requests become device batches: the size, the wait, the slots, the queue
+  serve/replica/settings.py    ReplicaSettings (what this class is bound with), the user_config layer, the
+                               batch size and wait in force
+  serve/api/routes.py          the HTTP routes (directly, or through the OIP router's `http`)
+  serve/api/tensor_routes.py   the Open Inference Protocol requests the OIP router forwards, many samples each
+  serve/api/openai_api.py      the OpenAI API's replica half (OpenAIServing)
+  serve/replica/: batch_runner.py, warmup.py, stats.py, metrics.py, faults.py; the wait: optimizer/wait.py
 
 user_config keys (reconfigure): latency_budget_ms, memory_fraction, max_batch (re-tune, cache first),
 batch_size / batch_wait_timeout_ms (pin; null or absent: the tuned value), retune (a new truthy
 value re-tunes the running replicas, skipping the cache; replicas started later take the cache),
-faults (test hooks, accepted only with AUTOBATCH_TEST_FAULTS=1, see faults.py).
+faults (test hooks, accepted only with AUTOBATCH_TEST_FAULTS=1, see serve/replica/faults.py).
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ from starlette.requests import Request  # noqa: E402
 
 from wire.request import InferFailure, InferRequest, InferResponse  # noqa: E402
 
-from .replica import Replica  # noqa: E402
-from .routes import HttpRoutes  # noqa: E402
-from .settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, ReplicaSettings,  # noqa: E402,F401
-                       memory_fraction_for, parse_user_config)
-from .openai_api import OpenAIServing  # noqa: E402
-from .tensor_routes import TensorRoutes  # noqa: E402
+from ..replica.replica import Replica  # noqa: E402
+from ..api.routes import HttpRoutes  # noqa: E402
+from ..replica.settings import (TUNING_KEYS, USER_CONFIG_KEYS, ReplicaConfig, ReplicaSettings,  # noqa: E402,F401
+                                memory_fraction_for, parse_user_config)
+from ..api.openai_api import OpenAIServing  # noqa: E402
+from ..api.tensor_routes import TensorRoutes  # noqa: E402
 
 
 def _initial_user_config():
@@ -61,7 +63,7 @@ def _assigned_cpus() -> float | None:
 
 
 def _cpu_share() -> float | None:
-    """This replica's CPUs as a share of its node's (serve/budgets.py: its default memory share)."""
+    """This replica's CPUs as a share of its node's (serve/replica/budgets.py: its default memory share)."""
     import ray
 
     try:
@@ -102,7 +104,7 @@ class AutobatchDeployment:
 
     def record_autoscaling_stats(self) -> dict:
         """Ray's custom autoscaling metrics hook: this replica's derived target and the samples it holds,
-        for serve/autoscaling.py's policy in the controller."""
+        for serve/replica/autoscaling.py's policy in the controller."""
         return self.replica.autoscaling_stats()
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -135,7 +137,7 @@ class AutobatchDeployment:
         headers = {k: v for k, v in response.headers.items() if k != "content-length"}  # Retry-After among them
         return response.status_code, headers, response.body, self.replica.admission.room(self.replica.replica_id)
 
-    # ----- what the router's OpenAI API (serve/openai_api.py) calls, for the LLM apps
+    # ----- what the router's OpenAI API (serve/api/openai_api.py) calls, for the LLM apps
     async def openai_model(self) -> dict | None:
         return self._openai.card()
 
