@@ -10,7 +10,7 @@ fresh cache), in a fresh local Ray with Ray Serve's HTTP proxy on 127.0.0.1; thi
 generator (autobatch/client/bench.py, closed loop, one sample per request) measures both. The table shows
 requests/s, p50/p99, and the batches the device ran (the replica's own GET /tuning `stats`):
 with `@serve.batch` alone they are what its clock closed; with the device queue
-(serve/batcher.py) they are what waited when the device could take a batch.
+(serve/replica/batcher.py) they are what waited when the device could take a batch.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def measure(label: str, tree: str, args) -> list[dict]:
         base = json.loads(line)["url"]
         http = httpx.Client(base_url=base, timeout=120, trust_env=False)
         # the replica runs each batch size it may form once, between served batches, after start-up
-        # (serve/warmup.py): each run holds the device, so measure once that is done
+        # (serve/replica/warmup.py): each run holds the device, so measure once that is done
         deadline = time.perf_counter() + 300
         while (http.get(route + "/tuning").json().get("warm_sizes") or {}).get("background") == "running":
             if time.perf_counter() > deadline:

@@ -4,7 +4,7 @@
     python benchmarks/host_cost.py --tree /tmp/before    # another checkout's serve/ (git archive <commit> | tar -x -C /tmp/before)
     python benchmarks/host_cost.py --quick               # seconds: keeps the script from rotting
 
-One replica (serve/replica.py), started in this process without Ray, serves requests from
+One replica (serve/replica/replica.py), started in this process without Ray, serves requests from
 closed-loop clients on its own event loop: admission -> decode (the replica's decode threads) ->
 the batching -> the device call -> the split per request -> encode -> the answer's body. The model
 is a stand-in whose forward returns at once, so every CPU second the process spends is the host's
@@ -15,7 +15,7 @@ Two stand-ins:
           JPEG's header on the CPU and keeps the bytes (a 640x480 JPEG, 23.6 KB), the forward
           returns a fixed top-5 per sample, `encode` / `encode_tensors` are the spec's own.
   number  benchmarks/stand_in_device.py with 0 ms per batch: a JSON number in, its echo out.
-The latency budget is 5 s so that admission (serve/admission.py) never sheds: a refused request
+The latency budget is 5 s so that admission (serve/replica/admission.py) never sheds: a refused request
 would cost less than a served one. Requests: 1 sample each through the simple route (POST /, what the HTTP proxy hands a replica),
 32 samples each through the Open Inference Protocol route (what the OIP router hands a replica:
 an InferRequest of binary BYTES tensors, already parsed). Ray's own hops (proxy, router, handle)
@@ -95,7 +95,7 @@ def build_replica(kind: str, cache_path: str):
         config = ReplicaConfig(model="stand_in_device", device="cpu", cache_path=cache_path, max_batch=256,
                                latency_budget_ms=5000.0, warm_sizes_budget_s=0.0, single_flight=False,
                                options={"fixed_ms": 0.0, "per_sample_ms": 0.0})
-    old = hasattr(Replica, "enqueue")  # before serve/batcher.py: @serve.batch in front of a device queue
+    old = hasattr(Replica, "enqueue")  # before serve/replica/batcher.py: @serve.batch in front of a device queue
     if old:
         import types
 
@@ -106,7 +106,7 @@ def build_replica(kind: str, cache_path: str):
                                         deployment="host_cost", replica_tag="host_cost", app_name="host_cost")
         serve.get_replica_context = lambda: context
 
-        class Glue:  # what serve/deployment.py did: @serve.batch hands each closed batch to the replica
+        class Glue:  # what serve/cluster/deployment.py did: @serve.batch hands each closed batch to the replica
             replica = None
 
             @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=4096)

@@ -12,7 +12,7 @@ per window, so a leak or a latency creep shows.
 
 The malformed matrix: images: empty, 1 byte, truncated JPEG, text as JPEG, a GIF, bad JSON;
 LLM: empty, bad JSON, a JSON list, a huge max_new_tokens, a non-string prompt. Every one must get
-a 4xx; overload gets 503 (serve/admission.py).
+a 4xx; overload gets 503 (serve/replica/admission.py).
 
     python benchmarks/soak.py --model vit_b_16 --minutes 10
     python benchmarks/soak.py --model resnet50 --minutes 2 --window-s 15

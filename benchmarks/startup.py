@@ -6,7 +6,7 @@ For each run: launch `python -m serve.local CONFIG --ingress I` with AUTOBATCH_C
 one file, note when the launcher's log says the Ray head is up and when `serve run` reports each
 application deployed, then send each model one sample over OIP v2 HTTP every 0.5 s (a poller per model) until it
 answers 200; the seconds from the launch to that answer are the model's start-up. Each replica's own
-timeline (GET /<model>/tuning `startup`, serve/timeline.py: process start, imports, spec, device,
+timeline (GET /<model>/tuning `startup`, serve/replica/timeline.py: process start, imports, spec, device,
 model load, cache read or tuning, warm-up, first request) is laid on the launch's clock, so the
 table says where every second went: "launch -> process" is the launcher's Ray start, `serve run`
 and Ray's scheduling of the replica. With `--then CMD` the command runs while the apps are up.

@@ -11,7 +11,7 @@ on the device. Serving shows two things a tuning cannot:
 
 `WaitController` decides when to look and when to move, as one state machine (`WaitState`), with
 every number it uses in one `WaitControllerConfig`. It is Ray-free: it sees perf_counter times and
-batch sizes, and the replica hands what it decides to its batcher (serve/batcher.py).
+batch sizes, and the replica hands what it decides to its batcher (serve/replica/batcher.py).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def wait_from_arrivals(
     arrives in that window is the clients' doing.
     - Formed batches sat waiting for a busy device (the median batch held longer than
       `held_fraction` of its wait and `held_min_s`): the device, not the wait, set those batches.
-      The replica's batcher (serve/batcher.py) merged everything that arrived while they sat, so
+      The replica's batcher (serve/replica/batcher.py) merged everything that arrived while they sat, so
       a longer wait would not fill them (a clock that closes batches while the device is busy splits
       its queue into a convoy of small batches, which a longer wait merged; here it would only delay
       the first batch after the device frees). The rule's wait stands.

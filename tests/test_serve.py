@@ -259,7 +259,7 @@ def test_served_batches_are_compared_with_the_tuning_and_can_move_the_wait(clust
         assert t["serving"]["batch_wait_timeout_s"] == pytest.approx(t["batch_wait_timeout_s"])
     if t["serving"]["max_batch_size"] > 1 and t["batch_wait_timeout_s"] > 0.0015:
         # one request at a time (the replica was just re-tuned by the test before): each batch's window
-        # caught no one, so the arrivals cut the wait to the 1 ms floor (serve/batch_wait.py)
+        # caught no one, so the arrivals cut the wait to the 1 ms floor (optimizer/wait.py)
         assert t["serving"]["batch_wait_timeout_s"] <= 0.001 + 1e-9, t["serving"]
         assert any("arrived within 0.0 ms" in n for n in rederived), t["serving"]["notes"]
 

@@ -1,6 +1,6 @@
 """The batch re-decided when served batches run slower than the tuning measured (optimizer/served.py),
 the controller that checks it (optimizer/wait.py), and how the replica's settings take it
-(serve/settings.py): never above the tuned batch, never over a pin, back once the budget fits again."""
+(serve/replica/settings.py): never above the tuned batch, never over a pin, back once the budget fits again."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from serve_helpers import make_tuning
 from optimizer.probe import ProbeResult
 from optimizer.served import ServedBatch, served_batch
 from optimizer.wait import WaitController, WaitControllerConfig
-from serve.settings import Pins, effective_settings
+from serve.replica.settings import Pins, effective_settings
 
 # batch 1: 20 ms ... batch 32: 80 ms; the tuning served 32 within a 100 ms budget
 PROBES = tuple(ProbeResult(b, "ok", latency_s=s, throughput=b / s)

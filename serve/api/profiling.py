@@ -331,7 +331,7 @@ def _probe_captured(spec, meter, capture: Capture, batch_size: int, seconds: flo
 
 
 async def capture_replica(replica, asked: dict, directory: str) -> dict:
-    """One capture of `replica` (serve/replica.py) as `parse_request` read it: its summary, per
+    """One capture of `replica` (serve/replica/replica.py) as `parse_request` read it: its summary, per
     batch, and where the trace was written."""
     loop = asyncio.get_running_loop()
     forward = replica.forward_executor

@@ -3,7 +3,7 @@
   GET  /        what the route serves (Replica.describe)
   GET  /tuning  the tuning in use and what the batches did (Replica.tuning_report)
   POST /profile a torch.profiler capture of the replica serving, or of its tuning probe
-                (serve/profiling.py; only where the app's profile_dir or $AUTOBATCH_PROFILE_DIR is set)
+                (serve/api/profiling.py; only where the app's profile_dir or $AUTOBATCH_PROFILE_DIR is set)
   POST /        one payload: decoded in a thread (a bad payload is answered 4xx here and never
                 reaches a batch), then batched, then answered with its own status
 
@@ -114,7 +114,7 @@ class HttpRoutes:
             return error_response(500, f"the profile capture failed ({type(exc).__name__}: {exc})")
 
     def admit(self, headers: Mapping[str, str], body_bytes: int, samples: int = 1) -> Ticket | Response:
-        """A ticket for this request (serve/admission.py), or the answer that refuses it."""
+        """A ticket for this request (serve/replica/admission.py), or the answer that refuses it."""
         try:
             deadline_s = parse_deadline_ms(headers.get(DEADLINE_HEADER))
         except ValueError as exc:

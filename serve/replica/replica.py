@@ -1,7 +1,7 @@
 """One replica's work apart from Ray: tuning, the batch settings, warm-up, and running batches.
 
-serve/deployment.py is the Ray glue around it: it reads what only Ray knows (the GPU ids, the
-deployment's user_config and max_ongoing_requests). How requests become batches is serve/batcher.py.
+serve/cluster/deployment.py is the Ray glue around it: it reads what only Ray knows (the GPU ids, the
+deployment's user_config and max_ongoing_requests). How requests become batches is serve/replica/batcher.py.
 
 A replica's life:
   start         pick the device (a GPU share when Ray gave this replica a GPU, else the CPU), load
@@ -64,7 +64,7 @@ TUNING_GROUP_ENV = "AUTOBATCH_TUNING_GROUP"
 
 class Replica:
     """`builder` is the configuration from the app builder alone; `config` the one in force (the
-    builder's overlaid by the user_config, serve/settings.py). `max_ongoing()` reads the
+    builder's overlaid by the user_config, serve/replica/settings.py). `max_ongoing()` reads the
     deployment's max_ongoing_requests now (a batch can never be larger); `autoscaling()` its Ray
     autoscaling config (None: a fixed replica count)."""
 
@@ -75,7 +75,7 @@ class Replica:
         self.builder, self.config = builder, config
         self.model_name = builder.model
         self._shed_log = ShedLog(builder.model, log, detail="refused when it could not be answered within 2 latency "
-                                 "budgets + one batch (serve/admission.py); GET <route>/tuning serving.admission")
+                                 "budgets + one batch (serve/replica/admission.py); GET <route>/tuning serving.admission")
         self.startup = StartupTimeline(builder.model, IMPORTED_AT_S, _IMPORTS_ENDED_AT_S)
         self.startup.phase("constructed")
         self.cache = open_cache(builder.cache_path)
@@ -83,7 +83,7 @@ class Replica:
         self._autoscaling = autoscaling
         self._autoscaling_logged: AutoscalingTargets | None = None
         self.gpu_ids: list = []
-        # the one thread every forward, tuning and warm-up runs in (serve/profiling.py captures in it too)
+        # the one thread every forward, tuning and warm-up runs in (serve/api/profiling.py captures in it too)
         self.forward_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-forward")
         # the next batch's prepare, beside this one's forward, for a spec whose stages overlap
         self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autobatch-prepare")
@@ -98,7 +98,7 @@ class Replica:
         self._started_at = time.time()
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"  # names its admission room to a router
         self.stats = ServingStats()
-        self.admission = Admission(served=self.batcher.served)  # what this replica takes in: serve/admission.py
+        self.admission = Admission(served=self.batcher.served)  # what this replica takes in: serve/replica/admission.py
         self.tuning: Tuning | None = None
         self._tunings, self._tuning_wall_s = 0, 0.0
         self._wait: WaitController | None = None  # the wait as served batches show it; new with each tuning
@@ -116,7 +116,7 @@ class Replica:
         self._last_retune = config.retune
         self.spec = create_spec(builder.model, builder.weights, **(builder.options or {}))
         self.startup.phase("spec")
-        self.llm = None  # serve/llm.py LlmServing, where the spec schedules continuously (the Llama)
+        self.llm = None  # serve/replica/llm.py LlmServing, where the spec schedules continuously (the Llama)
 
     async def start(self, gpu_ids: list) -> None:
         self.gpu_ids = list(gpu_ids)
@@ -205,7 +205,7 @@ class Replica:
                                             getattr(self.meter, "outside_torch_bytes", 0), fp.total_memory_bytes)
 
     async def _start_llm(self) -> None:
-        """The continuous scheduler sized from this tuning (serve/llm.py), for a spec that has one."""
+        """The continuous scheduler sized from this tuning (serve/replica/llm.py), for a spec that has one."""
         if getattr(self.spec, "scheduler_kind", "static") != "continuous":
             return
         spec, tuning = self.spec, self.tuning
@@ -232,7 +232,7 @@ class Replica:
                                     self._runner.overlaps, float(self.tuning.batch_wait_timeout_s),
                                     self.config.faults.describe())
         self.metrics.batch_settings(s.size, s.wait_s, self._wait.ratio if self._wait else None)
-        if self.llm is None:  # the continuous scheduler admits by KV blocks instead (serve/llm.py)
+        if self.llm is None:  # the continuous scheduler admits by KV blocks instead (serve/replica/llm.py)
             self.admission.set_capacity(capacity_from(self.tuning, s.size, s.wait_s))
         targets = self.autoscaling_targets()
         if targets != self._autoscaling_logged:
@@ -340,9 +340,9 @@ class Replica:
             self._oom_cap = cap
             self._apply_batch_settings()
 
-    # ----- what Ray's autoscaler hears (serve/autoscaling.py) -----
+    # ----- what Ray's autoscaler hears (serve/replica/autoscaling.py) -----
     def autoscaling_targets(self) -> AutoscalingTargets | None:
-        if self.llm is not None and self.settings is not None:  # admits by KV blocks (serve/llm.py): no bound_s
+        if self.llm is not None and self.settings is not None:  # admits by KV blocks (serve/replica/llm.py): no bound_s
             return continuous_targets(self.llm.scheduler.plan.max_sequences, self.spec.kv_queue_factor)
         return targets_now(self.settings, self.batcher, self.admission)
 
