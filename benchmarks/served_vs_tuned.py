@@ -30,7 +30,7 @@ COLUMNS = [("model", "model", ""), ("request", "request", ""), ("clients", "clie
            ("p99 ms", "p99_ms", ".0f"), ("errors", "errors", "d"), ("mean batch", "mean_batch", ".1f"),
            ("tuned b", "tuned_batch", "d"), ("tuned img/s", "tuned_per_s", ".0f"),
            ("probe img/s near served b", "probe_per_s", ".0f"), ("served / tuned", "served_vs_tuned", ".2f"),
-           ("of peak", "of_peak", ".2f")]
+           ("of peak", "of_peak", ".2f"), ("graphs", "graphs", "")]
 
 
 def wait_warm(http: httpx.Client, model: str, timeout_s: float) -> dict | None:
@@ -85,6 +85,9 @@ def level(http, args, model: str, clients: int, samples: int, processes: int) ->
            "serving": {k: after["serving"].get(k) for k in ("max_batch_size", "batch_wait_timeout_s", "overlap",
                                                             "served_vs_tuned_latency", "notes")},
            "failed": report.get("failed")}
+    graphs = after.get("cuda_graphs") or {}
+    row["graphs"] = graphs.get("state", "-")
+    row["cuda_graphs"] = {k: graphs.get(k) for k in ("state", "why", "buckets", "pool_bytes", "replays", "eager_runs")}
     row["probe_per_s"] = probe_near(after, row["mean_batch"])
     if row["samples_per_s"] and row["tuned_per_s"]:
         row["served_vs_tuned"] = row["samples_per_s"] / row["tuned_per_s"]

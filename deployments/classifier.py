@@ -69,15 +69,28 @@ class TorchvisionClassifierSpec(ModelSpec):
     # the 0.5 s default, and a budget below it serves unbatched and refuses most clients
     # (docs/benchmarks.md §12, §16).
     default_latency_budget_s_by_device: ClassVar[dict[str, float]] = {"cpu": 4.0}
-    # 2: on a GPU the next batch is prepared while this one computes, and the tuner times that overlap
-    spec_version: ClassVar[int] = 2
+    # 2: on a GPU the next batch is prepared while this one computes, and the tuner times that overlap;
+    # 3: a convolutional net runs channels-last on a GPU (memory_format), which the tuner measures
+    spec_version: ClassVar[int] = 3
+    # On a GPU a convolutional net's half-precision kernels want NHWC: in NCHW every convolution is
+    # wrapped in two layout conversions (the profile in docs/benchmarks.md §16).
+    channels_last_on_gpu: ClassVar[bool] = False
 
     def __init__(self, weights_path: str | None = None, top_k: int = 5,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_pipeline: str = "auto",
                  overlap: str | bool = "auto",
-                 tuning_image_size: tuple[int, int] | list[int] = (640, 480), **options: Any):
+                 tuning_image_size: tuple[int, int] | list[int] = (640, 480), cuda_graphs: str | bool = "auto",
+                 memory_format: str = "auto", **options: Any):
         super().__init__(weights_path, **options)
+        if str(cuda_graphs).lower() not in ("auto", "true", "false", "on", "off"):
+            raise SpecConfigError(f"cuda_graphs must be auto, true or false, got {cuda_graphs!r}")
+        # auto: on a CUDA device the served batch sizes replay captured graphs (deployments/cuda_graphs.py)
+        self.cuda_graphs = str(cuda_graphs).lower()
+        if memory_format not in ("auto", "channels_last", "contiguous"):
+            raise SpecConfigError(f"memory_format must be auto, channels_last or contiguous, got {memory_format!r}")
+        self.memory_format = memory_format
+        self.graphs = None  # a GraphedForward while graphs serve (set_serving_batch)
         pipeline_for(image_pipeline, "cpu")  # validates
         self.image_pipeline = image_pipeline
         try:
@@ -120,7 +133,7 @@ class TorchvisionClassifierSpec(ModelSpec):
 
     def input_signature(self) -> dict:
         return {"image": [3, self.crop_size, self.crop_size], "pipeline": self.image_pipeline, "overlap": self.overlap,
-                "tuning_jpeg": list(self.tuning_image_size)}
+                "tuning_jpeg": list(self.tuning_image_size), "memory_format": self.memory_format}
 
     def inputs(self) -> tuple[TensorSpec, ...]:
         return IMAGE_INPUTS
@@ -148,10 +161,52 @@ class TorchvisionClassifierSpec(ModelSpec):
             self.categories = list(self._weights_meta().meta["categories"])
         self.device, self.dtype_name = device, dtype
         self._stream = None
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
         self.model = model.eval().to(device=device, dtype=torch_dtype(dtype))
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.jpeg_decoder is None or self.jpeg_decoder.device != str(device):
             self.jpeg_decoder = TorchvisionJpegDecoder(device)
         return self.model
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model and its batches are NHWC: asked for, or auto on a GPU for a convolutional net."""
+        if self.memory_format == "auto":
+            return self.channels_last_on_gpu and str(self.device).startswith("cuda")
+        return self.memory_format == "channels_last"
+
+    def set_serving_batch(self, max_batch_size: int | None) -> dict | None:
+        """On a CUDA device, capture the forward as graphs for batches up to the served size, so a batch
+        costs the host one launch instead of one per operator; None lets them go before a measurement
+        (the tuner times the eager forward, and the graphs' pool would count against its memory)."""
+        from .cuda_graphs import GraphedForward, GraphReport, TorchCudaGraphs
+
+        if max_batch_size is None or self.model is None:
+            if self.graphs is not None:
+                self.graphs.release()
+                self.graphs = None
+            return None
+        if not str(self.device).startswith("cuda"):
+            return GraphReport("off", f"the device is {self.device}, not CUDA").to_dict()
+        if self.cuda_graphs in ("false", "off"):
+            return GraphReport("off", "the model's options set cuda_graphs: false").to_dict()
+        if self.graphs is not None and self.graphs.max_batch_size == max_batch_size and self.graphs.buckets:
+            return self.graphs.report.to_dict()
+        import torch
+
+        if self.graphs is not None:
+            self.graphs.release()
+        self.graphs = GraphedForward(self.model, (3, self.crop_size, self.crop_size), torch_dtype(self.dtype_name),
+                                     max_batch_size, TorchCudaGraphs(self.device),
+                                     torch.channels_last if self.channels_last else torch.contiguous_format)
+        with torch.inference_mode():
+            report = self.graphs.capture()
+        if report.state != "captured":
+            self.graphs = None
+        return report.to_dict()
 
     def example_batch(self, n: int) -> list:
         """What `decode` hands to `predict` on this pipeline: on the device pipeline n copies of a
@@ -206,7 +261,11 @@ class TorchvisionClassifierSpec(ModelSpec):
             batch = prepared.wait_ready()
             if batch is None:
                 return prepared.answers([])
-            probabilities = torch.softmax(self.model(batch).float(), dim=-1).cpu()
+            if self.graphs is not None:
+                logits = self.graphs(batch)
+            else:
+                logits = self.model(batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch)
+            probabilities = torch.softmax(logits.float(), dim=-1).cpu()
         return prepared.answers(top_k(probabilities, self.top_k, self.categories))
 
     def encode(self, output: list[dict]) -> dict:

@@ -6,3 +6,4 @@ class ResNet50Spec(TorchvisionClassifierSpec):
     name = "resnet50"
     builder_name = "resnet50"
     weights_enum = "ResNet50_Weights"
+    channels_last_on_gpu = True

@@ -228,7 +228,9 @@ def continuous_sequences(tuning) -> tuple[int, str]:
 
 
 def paused(spec, work: Callable[[], object]):
-    """Run `work` (a tuning) with the spec's continuous scheduler paused, where it has a running one."""
+    """Run `work` (a tuning) with the spec's continuous scheduler paused, where it has a running one, and
+    with what it prepared for the served size let go (CUDA graphs: the tuner times the eager forward)."""
+    spec.set_serving_batch(None)
     scheduler = getattr(spec, "scheduler", None)
     if scheduler is None:
         return work()

@@ -107,8 +107,8 @@ class Replica:
         self.report: ServingReport | None = None  # what GET /tuning shows of the settings as last applied
         self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n),
                                   budget_s=builder.warm_sizes_budget_s, on_error=lambda: self.meter.cleanup())
-        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self.forward_executor,
-                                      lambda: f"{self.model_name} on {self.device_label}")
+        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self.forward_executor, lambda: f"{self.model_name} on "
+                                      f"{self.device_label}", lambda n: self.spec.set_serving_batch(n))
         self._flights = None  # the cluster's single-flight hook, set at start
         self._allocator_cap: float | None = None  # the fraction of the card this replica's allocator may hold
         # A new replica takes the cache even when the config carries a retune value: retune means
@@ -394,7 +394,7 @@ class Replica:
                         "autoscaling": replica_report(self.autoscaling_targets(), self._autoscaling(),
                                                       self._max_ongoing())},
             "scheduler": self.llm.describe() if self.llm is not None else {"kind": "static"},
-            "warm_sizes": self.warm_up.report,
+            "warm_sizes": self.warm_up.report, "cuda_graphs": self.warm_up.graphs,
             "startup": self.startup.to_dict(),
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),
         }

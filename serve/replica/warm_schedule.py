@@ -24,13 +24,32 @@ def run_example_batch(spec, meter, n: int) -> None:
 
 
 class WarmUpSchedule:
-    def __init__(self, warmer: SizeWarmer, locks, executor, label: Callable[[], str]):
+    def __init__(self, warmer: SizeWarmer, locks, executor, label: Callable[[], str],
+                 set_serving_batch: Callable[[int], dict | None] | None = None):
         self.warmer, self._locks, self._executor, self._label = warmer, locks, executor, label
         self.report: dict | None = None
         self._task: asyncio.Task | None = None  # sizes warmed between served batches
+        # the spec's own preparation for a served size (ModelSpec.set_serving_batch: CUDA graphs),
+        # before any size is warmed, so that the warm-up runs what serving will run
+        self._set_serving_batch = set_serving_batch
+        self.graphs: dict | None = None  # what it reported, for GET /tuning
 
     async def before_traffic(self, size: int, fixed_sample_shape: bool) -> None:
-        """The sizes a batch queue forms first, now; the rest in the background."""
+        """The spec's preparation for the served size, then the sizes a batch queue forms first; the
+        rest in the background."""
+        if self._set_serving_batch is not None:
+            if self._task is not None:
+                self._task.cancel()
+            async with self._locks.exclusive():
+                try:
+                    self.graphs = await asyncio.get_running_loop().run_in_executor(self._executor, self._set_serving_batch, size)
+                except Exception as exc:  # noqa: BLE001 - the eager forward still serves; say why it is eager
+                    log.exception("autobatch: %s: preparing batch %d for serving failed", self._label(), size)
+                    self.graphs = {"state": "failed", "why": f"{type(exc).__name__}: {exc}",
+                                   "summary": f"preparing batch {size} for serving failed ({type(exc).__name__}: {exc}); "
+                                              "the eager forward serves"}
+            if self.graphs:
+                log.info("autobatch: %s: %s", self._label(), self.graphs.get("summary", self.graphs))
         if not fixed_sample_shape or self.warmer.budget_s <= 0:
             if self.report is None:
                 why = ("its batch shapes also follow the input (prompt lengths)" if not fixed_sample_shape
