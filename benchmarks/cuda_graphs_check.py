@@ -68,6 +68,7 @@ def run_model(name: str, device: str, sizes: list[int], repeats: int) -> list[di
         for size in sizes:
             row = {"model": name, "batch": size, "way": way}
             graphs = spec.set_serving_batch(size) if way == "CUDA graphs" else None
+            graphs = graphs.to_dict() if hasattr(graphs, "to_dict") else graphs
             if way == "CUDA graphs" and (graphs or {}).get("state") != "captured":
                 row["note"] = (graphs or {}).get("summary", "no graphs")
                 rows.append(row)

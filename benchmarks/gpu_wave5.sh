@@ -8,7 +8,8 @@
 #           (benchmarks/served_vs_tuned.py), once per variant in $LAYOUT_VARIANTS, back to back:
 #             eager   options {cuda_graphs: false, memory_format: contiguous} for ResNet-50 and ViT (before)
 #             graphs  serve_config.yaml unchanged (after)
-#             x2      ResNet-50 as 2 replicas of half its share (issue 20 item 3: one process vs two)
+#             x2      ResNet-50 and ViT each as 2 replicas of half its share (issue 20 item 3: one process vs two)
+#           each with the host's CPU by process over the load (benchmarks/cpu_by_process.py)
 #   serve   serve_config.yaml through `make serve`'s launcher, cold then cached, phase by phase
 #           (benchmarks/startup.py), served vs tuned at the cached start and a profile of ResNet-50
 #           serving beside its probe (benchmarks/profile_serving.py)
@@ -89,22 +90,22 @@ for app in config["applications"]:
     args = app["args"]
     if variant == "eager" and args.get("model") in ("resnet50", "vit_b_16"):
         args["options"] = {**(args.get("options") or {}), "cuda_graphs": False, "memory_format": "contiguous"}
-    elif variant == "x2" and args.get("model") == "resnet50":  # the app's share of the card, split between 2 processes
+    elif variant == "x2" and args.get("model") in ("resnet50", "vit_b_16"):  # the app's share, split between 2 processes
         args["num_replicas"] = 2
         args["num_gpus"] = round(args.get("num_gpus", 0.25) / 2, 4)
         args["memory_fraction"] = round(args.get("memory_fraction", 0.22) / 2, 4)
 yaml.safe_dump(config, open(path, "w"))
 PY
-      models=$([ "$variant" = x2 ] && echo resnet50 || echo "${LAYOUT_MODELS:-resnet50 vit_b_16 yolo11n_pose}")
-      then="$py benchmarks/served_vs_tuned.py --models $models --levels ${LEVELS:-16 32} --other-levels ${OTHER_LEVELS:-16} \
+      models=${LAYOUT_MODELS:-resnet50 vit_b_16 yolo11n_pose}
+      then="$py benchmarks/cpu_by_process.py --out $work/layout/cpu-$variant.json -- $py benchmarks/served_vs_tuned.py --models $models --levels ${LEVELS:-16 32} --other-levels ${OTHER_LEVELS:-16} \
 --simple-clients ${SIMPLE_CLIENTS:-64} --samples-per-request ${SAMPLES:-32} --duration ${DURATION:-8} \
 --out $work/layout/served-$variant.json > $work/layout/served-$variant.log 2>&1"
       rm -rf /tmp/startup-*
-      timeout "${LAYOUT_TIMEOUT:-215}" $py benchmarks/startup.py --config "$cfg" --runs cold --then "$then" --then-runs cold \
+      timeout "${LAYOUT_TIMEOUT:-215}" $py benchmarks/startup.py --config "$cfg" --runs ${LAYOUT_RUNS:-cold} --then "$then" --then-runs cold \
         --timeout-s "${STARTUP_APP_TIMEOUT:-150}" --out "$work/layout/startup-$variant.json" >> "$OUT/layout.log" 2>&1
       echo "rc $? $variant" | tee -a "$OUT/layout.log"
       for f in /tmp/startup-*/serve-*.log; do [ -f "$f" ] && tail -c 200000 "$f" > "$work/layout/$variant-$(basename "$f")"; done
-      tail -14 "$work/layout/served-$variant.log" 2>/dev/null | tee -a "$OUT/layout.log"
+      tail -28 "$work/layout/served-$variant.log" 2>/dev/null | tee -a "$OUT/layout.log"
       stop_everything; pack layout >/dev/null
     done
     ;;

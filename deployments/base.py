@@ -173,11 +173,12 @@ class ModelSpec(abc.ABC):
         """The rest of `predict`: the model and its post-processing on a prepared batch."""
         return self.predict(prepared)
 
-    def set_serving_batch(self, max_batch_size: int | None) -> dict | None:
+    def set_serving_batch(self, max_batch_size: int | None):
         """The replica's word that batches up to `max_batch_size` will be served from now on (after a
         tuning), or None before it measures again: a spec that prepares per served size (CUDA graphs,
-        deployments/cuda_graphs.py) does it here, and lets go of it for a measurement. Returns what
-        it did, for the log and GET /tuning, or None where there is nothing to do."""
+        deployments/cuda_graphs.py) does it here, and lets go of it for a measurement. Returns a report
+        of what it did (a dict, or an object with to_dict() whose counts stay live) for the log and
+        GET /tuning, or None where there is nothing to do."""
         return None
 
     # --- the wire format (cheap: no model is loaded)

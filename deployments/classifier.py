@@ -178,7 +178,7 @@ class TorchvisionClassifierSpec(ModelSpec):
             return self.channels_last_on_gpu and str(self.device).startswith("cuda")
         return self.memory_format == "channels_last"
 
-    def set_serving_batch(self, max_batch_size: int | None) -> dict | None:
+    def set_serving_batch(self, max_batch_size: int | None):
         """On a CUDA device, capture the forward as graphs for batches up to the served size, so a batch
         costs the host one launch instead of one per operator; None lets them go before a measurement
         (the tuner times the eager forward, and the graphs' pool would count against its memory)."""
@@ -190,11 +190,11 @@ class TorchvisionClassifierSpec(ModelSpec):
                 self.graphs = None
             return None
         if not str(self.device).startswith("cuda"):
-            return GraphReport("off", f"the device is {self.device}, not CUDA").to_dict()
+            return GraphReport("off", f"the device is {self.device}, not CUDA")
         if self.cuda_graphs in ("false", "off"):
-            return GraphReport("off", "the model's options set cuda_graphs: false").to_dict()
+            return GraphReport("off", "the model's options set cuda_graphs: false")
         if self.graphs is not None and self.graphs.max_batch_size == max_batch_size and self.graphs.buckets:
-            return self.graphs.report.to_dict()
+            return self.graphs.report
         import torch
 
         if self.graphs is not None:
@@ -206,7 +206,7 @@ class TorchvisionClassifierSpec(ModelSpec):
             report = self.graphs.capture()
         if report.state != "captured":
             self.graphs = None
-        return report.to_dict()
+        return report  # live: its replay counts grow as batches are served
 
     def example_batch(self, n: int) -> list:
         """What `decode` hands to `predict` on this pipeline: on the device pipeline n copies of a

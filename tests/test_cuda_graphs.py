@@ -132,7 +132,7 @@ def resnet_spec(**options):
 def test_the_classifier_on_a_cpu_says_graphs_are_off_and_serves_eager():
     spec = resnet_spec()
     assert not spec.channels_last  # auto: channels-last only on a GPU
-    report = spec.set_serving_batch(4)
+    report = spec.set_serving_batch(4).to_dict()
     assert report["state"] == "off" and "not CUDA" in report["why"] and spec.graphs is None
     assert spec.set_serving_batch(None) is None
     answers = spec.predict(spec.example_batch(2))
@@ -189,15 +189,21 @@ def test_the_warm_up_prepares_the_served_size_before_it_warms_any():
 
     warmer = SizeWarmer(lambda n: calls.append(("run", n)), budget_s=0)
 
+    from deployments.cuda_graphs import GraphReport
+
+    report = GraphReport("captured", "batches up to 8 replay them", buckets=[1, 2, 4, 8])
+
     def set_serving_batch(n):
         calls.append(("graphs", n))
-        return {"state": "captured", "summary": f"CUDA graphs captured for batch sizes up to {n}"}
+        return report
 
     with ThreadPoolExecutor(1) as executor:
         schedule = WarmUpSchedule(warmer, Locks(), executor, lambda: "resnet50", set_serving_batch)
         asyncio.run(schedule.before_traffic(8, True))
     assert calls == ["lock", ("graphs", 8)]  # the warm budget is 0: graphs still, no size run
-    assert schedule.graphs["state"] == "captured" and schedule.report == {"skipped": "warm_sizes_budget_s is 0"}
+    assert schedule.graphs_report()["state"] == "captured" and schedule.report == {"skipped": "warm_sizes_budget_s is 0"}
+    report.replays += 3  # batches served since: GET /tuning shows the counts as of now
+    assert schedule.graphs_report()["replays"] == 3
 
 
 def test_a_failing_preparation_is_reported_and_the_warm_up_goes_on():
@@ -222,6 +228,7 @@ def test_a_failing_preparation_is_reported_and_the_warm_up_goes_on():
     with ThreadPoolExecutor(1) as executor:
         schedule = WarmUpSchedule(SizeWarmer(ran.append, budget_s=60), Locks(), executor, lambda: "vit_b_16", set_serving_batch)
         asyncio.run(schedule.before_traffic(4, True))
-    assert schedule.graphs["state"] == "failed" and "not permitted when stream is capturing" in schedule.graphs["why"]
-    assert "the eager forward serves" in schedule.graphs["summary"]
+    graphs = schedule.graphs_report()
+    assert graphs["state"] == "failed" and "not permitted when stream is capturing" in graphs["why"]
+    assert "the eager forward serves" in graphs["summary"]
     assert ran[:2] == [4, 1]  # the sizes a queue forms first were still warmed

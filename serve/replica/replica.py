@@ -394,7 +394,7 @@ class Replica:
                         "autoscaling": replica_report(self.autoscaling_targets(), self._autoscaling(),
                                                       self._max_ongoing())},
             "scheduler": self.llm.describe() if self.llm is not None else {"kind": "static"},
-            "warm_sizes": self.warm_up.report, "cuda_graphs": self.warm_up.graphs,
+            "warm_sizes": self.warm_up.report, "cuda_graphs": self.warm_up.graphs_report(),
             "startup": self.startup.to_dict(),
             "stats": self.stats.to_dict(self._runner.item_retries, self._runner.overlapped_batches),
         }

@@ -32,7 +32,7 @@ class WarmUpSchedule:
         # the spec's own preparation for a served size (ModelSpec.set_serving_batch: CUDA graphs),
         # before any size is warmed, so that the warm-up runs what serving will run
         self._set_serving_batch = set_serving_batch
-        self.graphs: dict | None = None  # what it reported, for GET /tuning
+        self.graphs = None  # what it reported (a report with to_dict(), or a dict), kept live for GET /tuning
 
     async def before_traffic(self, size: int, fixed_sample_shape: bool) -> None:
         """The spec's preparation for the served size, then the sizes a batch queue forms first; the
@@ -49,7 +49,7 @@ class WarmUpSchedule:
                                    "summary": f"preparing batch {size} for serving failed ({type(exc).__name__}: {exc}); "
                                               "the eager forward serves"}
             if self.graphs:
-                log.info("autobatch: %s: %s", self._label(), self.graphs.get("summary", self.graphs))
+                log.info("autobatch: %s: %s", self._label(), self.graphs_report()["summary"])
         if not fixed_sample_shape or self.warmer.budget_s <= 0:
             if self.report is None:
                 why = ("its batch shapes also follow the input (prompt lengths)" if not fixed_sample_shape
@@ -68,6 +68,10 @@ class WarmUpSchedule:
         log.info("autobatch: %s: %s", self._label(), report.describe())
         if report.background:
             self._task = loop.create_task(self._between_batches(report))
+
+    def graphs_report(self) -> dict | None:
+        """The spec's serving preparation as GET /tuning shows it, with its counts as of now."""
+        return self.graphs.to_dict() if hasattr(self.graphs, "to_dict") else self.graphs
 
     async def _between_batches(self, report) -> None:
         """One cold size at a time under the model lock, so a batch waits at most one size's run."""
