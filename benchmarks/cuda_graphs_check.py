@@ -4,9 +4,9 @@ eager in the spec's memory format (channels-last for ResNet-50), and replayed CU
 
 For each model and batch size it times the forward alone (a device tensor in, softmax on the host
 out) and the whole predict on JPEGs (prepare + forward, the served path), and reports the host CPU
-the calling thread spent per batch (what one replica process's GIL pays). It also checks that the
-graphs answer as the eager model does (largest softmax difference, same top-1) and what their pool
-holds against the eager forward's peak. The results are written after every model.
+the calling thread spent per batch (thread CPU, which includes the spin of the closing device sync).
+It also checks that the graphs answer as the eager model does (the logits' largest difference relative
+to their scale, and the same top-1) and what their pool holds against the eager forward's peak. The results are written after every model.
 
     python benchmarks/cuda_graphs_check.py --device cuda --models resnet50 vit_b_16 --sizes 64 128
     python benchmarks/cuda_graphs_check.py --quick       # CPU: eager rows only (graphs are CUDA's)
@@ -25,7 +25,7 @@ from bench_common import describe_environment, environment, markdown_table, say,
 COLUMNS = [("model", "model", ""), ("batch", "batch", ""), ("way", "way", ""), ("forward ms", "forward_ms", ".2f"),
            ("fwd img/s", "forward_images_s", ".0f"), ("host ms/batch", "host_ms", ".2f"),
            ("predict ms", "predict_ms", ".2f"), ("predict img/s", "predict_images_s", ".0f"),
-           ("vs eager", "vs_eager", ".2f"), ("max |dp|", "max_abs_diff", ".1e"), ("top-1 same", "top1_same", "")]
+           ("vs eager", "vs_eager", ".2f"), ("logits max rel diff", "max_rel_diff", ".1e"), ("top-1 same", "top1_same", "")]
 
 
 def timed(fn, repeats: int, sync) -> tuple[float, float]:
@@ -85,21 +85,21 @@ def run_model(name: str, device: str, sizes: list[int], repeats: int) -> list[di
                         logits = spec.graphs(x)
                     else:
                         logits = spec.model(x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x)
-                    return torch.softmax(logits.float(), dim=-1).cpu()
+                    return logits.float().cpu()
 
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             wall, cpu = timed(forward, repeats, sync)
             if device.startswith("cuda") and way != "CUDA graphs":
                 row["eager_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            probabilities = forward()
+            logits = forward()
             if way == "eager NCHW":
-                reference[size] = probabilities
+                reference[size] = logits
                 eager_ms[size] = wall * 1e3
-            else:
-                diff = (probabilities - reference[size]).abs().max().item()
-                row["max_abs_diff"] = diff
-                row["top1_same"] = f"{(probabilities.argmax(-1) == reference[size].argmax(-1)).float().mean().item():.3f}"
+            else:  # random weights saturate the softmax, so the logits are compared, relative to their scale
+                ref = reference[size]
+                row["max_rel_diff"] = ((logits - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+                row["top1_same"] = f"{(logits.argmax(-1) == ref.argmax(-1)).float().mean().item():.3f}"
             row.update(forward_ms=wall * 1e3, forward_images_s=size / wall, host_ms=cpu * 1e3,
                        vs_eager=eager_ms[size] / (wall * 1e3))
             samples = spec.example_batch(size)
