@@ -27,8 +27,11 @@ retune: $(STAMP)
 	@test -n "$(ROUTE)" || { echo "give the route: make retune ROUTE=resnet50"; exit 2; }
 	$(VENV)/bin/autobatch retune $(ROUTE)
 
+# Two test files at a time by default (pytest-xdist; each file's tests stay in one process, in order, so a
+# module's shared app is started once); TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=20
+	$(PY) -m pytest -q -ra --durations=20 -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
