@@ -367,10 +367,15 @@ class WaitController:
         t, ratio, c = self.tuning, self.ratio, self.config
         if ratio is not None:
             batch1_s = self.latency.tuned(1)
-            serve_latency_s = t.serve_latency_s * ratio
+            # the batch served: the tuned one, or the one the served times re-decided (then its own
+            # time and throughput, not the tuned batch's, set how long a wait the budget leaves)
+            lowered = self.served_batch.size if self.served_batch is not None else None
+            tuned_s = self.latency.tuned(lowered) if lowered else t.serve_latency_s
+            serve_latency_s = tuned_s * ratio
+            throughput = lowered / tuned_s if lowered else t.serve_throughput
             ceiling_s = batch_wait_timeout_s(serve_latency_s, t.latency_budget_s, batch1_s * ratio,
                                              (t.batch1_throughput or 1 / batch1_s) / ratio,
-                                             t.serve_throughput / ratio, c.budget_fraction)
+                                             throughput / ratio, c.budget_fraction)
             return ceiling_s, (f"served batches take {ratio:.2f}x the tuning's time for their size (batch 1: "
                                f"{batch1_s * ratio * 1e3:.1f} ms), so the tuning's rule gives {ceiling_s * 1e3:.1f} ms")
         return self.tuned_wait_s, f"the tuning's {self.tuned_wait_s * 1e3:.1f} ms"

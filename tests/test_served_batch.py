@@ -60,3 +60,22 @@ def test_the_settings_take_the_served_batch_under_a_pin_and_above_an_oom_cap():
     assert effective_settings(TUNING, Pins(batch_size=24), None, 64, None, lowered).size == 24  # a pin wins
     assert effective_settings(TUNING, Pins(), 8, 64, None, lowered).size == 8  # an OOM's cap still holds
     assert effective_settings(TUNING, Pins(), None, 64, None, None).size == 32
+
+
+def test_once_the_batch_is_lowered_the_wait_rule_uses_the_lowered_batchs_time():
+    from optimizer.wait import batch_wait_timeout_s
+
+    wait = WaitController(TUNING, WaitControllerConfig(check_every_batches=5, latency_window_batches=5))
+    t = 0.0
+    for _ in range(5):  # full batches of 32 taking 1.5x the tuning's 80 ms: 120 ms, over the 100 ms budget
+        wait.record([t] * 32, t, 0.120, 32, 0.0, batch_size=32)
+        t += 0.2
+    assert wait.served_batch.size == 16
+    fraction = wait.config.budget_fraction
+    batch1_s = 0.020 * 1.5
+    at_tuned_batch = batch_wait_timeout_s(0.080 * 1.5, 0.100, batch1_s, 1 / batch1_s, 400.0 / 1.5, fraction)
+    at_lowered_batch = batch_wait_timeout_s(0.050 * 1.5, 0.100, batch1_s, 1 / batch1_s, 16 / 0.050 / 1.5, fraction)
+    assert at_tuned_batch == 0.0 < at_lowered_batch  # the tuned batch's time leaves no wait; 16's 75 ms leaves some
+    ceiling_s, why = wait._ceiling()
+    assert ceiling_s == pytest.approx(at_lowered_batch)
+    assert "served batches take 1.50x" in why
