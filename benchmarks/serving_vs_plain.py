@@ -243,13 +243,13 @@ def main(argv=None) -> int:
     parser.add_argument("--plain-image-pipeline", choices=["auto", "host", "device"], default=None,
                         help="the plain variants' image pipeline (vision models): host = PIL decode and transforms per "
                              "request on the CPU, as Ray Serve's docs teach (default: the model's own, as autobatch)")
-    parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, concurrency 4, 2 s per level, max batch 4")
+    parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, concurrency 4, 1 s per level, max batch 4")
     args = parser.parse_args(argv)
 
     import torch
 
     if args.quick:
-        args.device, args.model, args.concurrency, args.duration, args.warmup_s = "cpu", "resnet50", [4], 2.0, 1.0
+        args.device, args.model, args.concurrency, args.duration, args.warmup_s = "cpu", "resnet50", [4], 1.0, 0.5
         args.max_batch, args.tune_repeats, args.raw_repeats = 4, 1, 1
         args.raw_sizes = args.raw_sizes or [1, 4]
     kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -16,7 +16,7 @@ a 4xx; overload gets 503 (serve/replica/admission.py).
 
     python benchmarks/soak.py --model vit_b_16 --minutes 10
     python benchmarks/soak.py --model resnet50 --minutes 2 --window-s 15
-    python benchmarks/soak.py --quick       # CPU, ResNet-50, ~20 s of load: keeps the script from rotting
+    python benchmarks/soak.py --quick       # CPU, ResNet-50, ~10 s of load: keeps the script from rotting
 """
 from __future__ import annotations
 
@@ -122,11 +122,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument("--cache", default=None, help="tuning cache (default: a fresh one)")
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/soak-<model>-<device>.json)")
-    parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, max batch 2, 2 windows of 8 s")
+    parser.add_argument("--quick", action="store_true", help="CPU, ResNet-50, max batch 2, 2 windows of 4 s")
     args = parser.parse_args(argv)
     if args.quick:
         args.device, args.model, args.max_batch, args.tune_repeats = "cpu", "resnet50", 2, 1
-        args.minutes, args.window_s, args.capacity_s = 16 / 60, 8.0, 4.0
+        args.minutes, args.window_s, args.capacity_s = 8 / 60, 4.0, 2.0
 
     import torch
 

@@ -34,10 +34,12 @@ def main(argv=None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a model option, e.g. image_pipeline=host (the pre-issue-13 host decode path)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
-    parser.add_argument("--quick", action="store_true", help="CPU, one small budget: keeps the script from rotting")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU, one small budget, max batch 8, one timed run per size: keeps the script from rotting")
     args = parser.parse_args(argv)
+    repeats = TuningSettings.repeats
     if args.quick:
-        args.device, args.max_batch = "cpu", 8
+        args.device, args.max_batch, repeats = "cpu", 8, 1
 
     kind = resolve_device_kind(args.device)
     options = dict(item.split("=", 1) for item in args.option)
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     for budget_mb in args.budgets_mb:
         budget = int(budget_mb * 2**20)
         settings = TuningSettings(device=kind, dtype=dtype, memory_budget_bytes=budget, latency_budget_s=1e6,
-                                  max_batch=args.max_batch)
+                                  max_batch=args.max_batch, repeats=repeats)
         tuning = autobatch(spec, settings, cache=None, loaded=True, meter=meter,
                            say=lambda line: print(line, file=sys.stderr))
         found = tuning.max_safe_batch

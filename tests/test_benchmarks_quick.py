@@ -160,8 +160,8 @@ def test_soak_quick(results):
 def test_device_queue_quick(tmp_path):
     """benchmarks/device_queue.py serves its stand-in device from a tree and measures batch formation."""
     out = tmp_path / "device_queue.json"
-    stdout = run_script("device_queue.py", "--trees", "after=.", "--concurrency", "6", "--duration", "2",
-                        "--warmup-s", "1", "--fixed-ms", "20", "--per-sample-ms", "1", "--max-batch", "8",
+    stdout = run_script("device_queue.py", "--trees", "after=.", "--concurrency", "6", "--duration", "1",
+                        "--warmup-s", "0.5", "--fixed-ms", "20", "--per-sample-ms", "1", "--max-batch", "8",
                         "--latency-budget-ms", "500", "--out", str(out))
     assert "mean device batch" in stdout
     (row,) = json.loads(out.read_text())["rows"]

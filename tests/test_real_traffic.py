@@ -50,6 +50,10 @@ def ingress_env() -> dict:
         env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"] = str(base)
         env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"] = str(base + 200)
     env["RAY_ADDRESS"] = "local"  # a cluster of its own, even where a `make serve` head left its address file
+    # A direct-ingress replica that stops stays open this long first (30 s in Ray 2.60) for a load
+    # balancer to deregister it, even when idle: the module's teardown took ~30 s of it. No test here
+    # stops a replica (the last checks that none did), so the teardown's stop waits 2 s instead.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     return env
 
 
