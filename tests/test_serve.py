@@ -221,9 +221,13 @@ def test_reconfigure_changes_the_batch_size_live(cluster):
     assert [r.status_code for r in responses] == [200] * 6
     delta = stats_delta(before, cluster.tuning(ROUTE))
     assert max(delta["batch_sizes"]) == 2, delta
-    # unpinned: back to the tuned size, still the same replica
+    # unpinned: back to the tuned size, still the same replica; unless this replica's served batches
+    # ran slower than its tuning (a busy 2-core host), and the batch was re-decided from their times
+    # (optimizer/served.py), which it then says, and which is never above the tuned size
     t = reconfigure(cluster, {}, lambda t: t["serving"]["pinned_batch_size"] is None)
-    assert t["serving"]["max_batch_size"] == t["batch_size"] and t["replica"]["pid"] == pid
+    assert t["replica"]["pid"] == pid
+    re_decided = [n for n in t["serving"]["notes"] if n.startswith("batch re-decided from served batches")]
+    assert t["serving"]["max_batch_size"] == t["batch_size"] or (re_decided and t["serving"]["max_batch_size"] < t["batch_size"]), t["serving"]
 
 
 def test_reconfigure_retunes_live_from_the_cache_or_by_measuring(cluster):
